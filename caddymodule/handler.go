@@ -1,0 +1,424 @@
+// Package caddymodule is the Caddy glue of caddy-restream-auth: the
+// restream_auth handler, its Caddyfile directive and the storage it uses.
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults of the restream_auth handler.
+const (
+	DefaultAccount       = "default"
+	DefaultTokenURL      = "https://api.restream.io/oauth/token"
+	DefaultMaxReplayBody = 1 << 20
+)
+
+// Handler puts a valid Restream access token on every request it passes on
+// (typically to reverse_proxy), and replays a request once when the upstream
+// rejects its token with 401.
+//
+// client_id, client_secret and refresh_token accept {env.*} and {file.*}
+// placeholders, resolved at provisioning; prefer them to literals, which stay
+// visible in the config (admin /config/ endpoint, `caddy adapt` output).
+type Handler struct {
+	// Account names the token chain; storage keys live under restream_auth/<account>/.
+	Account      string `json:"account,omitempty"`
+	ClientID     string `json:"client_id,omitempty"`
+	ClientSecret string `json:"client_secret,omitempty"`
+	// RefreshToken is the seed: exchanged once, after which the stored chain is used.
+	RefreshToken string `json:"refresh_token,omitempty"`
+	TokenURL     string `json:"token_url,omitempty"`
+	// ClientAuth is "basic" (default) or "body".
+	ClientAuth string `json:"client_auth,omitempty"`
+	// RefreshAhead is how long before expiry the pair is renewed (default 5m,
+	// capped at half the token's lifetime).
+	RefreshAhead caddy.Duration `json:"refresh_ahead,omitempty"`
+	// Replay401 replays a request once after a 401 (default true).
+	Replay401 *bool `json:"replay_401,omitempty"`
+	// MaxReplayBody is the largest request body buffered for a replay (default 1 MiB).
+	MaxReplayBody int64 `json:"max_replay_body,omitempty"`
+	// QueryParam, if set, also carries the token in this query parameter
+	// (Restream's websockets take it as accessToken).
+	QueryParam string `json:"query_param,omitempty"`
+	// Timeout bounds one token endpoint call (default 10s).
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
+	clientID, clientSecret, seed string
+
+	src     *tokensource.Source
+	poolKey string
+	replay  bool
+	logger  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.restream_auth",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+var accountPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// Provision resolves placeholders, applies defaults and attaches the shared
+// token source for the account. It does not contact the token endpoint.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.Account == "" {
+		h.Account = DefaultAccount
+	}
+	if !accountPattern.MatchString(h.Account) {
+		return fmt.Errorf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
+	}
+	var err error
+	repl := caddy.NewReplacer()
+	if h.clientID, err = resolveSecret(repl, "client_id", h.ClientID); err != nil {
+		return err
+	}
+	if h.clientSecret, err = resolveSecret(repl, "client_secret", h.ClientSecret); err != nil {
+		return err
+	}
+	if h.seed, err = resolveSecret(repl, "refresh_token", h.RefreshToken); err != nil {
+		return err
+	}
+	if h.clientID == "" || h.clientSecret == "" {
+		return fmt.Errorf("account %q: client_id and client_secret are required (they resolved to empty values)", h.Account)
+	}
+	if h.TokenURL == "" {
+		h.TokenURL = DefaultTokenURL
+	}
+	if err := checkEndpointURL("token_url", h.TokenURL); err != nil {
+		return err
+	}
+	style, err := parseClientAuth(h.ClientAuth)
+	if err != nil {
+		return err
+	}
+	if h.RefreshAhead < 0 || h.Timeout < 0 || h.MaxReplayBody < 0 {
+		return errors.New("refresh_ahead, timeout and max_replay_body must not be negative")
+	}
+	if h.RefreshAhead == 0 {
+		h.RefreshAhead = caddy.Duration(tokensource.DefaultRefreshAhead)
+	}
+	if h.Timeout == 0 {
+		h.Timeout = caddy.Duration(tokensource.DefaultTimeout)
+	}
+	if h.MaxReplayBody == 0 {
+		h.MaxReplayBody = DefaultMaxReplayBody
+	}
+	h.replay = h.Replay401 == nil || *h.Replay401
+
+	storage := guardStorage(ctx.Storage(), h.logger)
+	cfg := tokensource.Config{
+		Account:      h.Account,
+		ClientID:     h.clientID,
+		ClientSecret: h.clientSecret,
+		TokenURL:     h.TokenURL,
+		AuthStyle:    style,
+		Seed:         h.seed,
+		RefreshAhead: time.Duration(h.RefreshAhead),
+		Timeout:      time.Duration(h.Timeout),
+		Storage:      storage,
+		HTTPClient:   &http.Client{Transport: tokenTransport()},
+		Logger:       h.logger.Named("tokensource"),
+	}
+	h.poolKey = poolKey(cfg, storage)
+	val, _, err := sources.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
+		src, err := tokensource.New(cfg)
+		if err != nil {
+			return nil, err
+		}
+		return pooledSource{src}, nil
+	})
+	if err != nil {
+		h.poolKey = ""
+		return fmt.Errorf("account %q: %w", h.Account, err)
+	}
+	h.src = val.(pooledSource).Source
+	app, err := ctx.App("restream_auth")
+	if err != nil {
+		return err
+	}
+	app.(*App).add(h.src)
+	return nil
+}
+
+// Validate checks what Provision could not default.
+func (h *Handler) Validate() error {
+	if h.src == nil {
+		return errors.New("not provisioned")
+	}
+	return nil
+}
+
+// Cleanup releases this handler's use of the shared source.
+func (h *Handler) Cleanup() error {
+	if h.poolKey == "" {
+		return nil
+	}
+	_, err := sources.Delete(h.poolKey)
+	return err
+}
+
+// resolveSecret expands {env.*} and {file.*} placeholders; an unknown
+// placeholder is an error rather than silently empty.
+func resolveSecret(repl *caddy.Replacer, name, v string) (string, error) {
+	out, err := repl.ReplaceOrErr(v, true, true)
+	if err != nil {
+		return "", fmt.Errorf("%s: %v", name, err)
+	}
+	return strings.TrimSpace(out), nil
+}
+
+// checkEndpointURL requires https, or http to a loopback host (local fakes).
+func checkEndpointURL(name, raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("%s %q is not an absolute URL", name, raw)
+	}
+	if u.User != nil {
+		return fmt.Errorf("%s must not contain credentials", name)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		host := u.Hostname()
+		if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
+			return nil
+		}
+		return fmt.Errorf("%s %q: plain http is allowed only for loopback hosts; use https", name, raw)
+	}
+	return fmt.Errorf("%s %q: scheme must be https", name, raw)
+}
+
+func parseClientAuth(v string) (tokensource.AuthStyle, error) {
+	switch v {
+	case "", "basic":
+		return tokensource.AuthBasic, nil
+	case "body":
+		return tokensource.AuthBody, nil
+	}
+	return 0, fmt.Errorf("client_auth %q: want basic or body", v)
+}
+
+// poolKey identifies a source by everything that changes its behaviour; a
+// secret enters only as part of a hash.
+func poolKey(cfg tokensource.Config, storage any) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%q|%q|%q|%d|%d|%d|%s|%s", cfg.ClientID, cfg.ClientSecret, cfg.TokenURL, cfg.AuthStyle,
+		cfg.RefreshAhead, cfg.Timeout, tokensource.Fingerprint(cfg.Seed), storageIdentity(storage))
+	return cfg.Account + "|" + hex.EncodeToString(h.Sum(nil))
+}
+
+// tokenTransport is the token endpoint's transport: no proxy surprises
+// beyond the environment's, and bounded waits everywhere.
+func tokenTransport() http.RoundTripper {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.ResponseHeaderTimeout = 0 // the per-call timeout covers it
+	t.MaxIdleConnsPerHost = 2
+	return t
+}
+
+// ServeHTTP sets the token and passes the request on; see replayServe for 401s.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	tok, err := h.src.Token(r.Context())
+	if err != nil {
+		return h.unavailable(w, r, err)
+	}
+	if !h.replay || isUpgrade(r) {
+		h.setToken(r, tok)
+		return next.ServeHTTP(w, r)
+	}
+	body, replayable, err := h.bufferBody(r)
+	if err != nil {
+		return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading request body: %w", err))
+	}
+	if !replayable {
+		h.setToken(r, tok)
+		return next.ServeHTTP(w, r)
+	}
+	defer body.release()
+	return h.replayServe(w, r, next, tok, body)
+}
+
+// replayServe sends the request and, if the upstream answers 401, replays it
+// once: with an already newer token if one exists (a rotation raced the
+// request), otherwise after one forced refresh shared with all callers.
+func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, tok *tokensource.Token, body *replayBody) error {
+	// The recorder buffers the body only; headers written by downstream
+	// handlers go straight to w, so they are restored before a replay.
+	saved := w.Header().Clone()
+	h.setToken(r, tok)
+	body.rewind(r)
+	rec := caddyhttp.NewResponseRecorder(w, body.respBuf, buffer401)
+	if err := next.ServeHTTP(rec, r); err != nil {
+		return err
+	}
+	if !rec.Buffered() {
+		return nil
+	}
+	newer, ok, err := h.src.TokenNewerThan(r.Context(), tok.Generation)
+	if err != nil || !ok {
+		if err != nil && !errors.Is(err, context.Canceled) {
+			h.logger.Warn("upstream answered 401 and no newer token could be had", zap.String("account", h.Account), zap.Error(err))
+		}
+		return rec.WriteResponse()
+	}
+	h.logger.Debug("replaying request after 401", zap.String("account", h.Account),
+		zap.Uint64("rejected_generation", tok.Generation), zap.Uint64("generation", newer.Generation))
+	hdr := w.Header()
+	clear(hdr)
+	for k, v := range saved {
+		hdr[k] = v
+	}
+	h.setToken(r, newer)
+	body.rewind(r)
+	return next.ServeHTTP(w, r)
+}
+
+func buffer401(status int, _ http.Header) bool { return status == http.StatusUnauthorized }
+
+// setToken replaces any client-supplied credentials with the token.
+func (h *Handler) setToken(r *http.Request, tok *tokensource.Token) {
+	r.Header.Set("Authorization", tok.Authorization())
+	if h.QueryParam != "" {
+		q := r.URL.Query()
+		q.Set(h.QueryParam, tok.AccessToken)
+		r.URL.RawQuery = q.Encode()
+		r.RequestURI = r.URL.RequestURI()
+	}
+}
+
+func isUpgrade(r *http.Request) bool {
+	return r.Header.Get("Upgrade") != "" || r.Method == http.MethodConnect
+}
+
+// replayBody is a request body kept for one replay, with the buffer that
+// catches a 401 response; both come from a pool.
+type replayBody struct {
+	data    []byte
+	reqBuf  *bytes.Buffer
+	respBuf *bytes.Buffer
+}
+
+var bufPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
+// bufferBody reads a body of known length up to MaxReplayBody. Bodies of
+// unknown length or over the limit are streamed and not replayed.
+func (h *Handler) bufferBody(r *http.Request) (*replayBody, bool, error) {
+	rb := &replayBody{respBuf: bufPool.Get().(*bytes.Buffer)}
+	rb.respBuf.Reset()
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		return rb, true, nil
+	}
+	if r.ContentLength < 0 || r.ContentLength > h.MaxReplayBody {
+		rb.release()
+		return nil, false, nil
+	}
+	rb.reqBuf = bufPool.Get().(*bytes.Buffer)
+	rb.reqBuf.Reset()
+	rb.reqBuf.Grow(int(r.ContentLength))
+	_, err := io.Copy(rb.reqBuf, io.LimitReader(r.Body, r.ContentLength))
+	_ = r.Body.Close()
+	if err != nil {
+		rb.release()
+		return nil, false, err
+	}
+	rb.data = rb.reqBuf.Bytes()
+	return rb, true, nil
+}
+
+func (rb *replayBody) rewind(r *http.Request) {
+	if rb.reqBuf == nil {
+		if r.Body != nil && r.Body != http.NoBody {
+			r.Body = http.NoBody
+		}
+		return
+	}
+	r.Body = io.NopCloser(bytes.NewReader(rb.data))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(rb.data)), nil }
+}
+
+func (rb *replayBody) release() {
+	for _, b := range []*bytes.Buffer{rb.reqBuf, rb.respBuf} {
+		if b != nil && b.Cap() <= 4*DefaultMaxReplayBody {
+			bufPool.Put(b)
+		}
+	}
+	rb.reqBuf, rb.respBuf = nil, nil
+}
+
+// unavailable answers 503 with a JSON error naming the account and cause. The
+// cause comes from tokensource errors, which never carry a secret.
+func (h *Handler) unavailable(w http.ResponseWriter, r *http.Request, err error) error {
+	code, desc := "temporarily_unavailable", err.Error()
+	var te *tokensource.Error
+	switch {
+	case errors.As(err, &te) && te.Kind == tokensource.Terminal:
+		code = "reauth_required"
+	case errors.As(err, &te) && te.Kind == tokensource.NoChain:
+		code = "no_chain"
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		desc = "timed out waiting for the token refresh"
+	}
+	retry := h.src.RetryAfter()
+	h.logger.Warn("no valid token; answering 503", zap.String("account", h.Account), zap.String("error", code),
+		zap.String("cause", desc), zap.String("uri", r.URL.Path))
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Retry-After", strconv.Itoa(int((retry+time.Second-1)/time.Second)))
+	w.WriteHeader(http.StatusServiceUnavailable)
+	return json.NewEncoder(w).Encode(map[string]string{
+		"error":             code,
+		"error_description": fmt.Sprintf("restream_auth account %q: %s", h.Account, desc),
+	})
+}
+
+// MarshalLogObject keeps secrets out of logs that print the handler, such as
+// `servers { trace }`, even when they were written as literals.
+func (h *Handler) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("account", h.Account)
+	enc.AddString("token_url", h.TokenURL)
+	enc.AddString("client_auth", h.ClientAuth)
+	enc.AddBool("replay_401", h.replay)
+	enc.AddString("query_param", h.QueryParam)
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+	_ zapcore.ObjectMarshaler     = (*Handler)(nil)
+)

@@ -1,0 +1,22 @@
+package caddymodule
+
+import (
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+// sources holds one token source per account configuration, shared by every
+// handler that uses it. It is package-level because Caddy's reload runs the
+// old and new config side by side: sharing the source across them keeps one
+// refresher per account, where two would race to rotate the same chain.
+var sources = caddy.NewUsagePool()
+
+// pooledSource lets the usage pool close a source when its last user goes.
+type pooledSource struct{ *tokensource.Source }
+
+// Destruct stops the source's refresher.
+func (p pooledSource) Destruct() error {
+	p.Close()
+	return nil
+}

@@ -1,0 +1,111 @@
+package caddymodule
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// Bounds of the file_system lock guard.
+const (
+	// lockProbeInterval is how long one Lock attempt waits before the guard
+	// looks at the lock file.
+	lockProbeInterval = 5 * time.Second
+	// maxLockHold is far longer than any section restream_auth holds a storage
+	// lock for (a read and a write of small records). A lock file older than
+	// this is stuck, whatever its freshness timestamp says.
+	maxLockHold = 30 * time.Second
+)
+
+// fileLockGuard works around a flaw of certmagic's file_system lock: each
+// Lock starts a goroutine that keeps the lock file fresh until it finds the
+// file gone, tied to the file name rather than the holder. Under lock churn
+// across processes, an old goroutine can keep a dead holder's lock fresh
+// forever. restream_auth holds its locks for milliseconds, so a lock file
+// created more than maxLockHold ago is broken instead of waited on.
+type fileLockGuard struct {
+	*certmagic.FileStorage
+	logger  *zap.Logger
+	probe   time.Duration
+	maxHold time.Duration
+}
+
+// guardStorage wraps file_system storage with the guard; other storages are
+// returned as they are.
+func guardStorage(s certmagic.Storage, logger *zap.Logger) certmagic.Storage {
+	if fs, ok := s.(*certmagic.FileStorage); ok {
+		return &fileLockGuard{FileStorage: fs, logger: logger, probe: lockProbeInterval, maxHold: maxLockHold}
+	}
+	return s
+}
+
+// Lock obtains the lock, breaking it if it is stuck.
+func (g *fileLockGuard) Lock(ctx context.Context, name string) error {
+	for {
+		pctx, cancel := context.WithTimeout(ctx, g.probe)
+		err := g.FileStorage.Lock(pctx, name)
+		cancel()
+		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
+			return err
+		}
+		g.breakIfStuck(name)
+	}
+}
+
+func (g *fileLockGuard) breakIfStuck(name string) {
+	path := filepath.Join(g.Path, "locks", certmagic.StorageKeys.Safe(name)+".lock")
+	created, err := lockCreated(path)
+	if err != nil || time.Since(created) < g.maxHold {
+		return
+	}
+	// Rename first: of several processes breaking at once, only one moves the
+	// file, and a lock created after the rename is left alone.
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	stuck := path + ".stuck-" + hex.EncodeToString(b[:])
+	if err := os.Rename(path, stuck); err != nil {
+		return
+	}
+	if c, err := lockCreated(stuck); err == nil && time.Since(c) < g.maxHold {
+		// Someone re-created the lock between our read and rename: put it back.
+		if os.Link(stuck, path) != nil {
+			g.logger.Warn("lock file changed while breaking it", zap.String("lock", name))
+		}
+	}
+	_ = os.Remove(stuck)
+	g.logger.Warn("broke a stuck storage lock", zap.String("lock", name), zap.Time("created", created))
+}
+
+func lockCreated(path string) (time.Time, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return time.Time{}, err
+	}
+	var meta struct {
+		Created time.Time `json:"created"`
+	}
+	if err := json.Unmarshal(b, &meta); err != nil {
+		return time.Time{}, fmt.Errorf("lock file %s: %w", path, err)
+	}
+	return meta.Created, nil
+}
+
+// storageIdentity names a storage for the source pool key.
+func storageIdentity(s any) string {
+	switch v := s.(type) {
+	case *fileLockGuard:
+		return v.FileStorage.String()
+	case fmt.Stringer:
+		return v.String()
+	}
+	return fmt.Sprintf("%T", s)
+}

@@ -1,0 +1,409 @@
+package tokensource
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+)
+
+// AuthStyle says how the client credentials reach the token endpoint.
+type AuthStyle int
+
+const (
+	// AuthBasic sends HTTP Basic client_id:client_secret (Restream's recommendation).
+	AuthBasic AuthStyle = iota
+	// AuthBody sends client_id and client_secret as form fields.
+	AuthBody
+)
+
+// MaxResponseBytes caps what is read from the token endpoint.
+const MaxResponseBytes = 1 << 20
+
+// ErrorKind classifies a failed refresh by what the caller should do next.
+type ErrorKind int
+
+const (
+	// Transient failures (5xx, 429, timeouts, unusable answers) are retried with backoff.
+	Transient ErrorKind = iota
+	// Terminal failures (invalid_grant, invalid_client) need a human: a new seed or re-authorization.
+	Terminal
+	// NoChain means there is neither a seed nor a stored chain for the account.
+	NoChain
+)
+
+func (k ErrorKind) String() string {
+	switch k {
+	case Terminal:
+		return "terminal"
+	case NoChain:
+		return "no_chain"
+	default:
+		return "transient"
+	}
+}
+
+// Error is a refresh failure. Its text never contains a token or the client
+// secret: token-endpoint descriptions are redacted and truncated, and unusable
+// bodies are described by type and size only.
+type Error struct {
+	Kind ErrorKind
+	// Code is the OAuth error code when the endpoint sent one (invalid_grant, …).
+	Code string
+	// Status is the token endpoint's HTTP status, 0 if no answer arrived.
+	Status int
+	// Msg says what happened, in words safe to log and show.
+	Msg string
+	// RetryAfter is the endpoint's Retry-After hint, if any.
+	RetryAfter time.Duration
+	// Unknown is set when the request may have reached the endpoint but no
+	// answer came back: the pair may have been rotated server-side.
+	Unknown bool
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+// Terminal reports whether err is a refresh failure that retrying cannot fix.
+func IsTerminal(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Kind == Terminal
+}
+
+// exchanger performs refresh_token grants against one token endpoint.
+type exchanger struct {
+	client       *http.Client
+	tokenURL     string
+	clientID     string
+	clientSecret string
+	style        AuthStyle
+	timeout      time.Duration
+	now          func() time.Time
+}
+
+// tokenResponse carries both of Restream's naming styles.
+type tokenResponse struct {
+	AccessToken       string    `json:"access_token"`
+	AccessTokenCamel  string    `json:"accessToken"`
+	RefreshToken      string    `json:"refresh_token"`
+	RefreshTokenCamel string    `json:"refreshToken"`
+	TokenType         string    `json:"token_type"`
+	TokenTypeCamel    string    `json:"tokenType"`
+	Scope             string    `json:"scope"`
+	ScopeJSON         []string  `json:"scopeJson"`
+	Expires           flexInt   `json:"expires"`
+	ExpiresIn         flexInt   `json:"expires_in"`
+	AccessExpiresIn   flexInt   `json:"accessTokenExpiresIn"`
+	AccessExpiresEp   flexInt   `json:"accessTokenExpiresEpoch"`
+	AccessExpiresAt   time.Time `json:"accessTokenExpiresAt"`
+	RefreshExpiresIn  flexInt   `json:"refreshTokenExpiresIn"`
+	RefreshExpiresEp  flexInt   `json:"refreshTokenExpiresEpoch"`
+	RefreshExpiresAt  time.Time `json:"refreshTokenExpiresAt"`
+}
+
+// flexInt accepts a JSON number or a numeric string; 0 means absent.
+type flexInt int64
+
+func (f *flexInt) UnmarshalJSON(b []byte) error {
+	s := strings.Trim(string(b), `"`)
+	if s == "" || s == "null" {
+		*f = 0
+		return nil
+	}
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil {
+		return fmt.Errorf("not a number")
+	}
+	*f = flexInt(v)
+	return nil
+}
+
+// exchange sends one refresh_token grant. The refresh token may be spent as
+// soon as the request is written, so callers must not cancel ctx for reasons
+// of their own clients.
+func (x *exchanger) exchange(ctx context.Context, refreshToken string) (*Record, error) {
+	form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refreshToken}}
+	if x.style == AuthBody {
+		form.Set("client_id", x.clientID)
+		form.Set("client_secret", x.clientSecret)
+	}
+	ctx, cancel := context.WithTimeout(ctx, x.timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, x.tokenURL, strings.NewReader(form.Encode()))
+	if err != nil {
+		return nil, &Error{Kind: Terminal, Msg: "building token request: bad token_url"}
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	if x.style == AuthBasic {
+		req.SetBasicAuth(x.clientID, x.clientSecret)
+	}
+	sent := time.Now()
+	resp, err := x.client.Do(req)
+	if err != nil {
+		// Never wrap the *url.Error: it is safe today, but the message is ours to control.
+		e := &Error{Kind: Transient, Msg: "token endpoint unreachable: " + describeTransportError(err, time.Since(sent))}
+		// A timeout may strike after the server rotated the pair.
+		e.Unknown = errors.Is(err, context.DeadlineExceeded) || isTimeout(err)
+		return nil, e
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxResponseBytes+1))
+	if err != nil {
+		return nil, &Error{Kind: Transient, Status: resp.StatusCode, Unknown: resp.StatusCode == http.StatusOK,
+			Msg: fmt.Sprintf("token endpoint answer %d could not be read: %s", resp.StatusCode, describeTransportError(err, time.Since(sent)))}
+	}
+	if len(body) > MaxResponseBytes {
+		return nil, &Error{Kind: Transient, Status: resp.StatusCode, Unknown: resp.StatusCode == http.StatusOK,
+			Msg: fmt.Sprintf("token endpoint answer %d is larger than %d bytes", resp.StatusCode, MaxResponseBytes)}
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, x.errorFromResponse(resp, body, refreshToken)
+	}
+	rec, err := parseTokenResponse(body, resp.Header.Get("Content-Type"), x.now())
+	if err != nil {
+		// The endpoint said 200: the old pair is probably dead, but the answer
+		// is unusable. Nothing better than retrying with the same token exists.
+		return nil, &Error{Kind: Transient, Status: resp.StatusCode, Unknown: true, Msg: err.Error()}
+	}
+	return rec, nil
+}
+
+func parseTokenResponse(body []byte, contentType string, now time.Time) (*Record, error) {
+	var tr tokenResponse
+	if err := json.Unmarshal(body, &tr); err != nil {
+		return nil, fmt.Errorf("token endpoint answer is not a token: %s", describeBody(contentType, body))
+	}
+	access := firstNonEmpty(tr.AccessToken, tr.AccessTokenCamel)
+	refresh := firstNonEmpty(tr.RefreshToken, tr.RefreshTokenCamel)
+	switch {
+	case access == "" && refresh == "":
+		return nil, errors.New("token endpoint answer has no access_token and no refresh_token")
+	case access == "":
+		return nil, errors.New("token endpoint answer has no access_token")
+	case refresh == "":
+		return nil, errors.New("token endpoint answer has no refresh_token")
+	}
+	tokenType := firstNonEmpty(tr.TokenType, tr.TokenTypeCamel, "Bearer")
+	if !strings.EqualFold(tokenType, "bearer") {
+		return nil, fmt.Errorf("token endpoint answer has token_type %q, want Bearer", truncate(sanitize(tokenType), 32))
+	}
+	expiry := accessExpiry(&tr, now)
+	if expiry.IsZero() {
+		return nil, errors.New("token endpoint answer has no expiry (expires, expires_in)")
+	}
+	if !expiry.After(now) {
+		return nil, fmt.Errorf("token endpoint answer expires in the past (%s)", expiry.UTC().Format(time.RFC3339))
+	}
+	scope := tr.ScopeJSON
+	if len(scope) == 0 && tr.Scope != "" {
+		scope = strings.Fields(tr.Scope)
+	}
+	rec := &Record{
+		Version:       recordVersion,
+		AccessToken:   access,
+		RefreshToken:  refresh,
+		TokenType:     "Bearer",
+		Scope:         scope,
+		Expiry:        expiry,
+		RefreshExpiry: refreshExpiry(&tr, now),
+		IssuedAt:      now,
+	}
+	return rec, nil
+}
+
+// accessExpiry prefers Restream's absolute epoch but never trusts it beyond
+// now+expires_in: if the local clock runs behind Restream's, the epoch alone
+// would keep a dead token in use.
+func accessExpiry(tr *tokenResponse, now time.Time) time.Time {
+	var abs time.Time
+	switch {
+	case tr.Expires > 0:
+		abs = time.Unix(int64(tr.Expires), 0)
+	case tr.AccessExpiresEp > 0:
+		abs = time.Unix(int64(tr.AccessExpiresEp), 0)
+	case !tr.AccessExpiresAt.IsZero():
+		abs = tr.AccessExpiresAt
+	}
+	var rel time.Time
+	if in := max(tr.ExpiresIn, tr.AccessExpiresIn); in > 0 {
+		rel = now.Add(time.Duration(in) * time.Second)
+	}
+	switch {
+	case abs.IsZero():
+		return rel
+	case rel.IsZero() || abs.Before(rel):
+		return abs
+	default:
+		return rel
+	}
+}
+
+func refreshExpiry(tr *tokenResponse, now time.Time) time.Time {
+	switch {
+	case tr.RefreshExpiresEp > 0:
+		return time.Unix(int64(tr.RefreshExpiresEp), 0)
+	case !tr.RefreshExpiresAt.IsZero():
+		return tr.RefreshExpiresAt
+	case tr.RefreshExpiresIn > 0:
+		return now.Add(time.Duration(tr.RefreshExpiresIn) * time.Second)
+	}
+	return time.Time{}
+}
+
+// oauthErrorBody holds both error shapes Restream's server produces:
+// {"error":"invalid_grant","error_description":"…"} and
+// {"error":{"name":"invalid_grant","message":"…"}}.
+type oauthErrorBody struct {
+	Error            json.RawMessage `json:"error"`
+	ErrorDescription string          `json:"error_description"`
+}
+
+type nestedError struct {
+	Name    string `json:"name"`
+	Message string `json:"message"`
+}
+
+// ParseOAuthError extracts the OAuth error code and description from a token
+// endpoint error body; ok is false if the body has neither shape.
+func ParseOAuthError(body []byte) (code, description string, ok bool) {
+	var eb oauthErrorBody
+	if json.Unmarshal(body, &eb) != nil || len(eb.Error) == 0 {
+		return "", "", false
+	}
+	if err := json.Unmarshal(eb.Error, &code); err == nil {
+		return code, eb.ErrorDescription, code != ""
+	}
+	var n nestedError
+	if json.Unmarshal(eb.Error, &n) != nil || n.Name == "" {
+		return "", "", false
+	}
+	return n.Name, firstNonEmpty(eb.ErrorDescription, n.Message), true
+}
+
+func (x *exchanger) errorFromResponse(resp *http.Response, body []byte, refreshToken string) *Error {
+	e := &Error{Kind: Transient, Status: resp.StatusCode}
+	if ra := parseRetryAfter(resp.Header.Get("Retry-After"), x.now()); ra > 0 {
+		e.RetryAfter = ra
+	}
+	code, desc, ok := ParseOAuthError(body)
+	if !ok {
+		if resp.StatusCode == http.StatusUnauthorized && resp.Header.Get("WWW-Authenticate") != "" {
+			code = "invalid_client"
+		} else {
+			e.Msg = fmt.Sprintf("token endpoint answered %d with %s", resp.StatusCode, describeBody(resp.Header.Get("Content-Type"), body))
+			return e
+		}
+	}
+	e.Code = truncate(sanitize(code), 64)
+	switch e.Code {
+	case "invalid_grant", "invalid_client", "unauthorized_client":
+		if resp.StatusCode >= 400 && resp.StatusCode < 500 {
+			e.Kind = Terminal
+		}
+	}
+	desc = redact(desc, refreshToken, x.clientSecret, x.clientID)
+	e.Msg = fmt.Sprintf("token endpoint answered %d %s", resp.StatusCode, e.Code)
+	if desc != "" {
+		e.Msg += ": " + truncate(sanitize(desc), 200)
+	}
+	return e
+}
+
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && s >= 0 {
+		return time.Duration(s) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return t.Sub(now)
+	}
+	return 0
+}
+
+// describeBody names an unusable body without quoting it: an HTML error page
+// or a proxy's answer may echo request data.
+func describeBody(contentType string, body []byte) string {
+	mt, _, _ := mime.ParseMediaType(contentType)
+	if mt == "" {
+		mt = http.DetectContentType(body)
+		if i := strings.IndexByte(mt, ';'); i >= 0 {
+			mt = mt[:i]
+		}
+	}
+	kind := "a non-JSON body"
+	switch {
+	case len(bytes.TrimSpace(body)) == 0:
+		return "an empty body"
+	case strings.Contains(mt, "html"):
+		kind = "an HTML page"
+	case json.Valid(body):
+		kind = "unexpected JSON"
+	}
+	return fmt.Sprintf("%s (%s, %d bytes)", kind, truncate(sanitize(mt), 64), len(body))
+}
+
+func describeTransportError(err error, elapsed time.Duration) string {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
+		return fmt.Sprintf("timed out after %s", elapsed.Round(time.Millisecond))
+	case errors.Is(err, context.Canceled):
+		return "cancelled"
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err // drop the URL: it could carry a query string
+	}
+	return truncate(sanitize(err.Error()), 200)
+}
+
+func isTimeout(err error) bool {
+	var t interface{ Timeout() bool }
+	return errors.As(err, &t) && t.Timeout()
+}
+
+// redact replaces every occurrence of the given secrets in s.
+func redact(s string, secrets ...string) string {
+	for _, sec := range secrets {
+		if len(sec) >= 4 {
+			s = strings.ReplaceAll(s, sec, "[REDACTED]")
+		}
+	}
+	return s
+}
+
+// sanitize drops control characters so endpoint text cannot forge log lines.
+func sanitize(s string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return ' '
+		}
+		return r
+	}, s)
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+func firstNonEmpty(ss ...string) string {
+	for _, s := range ss {
+		if s != "" {
+			return s
+		}
+	}
+	return ""
+}

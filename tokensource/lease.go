@@ -1,0 +1,232 @@
+package tokensource
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Cross-instance coordination.
+//
+// The storage lock is held only for short read-modify-writes, never across a
+// network call: a holder killed while holding some storage locks (Caddy's
+// file_system lock among them) can block everyone for a long time. The token
+// call runs under a lease instead, a record with an owner and an expiry that
+// a dead holder cannot keep alive. The new pair is written with a
+// compare-and-set on the generation, so even a holder whose lease ran out
+// cannot overwrite a newer pair.
+
+// lockWait bounds one wait for the storage lock.
+const lockWait = 20 * time.Second
+
+// leasePoll is how often a process waiting for another's lease re-reads storage.
+const leasePoll = 150 * time.Millisecond
+
+type storageKeys struct {
+	record, lease, lock string
+}
+
+// KeyPrefix is the storage prefix of an account's keys.
+func KeyPrefix(account string) string { return "restream_auth/" + account }
+
+func keysFor(account string) storageKeys {
+	p := KeyPrefix(account)
+	return storageKeys{record: p + "/token.json", lease: p + "/lease.json", lock: p + "/lease"}
+}
+
+// RecordKey is the storage key of an account's token record.
+func RecordKey(account string) string { return keysFor(account).record }
+
+type leaseRecord struct {
+	Owner   string    `json:"owner"`
+	Expires time.Time `json:"expires_at"`
+}
+
+// leaseTTL outlives one token call plus the write that follows it.
+func (s *Source) leaseTTL() time.Duration { return s.cfg.Timeout + 10*time.Second }
+
+// LoadRecord reads an account's stored record; it returns nil, nil if none exists.
+func LoadRecord(ctx context.Context, st Storage, account string) (*Record, error) {
+	key := RecordKey(account)
+	b, err := st.Load(ctx, key)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", key, err)
+	}
+	var rec Record
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return nil, fmt.Errorf("stored record %s is corrupt (%d bytes): not valid JSON", key, len(b))
+	}
+	switch {
+	case rec.Version != recordVersion:
+		return nil, fmt.Errorf("stored record %s has unsupported version %d", key, rec.Version)
+	case rec.RefreshToken == "" || rec.AccessToken == "" || rec.Expiry.IsZero():
+		return nil, fmt.Errorf("stored record %s is incomplete (missing tokens or expiry)", key)
+	}
+	return &rec, nil
+}
+
+func (s *Source) loadRecord(ctx context.Context) (*Record, error) {
+	return LoadRecord(ctx, s.cfg.Storage, s.cfg.Account)
+}
+
+// withLock runs fn under the account's storage lock, waiting at most lockWait.
+func (s *Source) withLock(ctx context.Context, fn func() error) error {
+	lctx, cancel := context.WithTimeout(ctx, lockWait)
+	defer cancel()
+	if err := s.cfg.Storage.Lock(lctx, s.keys.lock); err != nil {
+		return &Error{Kind: Transient, Msg: fmt.Sprintf("obtaining storage lock %s: %v", s.keys.lock, err)}
+	}
+	defer func() {
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := s.cfg.Storage.Unlock(uctx, s.keys.lock); err != nil {
+			s.log.Warn("releasing storage lock", zap.String("lock", s.keys.lock), zap.Error(err))
+		}
+	}()
+	return fn()
+}
+
+func (s *Source) loadLease(ctx context.Context) *leaseRecord {
+	b, err := s.cfg.Storage.Load(ctx, s.keys.lease)
+	if err != nil {
+		return nil
+	}
+	var l leaseRecord
+	if json.Unmarshal(b, &l) != nil {
+		s.log.Warn("ignoring unreadable lease record", zap.String("key", s.keys.lease))
+		return nil
+	}
+	return &l
+}
+
+func (s *Source) storeLease(ctx context.Context, l leaseRecord) error {
+	b, _ := json.Marshal(l)
+	return s.cfg.Storage.Store(ctx, s.keys.lease, b)
+}
+
+// acquireLease takes the account's lease. While another live process holds
+// it, it polls the stored record and returns (nil, rec, nil) as soon as that
+// process has published a pair this one can adopt. On success it returns the
+// lease and the record as read under the storage lock.
+func (s *Source) acquireLease(ctx context.Context, forced uint64) (*leaseRecord, *Record, error) {
+	for waited := false; ; waited = true {
+		var got *leaseRecord
+		var rec *Record
+		var recErr error
+		err := s.withLock(ctx, func() error {
+			now := s.clock.Now()
+			if l := s.loadLease(ctx); l != nil && l.Owner != s.cfg.Owner && now.Before(l.Expires) {
+				return nil
+			}
+			mine := leaseRecord{Owner: s.cfg.Owner, Expires: now.Add(s.leaseTTL())}
+			if err := s.storeLease(ctx, mine); err != nil {
+				return &Error{Kind: Transient, Msg: fmt.Sprintf("writing lease %s: %v", s.keys.lease, err)}
+			}
+			got = &mine
+			rec, recErr = s.loadRecord(ctx)
+			return nil
+		})
+		if err != nil {
+			return nil, nil, err
+		}
+		if got != nil {
+			if recErr != nil {
+				s.log.Error("reading stored token record", zap.Error(recErr))
+			}
+			return got, rec, nil
+		}
+		if !waited {
+			s.log.Debug("another instance holds the refresh lease; waiting")
+		}
+		if rec, err := s.loadRecord(ctx); err == nil && s.adoptable(rec, forced) {
+			return nil, rec, nil
+		}
+		select {
+		case <-time.After(leasePoll):
+		case <-ctx.Done():
+			return nil, nil, &Error{Kind: Transient, Msg: "timed out waiting for another instance's refresh lease"}
+		}
+	}
+}
+
+// releaseLease gives the lease up if it is still ours.
+func (s *Source) releaseLease(l *leaseRecord) {
+	ctx, cancel := context.WithTimeout(context.Background(), lockWait+5*time.Second)
+	defer cancel()
+	err := s.withLock(ctx, func() error {
+		if cur := s.loadLease(ctx); cur == nil || cur.Owner != l.Owner {
+			return nil
+		}
+		return s.storeLease(ctx, leaseRecord{Owner: "", Expires: time.Time{}})
+	})
+	if err != nil {
+		s.log.Warn("releasing refresh lease (it expires on its own)", zap.Error(err))
+	}
+}
+
+// errNewerStored means the stored chain moved on without us.
+var errNewerStored = errors.New("a newer pair is already stored")
+
+// persist writes rec if the stored generation is still base. lease, if not
+// nil, is checked only to warn: a holder whose lease ran out but whose
+// compare-and-set still succeeds holds the one live pair and must write it.
+func (s *Source) persist(ctx context.Context, rec *Record, base uint64, lease *leaseRecord) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return s.withLock(ctx, func() error {
+		stored, err := s.loadRecord(ctx)
+		if err == nil && stored != nil && stored.Generation != base {
+			return fmt.Errorf("%w (generation %d, expected %d)", errNewerStored, stored.Generation, base)
+		}
+		if lease != nil {
+			if cur := s.loadLease(ctx); cur == nil || cur.Owner != lease.Owner {
+				s.log.Warn("refresh lease expired before the new pair was written; writing it by generation check")
+			}
+		}
+		if err := s.cfg.Storage.Store(ctx, s.keys.record, b); err != nil {
+			return fmt.Errorf("storing %s: %w", s.keys.record, err)
+		}
+		return nil
+	})
+}
+
+// flushPending retries writing a pair that exists only in memory. It reports
+// whether it did any work.
+func (s *Source) flushPending() bool {
+	s.mu.Lock()
+	p := s.pending
+	s.mu.Unlock()
+	if p == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), lockWait+s.cfg.Timeout)
+	defer cancel()
+	err := s.persist(ctx, p.rec, p.base, nil)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case err == nil:
+		s.pending = nil
+		s.failures = 0
+		s.nextAttempt = time.Time{}
+		s.log.Info("persisted the token pair held in memory", zap.Uint64("generation", p.rec.Generation))
+	case errors.Is(err, errNewerStored):
+		s.pending = nil
+		s.log.Warn("dropping unpersisted pair: storage holds a newer one", zap.Error(err))
+	default:
+		s.failures++
+		s.nextAttempt = s.clock.Now().Add(backoff(s.failures))
+		s.log.Error("persisting the token pair still fails", zap.Error(err))
+	}
+	return true
+}
