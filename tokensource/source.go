@@ -90,14 +90,14 @@ type Source struct {
 	seedFP string
 	keys   storageKeys
 
-	cur      atomic.Pointer[Token] // hot path: the newest published token
-	sf       singleflight.Group
-	forceGen atomic.Uint64 // highest generation an upstream rejected
-	changed  chan struct{} // wakes the refresher after an attempt
-	done     chan struct{}
+	cur       atomic.Pointer[Token] // hot path: the newest published token
+	sf        singleflight.Group
+	forceGen  atomic.Uint64 // highest generation an upstream rejected
+	changed   chan struct{} // wakes the refresher after an attempt
+	done      chan struct{}
 	stopOnce  sync.Once
 	startOnce sync.Once
-	wg       sync.WaitGroup
+	wg        sync.WaitGroup
 
 	mu          sync.Mutex // guards the fields below; never taken on the hot path
 	lastErr     *Error
