@@ -47,37 +47,34 @@ type siteConfig struct {
 }
 
 func (c siteConfig) Caddyfile() string {
-	admin := "admin off"
+	var b strings.Builder
+	b.WriteString("{\n")
 	if c.AdminPort != 0 {
-		admin = fmt.Sprintf("admin 127.0.0.1:%d", c.AdminPort)
+		fmt.Fprintf(&b, "\tadmin 127.0.0.1:%d\n", c.AdminPort)
+	} else {
+		b.WriteString("\tadmin off\n")
 	}
-	logs := ""
+	fmt.Fprintf(&b, "\tstorage file_system %s\n\tauto_https off\n\tpersist_config off\n", c.StorageDir)
 	if c.LogFile != "" {
-		logs = fmt.Sprintf("log {\n\t\toutput file %s\n\t\tlevel DEBUG\n\t}", c.LogFile)
+		fmt.Fprintf(&b, "\tlog {\n\t\toutput file %s\n\t\tlevel DEBUG\n\t}\n", c.LogFile)
 	}
-	seed := ""
+	for _, line := range strings.Split(c.Global, "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			b.WriteString("\t" + line + "\n")
+		}
+	}
+	fmt.Fprintf(&b, "}\n\nhttp://127.0.0.1:%d {\n\trestream_auth {\n\t\tclient_id test-client\n\t\tclient_secret test-secret\n", c.Port)
 	if c.Seed != "" {
-		seed = "refresh_token " + c.Seed
+		fmt.Fprintf(&b, "\t\trefresh_token %s\n", c.Seed)
 	}
-	return fmt.Sprintf(`{
-	%s
-	storage file_system %s
-	auto_https off
-	persist_config off
-	%s
-	%s
-}
-http://127.0.0.1:%d {
-	restream_auth {
-		client_id test-client
-		client_secret test-secret
-		%s
-		token_url %s
-		%s
+	fmt.Fprintf(&b, "\t\ttoken_url %s\n", c.Fake.TokenURL())
+	for _, line := range strings.Split(c.Extra, "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			b.WriteString("\t\t" + line + "\n")
+		}
 	}
-	reverse_proxy %s
-}
-`, admin, c.StorageDir, logs, c.Global, c.Port, seed, c.Fake.TokenURL(), c.Extra, c.Fake.URL())
+	fmt.Fprintf(&b, "\t}\n\treverse_proxy %s\n}\n", c.Fake.URL())
+	return b.String()
 }
 
 // inProcessMu serializes tests that run Caddy in this process: Caddy has one

@@ -79,6 +79,7 @@ type Server struct {
 	pairs  map[string]*pair  // keyed by BOTH tokens of every live (not rotated/revoked) pair
 	codes  map[string]string // unused authorization code -> redirect_uri
 	chains int
+	issued []string // every token ever issued, for leak checks
 
 	inflight                                                     atomic.Int64
 	refreshCalls, refreshOK, codeCalls, invalidGrant, invalidCli atomic.Int64
@@ -250,7 +251,16 @@ func (s *Server) issueLocked(chain int) *pair {
 	}
 	s.pairs[p.access] = p
 	s.pairs[p.refresh] = p
+	s.issued = append(s.issued, p.access, p.refresh)
 	return p
+}
+
+// IssuedTokens returns every access and refresh token the Server has issued,
+// so tests can check that none leaked into logs or responses.
+func (s *Server) IssuedTokens() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.issued...)
 }
 
 // dropLocked invalidates both tokens of p at once.

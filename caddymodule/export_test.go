@@ -1,0 +1,8 @@
+package caddymodule
+
+// SourcesInPool reports how many token sources the reload-shared pool holds.
+func SourcesInPool() int {
+	n := 0
+	sources.Range(func(_, _ any) bool { n++; return true })
+	return n
+}
