@@ -3,21 +3,18 @@
 package caddymodule
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -258,7 +255,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.setToken(r, tok)
 		return next.ServeHTTP(w, r)
 	}
-	body, replayable, err := h.bufferBody(r)
+	st := getReplayState()
+	defer st.release()
+	replayable, err := st.readBody(r, h.MaxReplayBody)
 	if err != nil {
 		return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading request body: %w", err))
 	}
@@ -266,24 +265,23 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.setToken(r, tok)
 		return next.ServeHTTP(w, r)
 	}
-	defer body.release()
-	return h.replayServe(w, r, next, tok, body)
+	return h.replayServe(w, r, next, tok, st)
 }
 
 // replayServe sends the request and, if the upstream answers 401, replays it
 // once: with an already newer token if one exists (a rotation raced the
 // request), otherwise after one forced refresh shared with all callers.
-func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, tok *tokensource.Token, body *replayBody) error {
-	// The recorder buffers the body only; headers written by downstream
-	// handlers go straight to w, so they are restored before a replay.
-	saved := w.Header().Clone()
+func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, tok *tokensource.Token, st *replayState) error {
+	// Headers written by the first attempt go straight into w's map; the
+	// snapshot lets a replay start from the same headers.
+	st.saveHeaders(w.Header())
 	h.setToken(r, tok)
-	body.rewind(r)
-	rec := caddyhttp.NewResponseRecorder(w, body.respBuf, buffer401)
-	if err := next.ServeHTTP(rec, r); err != nil {
+	st.rewind(r)
+	st.w.reset(w)
+	if err := next.ServeHTTP(&st.w, r); err != nil {
 		return err
 	}
-	if !rec.Buffered() {
+	if !st.w.held {
 		return nil
 	}
 	newer, ok, err := h.src.TokenNewerThan(r.Context(), tok.Generation)
@@ -291,21 +289,15 @@ func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddy
 		if err != nil && !errors.Is(err, context.Canceled) {
 			h.logger.Warn("upstream answered 401 and no newer token could be had", zap.String("account", h.Account), zap.Error(err))
 		}
-		return rec.WriteResponse()
+		return st.w.release()
 	}
 	h.logger.Debug("replaying request after 401", zap.String("account", h.Account),
 		zap.Uint64("rejected_generation", tok.Generation), zap.Uint64("generation", newer.Generation))
-	hdr := w.Header()
-	clear(hdr)
-	for k, v := range saved {
-		hdr[k] = v
-	}
+	st.restoreHeaders(w.Header())
 	h.setToken(r, newer)
-	body.rewind(r)
+	st.rewind(r)
 	return next.ServeHTTP(w, r)
 }
-
-func buffer401(status int, _ http.Header) bool { return status == http.StatusUnauthorized }
 
 // setToken replaces any client-supplied credentials with the token.
 func (h *Handler) setToken(r *http.Request, tok *tokensource.Token) {
@@ -319,62 +311,7 @@ func (h *Handler) setToken(r *http.Request, tok *tokensource.Token) {
 }
 
 func isUpgrade(r *http.Request) bool {
-	return r.Header.Get("Upgrade") != "" || r.Method == http.MethodConnect
-}
-
-// replayBody is a request body kept for one replay, with the buffer that
-// catches a 401 response; both come from a pool.
-type replayBody struct {
-	data    []byte
-	reqBuf  *bytes.Buffer
-	respBuf *bytes.Buffer
-}
-
-var bufPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
-
-// bufferBody reads a body of known length up to MaxReplayBody. Bodies of
-// unknown length or over the limit are streamed and not replayed.
-func (h *Handler) bufferBody(r *http.Request) (*replayBody, bool, error) {
-	rb := &replayBody{respBuf: bufPool.Get().(*bytes.Buffer)}
-	rb.respBuf.Reset()
-	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
-		return rb, true, nil
-	}
-	if r.ContentLength < 0 || r.ContentLength > h.MaxReplayBody {
-		rb.release()
-		return nil, false, nil
-	}
-	rb.reqBuf = bufPool.Get().(*bytes.Buffer)
-	rb.reqBuf.Reset()
-	rb.reqBuf.Grow(int(r.ContentLength))
-	_, err := io.Copy(rb.reqBuf, io.LimitReader(r.Body, r.ContentLength))
-	_ = r.Body.Close()
-	if err != nil {
-		rb.release()
-		return nil, false, err
-	}
-	rb.data = rb.reqBuf.Bytes()
-	return rb, true, nil
-}
-
-func (rb *replayBody) rewind(r *http.Request) {
-	if rb.reqBuf == nil {
-		if r.Body != nil && r.Body != http.NoBody {
-			r.Body = http.NoBody
-		}
-		return
-	}
-	r.Body = io.NopCloser(bytes.NewReader(rb.data))
-	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(rb.data)), nil }
-}
-
-func (rb *replayBody) release() {
-	for _, b := range []*bytes.Buffer{rb.reqBuf, rb.respBuf} {
-		if b != nil && b.Cap() <= 4*DefaultMaxReplayBody {
-			bufPool.Put(b)
-		}
-	}
-	rb.reqBuf, rb.respBuf = nil, nil
+	return r.Method == http.MethodConnect || r.Header.Get("Upgrade") != ""
 }
 
 // unavailable answers 503 with a JSON error naming the account and cause. The
