@@ -74,7 +74,9 @@ func benchServe(b *testing.B, h caddyhttp.MiddlewareHandler) {
 //
 //	go test -run '^$' -bench HotPath -benchmem ./caddymodule/
 func BenchmarkHotPath(b *testing.B) {
-	b.Run("constant_header", func(b *testing.B) { benchServe(b, constantHeader{"Bearer at_0123456789abcdef0123456789abcdef01234567"}) })
+	b.Run("constant_header", func(b *testing.B) {
+		benchServe(b, constantHeader{"Bearer at_0123456789abcdef0123456789abcdef01234567"})
+	})
 	b.Run("restream_auth_replay_off", func(b *testing.B) { benchServe(b, benchHandler(b, false)) })
 	b.Run("restream_auth", func(b *testing.B) { benchServe(b, benchHandler(b, true)) })
 }
