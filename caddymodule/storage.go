@@ -77,9 +77,11 @@ func (g *fileLockGuard) breakIfStuck(name string) {
 	}
 	if c, err := lockCreated(stuck); err == nil && time.Since(c) < g.maxHold {
 		// Someone re-created the lock between our read and rename: put it back.
-		if os.Link(stuck, path) != nil {
-			g.logger.Warn("lock file changed while breaking it", zap.String("lock", name))
+		if os.Link(stuck, path) == nil {
+			_ = os.Remove(stuck)
+			return // nothing was broken
 		}
+		g.logger.Warn("lock file changed while breaking it", zap.String("lock", name))
 	}
 	_ = os.Remove(stuck)
 	g.logger.Warn("broke a stuck storage lock", zap.String("lock", name), zap.Time("created", created))
