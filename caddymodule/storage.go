@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/certmagic"
@@ -21,8 +22,8 @@ const (
 	// looks at the lock file.
 	lockProbeInterval = 5 * time.Second
 	// maxLockHold is far longer than any section restream_auth holds a storage
-	// lock for (a read and a write of small records). A lock file older than
-	// this is stuck, whatever its freshness timestamp says.
+	// lock for (a read and a write of small records). A lock file seen for
+	// this long is stuck, whatever its freshness timestamp says.
 	maxLockHold = 30 * time.Second
 )
 
@@ -31,19 +32,31 @@ const (
 // file gone, tied to the file name rather than the holder. Under lock churn
 // across processes, an old goroutine can keep a dead holder's lock fresh
 // forever. restream_auth holds its locks for milliseconds, so a lock file
-// created more than maxLockHold ago is broken instead of waited on.
+// that this process has seen unchanged (same "created" stamp) for maxHold is
+// stuck, and is broken instead of waited on. The guard judges by its own
+// observation, not by the stamp's age, so clock skew between hosts sharing
+// the storage cannot make it break a live lock.
 type fileLockGuard struct {
 	*certmagic.FileStorage
 	logger  *zap.Logger
 	probe   time.Duration
 	maxHold time.Duration
+
+	mu   *sync.Mutex
+	seen map[string]lockSighting // lock name -> first sighting of its current file
+}
+
+type lockSighting struct {
+	created time.Time // the lock file's own stamp, used only as an identity
+	since   time.Time // when this process first saw that file
 }
 
 // guardStorage wraps file_system storage with the guard; other storages are
 // returned as they are.
 func guardStorage(s certmagic.Storage, logger *zap.Logger) certmagic.Storage {
 	if fs, ok := s.(*certmagic.FileStorage); ok {
-		return &fileLockGuard{FileStorage: fs, logger: logger, probe: lockProbeInterval, maxHold: maxLockHold}
+		return &fileLockGuard{FileStorage: fs, logger: logger, probe: lockProbeInterval, maxHold: maxLockHold,
+			mu: new(sync.Mutex), seen: make(map[string]lockSighting)}
 	}
 	return s
 }
@@ -61,21 +74,38 @@ func (g *fileLockGuard) Lock(ctx context.Context, name string) error {
 	}
 }
 
+// stuckFor reports how long this process has seen the same lock file.
+func (g *fileLockGuard) stuckFor(name string, created time.Time) time.Duration {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	now := time.Now()
+	s, ok := g.seen[name]
+	if !ok || !s.created.Equal(created) {
+		g.seen[name] = lockSighting{created: created, since: now}
+		return 0
+	}
+	return now.Sub(s.since)
+}
+
 func (g *fileLockGuard) breakIfStuck(name string) {
 	path := filepath.Join(g.Path, "locks", certmagic.StorageKeys.Safe(name)+".lock")
 	created, err := lockCreated(path)
-	if err != nil || time.Since(created) < g.maxHold {
+	if err != nil {
+		return
+	}
+	held := g.stuckFor(name, created)
+	if held < g.maxHold {
 		return
 	}
 	// Rename first: of several processes breaking at once, only one moves the
-	// file, and a lock created after the rename is left alone.
+	// file, and a lock created after the rename is put back.
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	stuck := path + ".stuck-" + hex.EncodeToString(b[:])
 	if err := os.Rename(path, stuck); err != nil {
 		return
 	}
-	if c, err := lockCreated(stuck); err == nil && time.Since(c) < g.maxHold {
+	if c, err := lockCreated(stuck); err == nil && !c.Equal(created) {
 		// Someone re-created the lock between our read and rename: put it back.
 		if os.Link(stuck, path) == nil {
 			_ = os.Remove(stuck)
@@ -84,7 +114,7 @@ func (g *fileLockGuard) breakIfStuck(name string) {
 		g.logger.Warn("lock file changed while breaking it", zap.String("lock", name))
 	}
 	_ = os.Remove(stuck)
-	g.logger.Warn("broke a stuck storage lock", zap.String("lock", name), zap.Time("created", created))
+	g.logger.Warn("broke a stuck storage lock", zap.String("lock", name), zap.Time("created", created), zap.Duration("seen_for", held))
 }
 
 func lockCreated(path string) (time.Time, error) {
