@@ -303,11 +303,31 @@ func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddy
 func (h *Handler) setToken(r *http.Request, tok *tokensource.Token) {
 	r.Header.Set("Authorization", tok.Authorization())
 	if h.QueryParam != "" {
-		q := r.URL.Query()
-		q.Set(h.QueryParam, tok.AccessToken)
-		r.URL.RawQuery = q.Encode()
+		r.URL.RawQuery = setQueryParam(r.URL.RawQuery, h.QueryParam, tok.AccessToken)
 		r.RequestURI = r.URL.RequestURI()
 	}
+}
+
+// setQueryParam replaces every occurrence of name in a raw query with
+// name=value, leaving the other parameters in their order and encoding.
+func setQueryParam(raw, name, value string) string {
+	var b strings.Builder
+	b.Grow(len(raw) + len(name) + len(value) + 2)
+	for part := range strings.SplitSeq(raw, "&") {
+		if part == "" {
+			continue
+		}
+		key, _, _ := strings.Cut(part, "=")
+		if k, err := url.QueryUnescape(key); err == nil && k == name {
+			continue
+		}
+		b.WriteString(part)
+		b.WriteByte('&')
+	}
+	b.WriteString(url.QueryEscape(name))
+	b.WriteByte('=')
+	b.WriteString(url.QueryEscape(value))
+	return b.String()
 }
 
 func isUpgrade(r *http.Request) bool {

@@ -514,3 +514,22 @@ http://127.0.0.1:%d {
 	}
 	t.Logf("checked %d bytes of logs against %d secrets", len(logs), len(secrets))
 }
+
+// query_param puts the token in the query as well, replacing a client's
+// value and leaving the other parameters as they were.
+func TestQueryParamReplaced(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
+	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "query_param accessToken"}
+	runInProcess(t, cfg.Caddyfile())
+	status, body, _ := do(t, http.MethodGet, "http://127.0.0.1:"+itoa(cfg.Port)+"/v2/user/profile?b=2&accessToken=from-client&a=x%20y&accessToken=again", nil, nil)
+	if status != http.StatusOK {
+		t.Fatalf("status %d %s", status, body)
+	}
+	e := decodeEcho(t, body)
+	if !fake.ValidAccessToken(e.AccessTokenQ) || e.Authorization != "Bearer "+e.AccessTokenQ {
+		t.Fatalf("upstream saw accessToken %.8q… and Authorization %.15q…", e.AccessTokenQ, e.Authorization)
+	}
+	if want := "b=2&a=x%20y&accessToken=" + e.AccessTokenQ; e.Query != want {
+		t.Fatalf("query %q, want %q", e.Query, want)
+	}
+}
