@@ -303,7 +303,9 @@ func (x *exchanger) errorFromResponse(resp *http.Response, body []byte, refreshT
 			return e
 		}
 	}
-	e.Code = truncate(sanitize(code), 64)
+	// The code is endpoint text too: redact it before truncating, so not even
+	// a prefix of a secret survives.
+	e.Code = truncate(sanitize(redact(code, refreshToken, x.clientSecret, x.clientID)), 64)
 	switch e.Code {
 	case "invalid_grant", "invalid_client", "unauthorized_client":
 		if resp.StatusCode >= 400 && resp.StatusCode < 500 {

@@ -200,6 +200,26 @@ func (s *Source) persist(ctx context.Context, rec *Record, base uint64, lease *l
 	})
 }
 
+// persistPending writes the pair held only in memory, if there is one. A nil
+// result means storage holds that pair or a newer one.
+func (s *Source) persistPending(ctx context.Context) error {
+	s.mu.Lock()
+	p := s.pending
+	s.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	if err := s.persist(ctx, p.rec, p.base, nil); err != nil && !errors.Is(err, errNewerStored) {
+		return err
+	}
+	s.mu.Lock()
+	if s.pending == p {
+		s.pending = nil
+	}
+	s.mu.Unlock()
+	return nil
+}
+
 // flushPending retries writing a pair that exists only in memory. It reports
 // whether it did any work.
 func (s *Source) flushPending() bool {
@@ -214,14 +234,19 @@ func (s *Source) flushPending() bool {
 	err := s.persist(ctx, p.rec, p.base, nil)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// Clear only the pair written here: an attempt may have set a newer one.
 	switch {
 	case err == nil:
-		s.pending = nil
+		if s.pending == p {
+			s.pending = nil
+		}
 		s.failures = 0
 		s.nextAttempt = time.Time{}
 		s.log.Info("persisted the token pair held in memory", zap.Uint64("generation", p.rec.Generation))
 	case errors.Is(err, errNewerStored):
-		s.pending = nil
+		if s.pending == p {
+			s.pending = nil
+		}
 		s.log.Warn("dropping unpersisted pair: storage holds a newer one", zap.Error(err))
 	default:
 		s.failures++

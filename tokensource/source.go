@@ -374,6 +374,14 @@ func (s *Source) attempt() (err error) {
 	defer cancel()
 	forced := s.forceGen.Load()
 
+	// A pair held only in memory is the live one: the stored pair's refresh
+	// token is spent. It must reach storage before any refresh starts, or the
+	// refresh would read the stored pair and resend its dead refresh token.
+	if err := s.persistPending(ctx); err != nil {
+		result = "transient"
+		return &Error{Kind: Transient, Msg: fmt.Sprintf("account %q: the newest token pair is not in storage yet, so no refresh can start: %v", s.cfg.Account, err)}
+	}
+
 	rec, err := s.loadRecord(ctx)
 	if err != nil {
 		s.log.Error("reading stored token record", zap.Error(err))
@@ -413,7 +421,12 @@ func (s *Source) attempt() (err error) {
 	}
 	if !newSeed && rec == nil {
 		result = "no_chain"
-		return &Error{Kind: NoChain, Code: "no_chain", Msg: fmt.Sprintf("account %q has no stored token chain and no new refresh_token seed: configure refresh_token with a fresh refresh token", s.cfg.Account)}
+		msg := fmt.Sprintf("account %q has no stored token chain and no new refresh_token seed: configure refresh_token with a fresh refresh token", s.cfg.Account)
+		if _, lerr := s.loadRecord(ctx); lerr != nil {
+			// A record exists but cannot be used: say which and why.
+			msg = fmt.Sprintf("account %q: %v; fix or delete it, or configure refresh_token with a fresh refresh token", s.cfg.Account, lerr)
+		}
+		return &Error{Kind: NoChain, Code: "no_chain", Msg: msg}
 	}
 	if !newSeed && forced > 0 && rec.Generation <= forced && !s.dueAt(rec, started) {
 		// An upstream 401 asks for a new token, but only so often.

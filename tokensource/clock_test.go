@@ -1,0 +1,165 @@
+package tokensource
+
+import (
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// fakeClock is a Clock that moves only when a test says so. It also serves as
+// the fake Restream server's clock (Options.Now), so token lifetimes, expiry
+// margins, backoffs, leases and refresh schedules all follow it.
+type fakeClock struct {
+	mu      sync.Mutex
+	now     time.Time
+	waiters []*clockWaiter
+	// added is closed and replaced whenever a waiter registers, so tests can
+	// wait for the refresher to go to sleep without polling.
+	added chan struct{}
+}
+
+type clockWaiter struct {
+	at time.Time
+	ch chan time.Time
+}
+
+// clockStart is a whole second, so the token endpoint's epoch-seconds expiry
+// and its expires_in agree exactly.
+var clockStart = time.Date(2030, time.March, 4, 5, 6, 7, 0, time.UTC)
+
+func newFakeClock() *fakeClock {
+	return &fakeClock{now: clockStart, added: make(chan struct{})}
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) After(d time.Duration) <-chan time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ch := make(chan time.Time, 1)
+	if d <= 0 {
+		ch <- c.now
+		return ch
+	}
+	c.waiters = append(c.waiters, &clockWaiter{at: c.now.Add(d), ch: ch})
+	close(c.added)
+	c.added = make(chan struct{})
+	return ch
+}
+
+// Advance moves the clock forward and fires every waiter that is due.
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+	kept := c.waiters[:0]
+	for _, w := range c.waiters {
+		if !w.at.After(c.now) {
+			w.ch <- c.now // buffered, never blocks
+			continue
+		}
+		kept = append(kept, w)
+	}
+	c.waiters = kept
+}
+
+// AdvanceTo moves the clock to t (which must not be in the past).
+func (c *fakeClock) AdvanceTo(t time.Time) {
+	c.Advance(t.Sub(c.Now()))
+}
+
+// hasWaiter reports whether something sleeps until exactly at.
+func (c *fakeClock) hasWaiter(at time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, w := range c.waiters {
+		if w.at.Equal(at) {
+			return true
+		}
+	}
+	return false
+}
+
+// waitForWaiter blocks until something (normally the Source's refresher)
+// sleeps until exactly at, or fails the test after a real-time bound.
+func (c *fakeClock) waitForWaiter(t testing.TB, at time.Time) {
+	t.Helper()
+	deadline := time.NewTimer(5 * time.Second)
+	defer deadline.Stop()
+	for {
+		c.mu.Lock()
+		for _, w := range c.waiters {
+			if w.at.Equal(at) {
+				c.mu.Unlock()
+				return
+			}
+		}
+		added := c.added
+		c.mu.Unlock()
+		select {
+		case <-added:
+		case <-deadline.C:
+			t.Fatalf("nothing sleeps until %s (now %s); sleepers: %s", at.Format(time.RFC3339Nano),
+				c.Now().Format(time.RFC3339Nano), c.describeWaiters())
+		}
+	}
+}
+
+func (c *fakeClock) describeWaiters() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var ss []string
+	for _, w := range c.waiters {
+		ss = append(ss, w.at.Format(time.RFC3339Nano))
+	}
+	sort.Strings(ss)
+	if len(ss) == 0 {
+		return "none"
+	}
+	return strings.Join(ss, ", ")
+}
+
+// TestFakeClock checks the helper itself, so a broken clock cannot make the
+// Source tests pass vacuously.
+func TestFakeClock(t *testing.T) {
+	t.Parallel()
+	c := newFakeClock()
+	if got := c.Now(); !got.Equal(clockStart) {
+		t.Fatalf("Now = %v, want %v", got, clockStart)
+	}
+	immediate := c.After(0)
+	select {
+	case <-immediate:
+	default:
+		t.Fatal("After(0) did not fire at once")
+	}
+	ch := c.After(time.Minute)
+	c.waitForWaiter(t, clockStart.Add(time.Minute))
+	c.Advance(59 * time.Second)
+	select {
+	case <-ch:
+		t.Fatal("fired 1s early")
+	default:
+	}
+	if !c.hasWaiter(clockStart.Add(time.Minute)) {
+		t.Fatal("waiter lost")
+	}
+	c.Advance(time.Second)
+	select {
+	case got := <-ch:
+		if !got.Equal(clockStart.Add(time.Minute)) {
+			t.Fatalf("fired with %v", got)
+		}
+	default:
+		t.Fatal("did not fire when due")
+	}
+	if c.hasWaiter(clockStart.Add(time.Minute)) {
+		t.Fatal("fired waiter still registered")
+	}
+}
