@@ -146,6 +146,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Storage:      storage,
 		HTTPClient:   &http.Client{Transport: tokenTransport()},
 		Logger:       h.logger.Named("tokensource"),
+		Observer:     metricsObserver{},
+	}
+	if err := registerMetrics(ctx.GetMetricsRegistry(), h.Account); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
 	}
 	h.poolKey = poolKey(cfg, storage)
 	val, _, err := sources.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
@@ -251,19 +255,29 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if err != nil {
 		return h.unavailable(w, r, err)
 	}
-	if !h.replay || isUpgrade(r) {
+	if !h.replay {
 		h.setToken(r, tok)
 		return next.ServeHTTP(w, r)
 	}
 	st := getReplayState()
 	defer st.release()
-	replayable, err := st.readBody(r, h.MaxReplayBody)
-	if err != nil {
-		return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading request body: %w", err))
+	replayable := !isUpgrade(r)
+	if replayable {
+		var err error
+		if replayable, err = st.readBody(r, h.MaxReplayBody); err != nil {
+			return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading request body: %w", err))
+		}
 	}
 	if !replayable {
+		// Streamed as is; a 401 passes through, and is counted.
 		h.setToken(r, tok)
-		return next.ServeHTTP(w, r)
+		st.w.reset(w)
+		st.w.passThrough = true
+		err := next.ServeHTTP(&st.w, r)
+		if st.w.status == http.StatusUnauthorized {
+			metrics.replays.WithLabelValues(h.Account, "not_replayable").Inc()
+		}
+		return err
 	}
 	return h.replayServe(w, r, next, tok, st)
 }
@@ -284,19 +298,30 @@ func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddy
 	if !st.w.held {
 		return nil
 	}
-	newer, ok, err := h.src.TokenNewerThan(r.Context(), tok.Generation)
+	newer, refreshed, ok, err := h.src.TokenNewerThan(r.Context(), tok)
 	if err != nil || !ok {
 		if err != nil && !errors.Is(err, context.Canceled) {
 			h.logger.Warn("upstream answered 401 and no newer token could be had", zap.String("account", h.Account), zap.Error(err))
 		}
 		return st.w.release()
 	}
-	h.logger.Debug("replaying request after 401", zap.String("account", h.Account),
+	reason := "newer_token"
+	if refreshed {
+		reason = "refreshed"
+	}
+	metrics.replays.WithLabelValues(h.Account, reason).Inc()
+	h.logger.Debug("replaying request after 401", zap.String("account", h.Account), zap.String("reason", reason),
 		zap.Uint64("rejected_generation", tok.Generation), zap.Uint64("generation", newer.Generation))
 	st.restoreHeaders(w.Header())
 	h.setToken(r, newer)
 	st.rewind(r)
-	return next.ServeHTTP(w, r)
+	st.w.reset(w)
+	st.w.passThrough = true
+	err = next.ServeHTTP(&st.w, r)
+	if st.w.status == http.StatusUnauthorized {
+		metrics.replays.WithLabelValues(h.Account, "second_401").Inc()
+	}
+	return err
 }
 
 // setToken replaces any client-supplied credentials with the token.
@@ -347,6 +372,7 @@ func (h *Handler) unavailable(w http.ResponseWriter, r *http.Request, err error)
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		desc = "timed out waiting for the token refresh"
 	}
+	metrics.unavailable.WithLabelValues(h.Account).Inc()
 	retry := h.src.RetryAfter()
 	h.logger.Warn("no valid token; answering 503", zap.String("account", h.Account), zap.String("error", code),
 		zap.String("cause", desc), zap.String("uri", r.URL.Path))

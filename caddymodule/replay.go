@@ -100,17 +100,19 @@ func (s *replayState) restoreHeaders(h http.Header) {
 
 // replayWriter passes a response through unless its status is 401, whose
 // body it holds back (up to maxBuffered401) so the request can be replayed.
+// With passThrough it holds nothing back and only notes the status.
 type replayWriter struct {
 	http.ResponseWriter
 	buf         bytes.Buffer
 	status      int
 	wroteHeader bool
 	held        bool // a 401 is being held back
+	passThrough bool
 }
 
 func (rw *replayWriter) reset(w http.ResponseWriter) {
 	rw.ResponseWriter = w
-	rw.status, rw.wroteHeader, rw.held = 0, false, false
+	rw.status, rw.wroteHeader, rw.held, rw.passThrough = 0, false, false, false
 	rw.buf.Reset()
 }
 
@@ -124,7 +126,7 @@ func (rw *replayWriter) WriteHeader(code int) {
 		return
 	}
 	rw.wroteHeader, rw.status = true, code
-	if code == http.StatusUnauthorized {
+	if code == http.StatusUnauthorized && !rw.passThrough {
 		rw.held = true
 		return
 	}

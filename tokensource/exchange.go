@@ -89,40 +89,64 @@ type exchanger struct {
 	now          func() time.Time
 }
 
-// tokenResponse carries both of Restream's naming styles.
+// tokenResponse carries both of Restream's naming styles. Only the tokens
+// and an expiry are required; the other fields are decoded leniently, because
+// a 200 means the old pair is already dead, and a malformed optional field
+// must not throw the new pair away.
 type tokenResponse struct {
-	AccessToken       string    `json:"access_token"`
-	AccessTokenCamel  string    `json:"accessToken"`
-	RefreshToken      string    `json:"refresh_token"`
-	RefreshTokenCamel string    `json:"refreshToken"`
-	TokenType         string    `json:"token_type"`
-	TokenTypeCamel    string    `json:"tokenType"`
-	Scope             string    `json:"scope"`
-	ScopeJSON         []string  `json:"scopeJson"`
-	Expires           flexInt   `json:"expires"`
-	ExpiresIn         flexInt   `json:"expires_in"`
-	AccessExpiresIn   flexInt   `json:"accessTokenExpiresIn"`
-	AccessExpiresEp   flexInt   `json:"accessTokenExpiresEpoch"`
-	AccessExpiresAt   time.Time `json:"accessTokenExpiresAt"`
-	RefreshExpiresIn  flexInt   `json:"refreshTokenExpiresIn"`
-	RefreshExpiresEp  flexInt   `json:"refreshTokenExpiresEpoch"`
-	RefreshExpiresAt  time.Time `json:"refreshTokenExpiresAt"`
+	AccessToken       string         `json:"access_token"`
+	AccessTokenCamel  string         `json:"accessToken"`
+	RefreshToken      string         `json:"refresh_token"`
+	RefreshTokenCamel string         `json:"refreshToken"`
+	TokenType         string         `json:"token_type"`
+	TokenTypeCamel    string         `json:"tokenType"`
+	Scope             string         `json:"scope"`
+	ScopeJSON         lenientStrings `json:"scopeJson"`
+	Expires           flexInt        `json:"expires"`
+	ExpiresIn         flexInt        `json:"expires_in"`
+	AccessExpiresIn   flexInt        `json:"accessTokenExpiresIn"`
+	AccessExpiresEp   flexInt        `json:"accessTokenExpiresEpoch"`
+	AccessExpiresAt   lenientTime    `json:"accessTokenExpiresAt"`
+	RefreshExpiresIn  flexInt        `json:"refreshTokenExpiresIn"`
+	RefreshExpiresEp  flexInt        `json:"refreshTokenExpiresEpoch"`
+	RefreshExpiresAt  lenientTime    `json:"refreshTokenExpiresAt"`
 }
 
-// flexInt accepts a JSON number or a numeric string; 0 means absent.
+// flexInt accepts a JSON number or a numeric string; 0 means absent or
+// unusable.
 type flexInt int64
 
 func (f *flexInt) UnmarshalJSON(b []byte) error {
-	s := strings.Trim(string(b), `"`)
-	if s == "" || s == "null" {
-		*f = 0
-		return nil
+	*f = 0
+	if v, err := strconv.ParseFloat(strings.Trim(string(b), `"`), 64); err == nil && v > 0 && v < 1e15 {
+		*f = flexInt(v)
 	}
-	v, err := strconv.ParseFloat(s, 64)
-	if err != nil {
-		return fmt.Errorf("not a number")
+	return nil
+}
+
+// lenientTime accepts RFC 3339 text; anything else counts as absent.
+type lenientTime struct{ time.Time }
+
+func (t *lenientTime) UnmarshalJSON(b []byte) error {
+	var s string
+	t.Time = time.Time{}
+	if json.Unmarshal(b, &s) == nil {
+		if v, err := time.Parse(time.RFC3339, s); err == nil {
+			t.Time = v
+		}
 	}
-	*f = flexInt(v)
+	return nil
+}
+
+// lenientStrings accepts an array of strings; anything else counts as absent.
+type lenientStrings []string
+
+func (l *lenientStrings) UnmarshalJSON(b []byte) error {
+	var v []string
+	*l = nil
+	if json.Unmarshal(b, &v) == nil {
+		*l = v
+	}
 	return nil
 }
 
@@ -231,7 +255,7 @@ func accessExpiry(tr *tokenResponse, now time.Time) time.Time {
 	case tr.AccessExpiresEp > 0:
 		abs = time.Unix(int64(tr.AccessExpiresEp), 0)
 	case !tr.AccessExpiresAt.IsZero():
-		abs = tr.AccessExpiresAt
+		abs = tr.AccessExpiresAt.Time
 	}
 	var rel time.Time
 	if in := max(tr.ExpiresIn, tr.AccessExpiresIn); in > 0 {
@@ -252,7 +276,7 @@ func refreshExpiry(tr *tokenResponse, now time.Time) time.Time {
 	case tr.RefreshExpiresEp > 0:
 		return time.Unix(int64(tr.RefreshExpiresEp), 0)
 	case !tr.RefreshExpiresAt.IsZero():
-		return tr.RefreshExpiresAt
+		return tr.RefreshExpiresAt.Time
 	case tr.RefreshExpiresIn > 0:
 		return now.Add(time.Duration(tr.RefreshExpiresIn) * time.Second)
 	}

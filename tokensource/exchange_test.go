@@ -721,3 +721,19 @@ func TestParseRetryAfter(t *testing.T) {
 		t.Errorf("a date in the past gives %v", got)
 	}
 }
+
+// A 200 has already rotated the pair: malformed optional fields must not
+// throw the new pair away.
+func TestParseTokenResponseLenientOptionalFields(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	body := `{"access_token":"at_x","refresh_token":"rt_x","expires_in":3600,"token_type":"Bearer",
+		"accessTokenExpiresAt":"next tuesday","refreshTokenExpiresAt":17,"scopeJson":"chat.read",
+		"expires":"soon","refreshTokenExpiresEpoch":{"a":1},"accessTokenExpiresIn":-5}`
+	rec, err := parseTokenResponse([]byte(body), "application/json", now)
+	if err != nil {
+		t.Fatalf("lenient parse failed: %v", err)
+	}
+	if rec.AccessToken != "at_x" || rec.RefreshToken != "rt_x" || !rec.Expiry.Equal(now.Add(time.Hour)) || !rec.RefreshExpiry.IsZero() {
+		t.Fatalf("parsed %+v", rec)
+	}
+}

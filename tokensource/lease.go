@@ -50,6 +50,10 @@ type leaseRecord struct {
 // leaseTTL outlives one token call plus the write that follows it.
 func (s *Source) leaseTTL() time.Duration { return s.cfg.Timeout + 10*time.Second }
 
+// ErrCorruptRecord marks a stored record that exists but cannot be used; any
+// other LoadRecord error is a storage failure.
+var ErrCorruptRecord = errors.New("corrupt stored record")
+
 // LoadRecord reads an account's stored record; it returns nil, nil if none exists.
 func LoadRecord(ctx context.Context, st Storage, account string) (*Record, error) {
 	key := RecordKey(account)
@@ -62,13 +66,13 @@ func LoadRecord(ctx context.Context, st Storage, account string) (*Record, error
 	}
 	var rec Record
 	if err := json.Unmarshal(b, &rec); err != nil {
-		return nil, fmt.Errorf("stored record %s is corrupt (%d bytes): not valid JSON", key, len(b))
+		return nil, fmt.Errorf("%w %s (%d bytes): not valid JSON", ErrCorruptRecord, key, len(b))
 	}
 	switch {
 	case rec.Version != recordVersion:
-		return nil, fmt.Errorf("stored record %s has unsupported version %d", key, rec.Version)
+		return nil, fmt.Errorf("%w %s: unsupported version %d", ErrCorruptRecord, key, rec.Version)
 	case rec.RefreshToken == "" || rec.AccessToken == "" || rec.Expiry.IsZero():
-		return nil, fmt.Errorf("stored record %s is incomplete (missing tokens or expiry)", key)
+		return nil, fmt.Errorf("%w %s: incomplete (missing tokens or expiry)", ErrCorruptRecord, key)
 	}
 	return &rec, nil
 }
@@ -116,7 +120,9 @@ func (s *Source) storeLease(ctx context.Context, l leaseRecord) error {
 // it, it polls the stored record and returns (nil, rec, nil) as soon as that
 // process has published a pair this one can adopt. On success it returns the
 // lease and the record as read under the storage lock.
-func (s *Source) acquireLease(ctx context.Context, forced uint64) (*leaseRecord, *Record, error) {
+func (s *Source) acquireLease(ctx context.Context, forced *Token) (*leaseRecord, *Record, error) {
+	start := time.Now()
+	defer func() { s.obs.LockWaited(s.cfg.Account, time.Since(start)) }()
 	for waited := false; ; waited = true {
 		var got *leaseRecord
 		var rec *Record
@@ -124,7 +130,12 @@ func (s *Source) acquireLease(ctx context.Context, forced uint64) (*leaseRecord,
 		err := s.withLock(ctx, func() error {
 			now := s.clock.Now()
 			if l := s.loadLease(ctx); l != nil && l.Owner != s.cfg.Owner && now.Before(l.Expires) {
-				return nil
+				if l.Expires.Sub(now) <= 2*s.leaseTTL() {
+					return nil // held by another live instance
+				}
+				// No lease is ever granted that long: a skewed clock or a bad
+				// record must not block refreshes until then.
+				s.log.Warn("ignoring a refresh lease that expires implausibly late", zap.Time("expires_at", l.Expires))
 			}
 			mine := leaseRecord{Owner: s.cfg.Owner, Expires: now.Add(s.leaseTTL())}
 			if err := s.storeLease(ctx, mine); err != nil {
@@ -138,8 +149,12 @@ func (s *Source) acquireLease(ctx context.Context, forced uint64) (*leaseRecord,
 			return nil, nil, err
 		}
 		if got != nil {
+			if recErr != nil && !errors.Is(recErr, ErrCorruptRecord) {
+				s.releaseLease(got)
+				return nil, nil, &Error{Kind: Transient, Msg: fmt.Sprintf("account %q: %v", s.cfg.Account, recErr)}
+			}
 			if recErr != nil {
-				s.log.Error("reading stored token record", zap.Error(recErr))
+				s.log.Error("stored token record is unusable", zap.Error(recErr))
 			}
 			return got, rec, nil
 		}

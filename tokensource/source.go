@@ -65,6 +65,8 @@ type Config struct {
 	Clock      Clock
 	// Owner names this process in leases; random if empty.
 	Owner string
+	// Observer receives events for metrics; optional.
+	Observer Observer
 }
 
 // Status is a point-in-time view of a Source for status pages and probes.
@@ -92,7 +94,8 @@ type Source struct {
 
 	cur       atomic.Pointer[Token] // hot path: the newest published token
 	sf        singleflight.Group
-	forceGen  atomic.Uint64 // highest generation an upstream rejected
+	forced    atomic.Pointer[Token] // the newest token an upstream rejected with 401
+	obs       Observer
 	changed   chan struct{} // wakes the refresher after an attempt
 	done      chan struct{}
 	stopOnce  sync.Once
@@ -146,6 +149,9 @@ func New(cfg Config) (*Source, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = realClock{}
 	}
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{}
+	}
 	if cfg.Owner == "" {
 		var b [8]byte
 		_, _ = crand.Read(b[:])
@@ -155,6 +161,7 @@ func New(cfg Config) (*Source, error) {
 		cfg:     cfg,
 		log:     cfg.Logger.With(zap.String("account", cfg.Account)),
 		clock:   cfg.Clock,
+		obs:     cfg.Observer,
 		keys:    keysFor(cfg.Account),
 		changed: make(chan struct{}, 1),
 		done:    make(chan struct{}),
@@ -209,27 +216,51 @@ func (s *Source) Token(ctx context.Context) (*Token, error) {
 	return s.refreshAndWait(ctx)
 }
 
-// TokenNewerThan is for a request whose token (of generation rejected) got a
-// 401: if a newer token already exists it is returned without refreshing;
+// TokenNewerThan is for a request whose token got a 401: if a newer token
+// already exists it is returned without refreshing (refreshed is false);
 // otherwise one refresh is forced (shared with every other caller) unless a
 // forced refresh ran less than ForcedRefreshInterval ago. ok is false when no
 // newer valid token could be had.
-func (s *Source) TokenNewerThan(ctx context.Context, rejected uint64) (t *Token, ok bool, err error) {
-	now := s.clock.Now()
-	if t := s.cur.Load(); t != nil && t.Generation > rejected && t.ValidAt(now) {
-		return t, true, nil
+func (s *Source) TokenNewerThan(ctx context.Context, rejected *Token) (t *Token, refreshed, ok bool, err error) {
+	if t := s.cur.Load(); t.ValidAt(s.clock.Now()) && t.Supersedes(rejected) {
+		return t, false, true, nil
 	}
 	for {
-		old := s.forceGen.Load()
-		if old >= rejected || s.forceGen.CompareAndSwap(old, rejected) {
+		old := s.forced.Load()
+		if (old != nil && !rejected.Supersedes(old)) || s.forced.CompareAndSwap(old, rejected) {
 			break
 		}
 	}
 	t, err = s.refreshAndWait(ctx)
 	if err != nil {
-		return nil, false, err
+		return nil, true, false, err
 	}
-	return t, t.Generation > rejected, nil
+	return t, true, t.Supersedes(rejected), nil
+}
+
+// Refresh forces one refresh under the full protocol (lease, re-read, persist
+// before use), skipping the rate limit on 401-forced refreshes. It is for
+// operators; the backoff after failures still applies.
+func (s *Source) Refresh(ctx context.Context) error {
+	if t := s.cur.Load(); t != nil {
+		s.forced.Store(t)
+	}
+	s.mu.Lock()
+	s.lastForced = time.Time{}
+	s.mu.Unlock()
+	_, err := s.refreshAndWait(ctx)
+	return err
+}
+
+// CanServe reports whether requests can get a token now: a valid token and a
+// chain that is not known to be dead.
+func (s *Source) CanServe() bool {
+	if !s.cur.Load().ValidAt(s.clock.Now()) {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastErr == nil || s.lastErr.Kind != Terminal
 }
 
 func (s *Source) refreshAndWait(ctx context.Context) (*Token, error) {
@@ -277,7 +308,7 @@ func (s *Source) RetryAfter() time.Duration {
 func (s *Source) Status() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{Account: s.cfg.Account, LastRefresh: s.lastRefresh, LastResult: s.lastResult, State: "ok"}
+	st := Status{Account: s.cfg.Account, LastRefresh: s.lastRefresh, LastResult: s.lastResult}
 	if t := s.cur.Load(); t != nil {
 		st.Generation, st.AccessExpiry, st.RefreshExpiry = t.Generation, t.Expiry, t.RefreshExpiry
 		st.NextRefresh = s.refreshAt(t)
@@ -285,21 +316,23 @@ func (s *Source) Status() Status {
 	if s.lastErr != nil {
 		st.LastError = s.lastErr.Msg
 		st.NextRefresh = s.nextAttempt
-		switch s.lastErr.Kind {
-		case Terminal:
-			st.State = "reauth_required"
-		case NoChain:
-			st.State = "no_chain"
-		default:
-			st.State = "backoff"
-		}
-	} else if s.cur.Load() == nil {
-		st.State = "no_chain"
 	}
-	if s.refreshing {
-		st.State = "refreshing"
-	}
+	st.State = s.stateLocked()
 	return st
+}
+
+func (s *Source) stateLocked() string {
+	switch {
+	case s.refreshing:
+		return StateRefreshing
+	case s.lastErr != nil && s.lastErr.Kind == Terminal:
+		return StateReauthRequired
+	case s.lastErr != nil && s.lastErr.Kind == NoChain, s.lastErr == nil && s.cur.Load() == nil:
+		return StateNoChain
+	case s.lastErr != nil:
+		return StateBackoff
+	}
+	return StateOK
 }
 
 // refreshAt is when t should be renewed: RefreshAhead before expiry, but never
@@ -372,7 +405,7 @@ func (s *Source) attempt() (err error) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), s.attemptTimeout())
 	defer cancel()
-	forced := s.forceGen.Load()
+	forced := s.forced.Load()
 
 	// A pair held only in memory is the live one: the stored pair's refresh
 	// token is spent. It must reach storage before any refresh starts, or the
@@ -383,8 +416,13 @@ func (s *Source) attempt() (err error) {
 	}
 
 	rec, err := s.loadRecord(ctx)
+	if err != nil && !errors.Is(err, ErrCorruptRecord) {
+		// Storage is failing: acting on a guess could resend a spent token.
+		result = "transient"
+		return &Error{Kind: Transient, Msg: fmt.Sprintf("account %q: %v", s.cfg.Account, err)}
+	}
 	if err != nil {
-		s.log.Error("reading stored token record", zap.Error(err))
+		s.log.Error("stored token record is unusable", zap.Error(err))
 		rec = nil // a configured seed can still start a chain
 	}
 	if s.adoptable(rec, forced) {
@@ -428,7 +466,7 @@ func (s *Source) attempt() (err error) {
 		}
 		return &Error{Kind: NoChain, Code: "no_chain", Msg: msg}
 	}
-	if !newSeed && forced > 0 && rec.Generation <= forced && !s.dueAt(rec, started) {
+	if !newSeed && forced != nil && !rec.token().Supersedes(forced) && !s.dueAt(rec, started) {
 		// An upstream 401 asks for a new token, but only so often.
 		s.mu.Lock()
 		limited := started.Sub(s.lastForced) < ForcedRefreshInterval
@@ -457,7 +495,7 @@ func (s *Source) attempt() (err error) {
 		errors.As(err, &e)
 		if e.Kind == Terminal {
 			// Someone may have rotated the chain under a lost lease; prefer theirs.
-			if again, lerr := s.loadRecord(ctx); lerr == nil && again != nil && again.Generation > base && again.token().ValidAt(s.clock.Now()) {
+			if again, lerr := s.loadRecord(ctx); lerr == nil && again != nil && again.token().Supersedes(rec.token()) && again.token().ValidAt(s.clock.Now()) {
 				s.publish(again, "adopted")
 				result = "adopted"
 				return nil
@@ -474,7 +512,9 @@ func (s *Source) attempt() (err error) {
 	}
 	next.Generation = base + 1
 	next.ConsumedSeeds = seeds
+	next.Chain = rec.chainOrEmpty()
 	if newSeed {
+		next.Chain = newChainID()
 		next.ConsumedSeeds = append(append([]string(nil), seeds...), s.seedFP)
 		if n := len(next.ConsumedSeeds); n > maxConsumedSeeds {
 			next.ConsumedSeeds = next.ConsumedSeeds[n-maxConsumedSeeds:]
@@ -485,6 +525,7 @@ func (s *Source) attempt() (err error) {
 		// serving nothing. The refresher keeps retrying the write.
 		s.log.Error("persisting the new token pair failed; serving it from memory and retrying",
 			zap.Uint64("generation", next.Generation), zap.Error(err))
+		s.obs.PersistFailed(s.cfg.Account)
 		s.mu.Lock()
 		s.pending = &pendingWrite{rec: next, base: base}
 		s.mu.Unlock()
@@ -510,7 +551,7 @@ func (s *Source) dueAt(rec *Record, now time.Time) bool {
 // adoptable reports whether a stored record can be used as is: valid, not yet
 // due for renewal, newer than what an upstream rejected, and not older than
 // what this process already has.
-func (s *Source) adoptable(rec *Record, forced uint64) bool {
+func (s *Source) adoptable(rec *Record, forced *Token) bool {
 	if rec == nil {
 		return false
 	}
@@ -518,11 +559,12 @@ func (s *Source) adoptable(rec *Record, forced uint64) bool {
 		return false
 	}
 	now := s.clock.Now()
-	if rec.Generation <= forced || s.dueAt(rec, now) || !rec.token().ValidAt(now) {
+	t := rec.token()
+	if (forced != nil && !t.Supersedes(forced)) || s.dueAt(rec, now) || !t.ValidAt(now) {
 		return false
 	}
 	cur := s.cur.Load()
-	return cur == nil || rec.Generation >= cur.Generation
+	return cur == nil || t.Chain != cur.Chain || t.Generation >= cur.Generation
 }
 
 // deadChain returns the terminal error if the chain that would be refreshed
@@ -554,13 +596,14 @@ func (s *Source) publish(rec *Record, how string) {
 	t := rec.token()
 	for {
 		old := s.cur.Load()
-		if old != nil && old.Generation > t.Generation {
-			return // generations only grow, across new seeds too
+		if old != nil && old.Chain == t.Chain && old.Generation > t.Generation {
+			return // never step back within a chain
 		}
 		if s.cur.CompareAndSwap(old, t) {
 			break
 		}
 	}
+	s.obs.Published(s.cfg.Account, t)
 	if how == "adopted" {
 		s.log.Debug("adopted stored token pair", zap.Uint64("generation", t.Generation), zap.Time("access_expires_at", t.Expiry))
 	}
@@ -569,7 +612,14 @@ func (s *Source) publish(rec *Record, how string) {
 // finish records the outcome of an attempt and sets the backoff.
 func (s *Source) finish(started time.Time, result string, err error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.finishLocked(started, result, err)
+	state := s.stateLocked()
+	s.mu.Unlock()
+	s.obs.Refreshed(s.cfg.Account, result, s.clock.Now().Sub(started))
+	s.obs.StateChanged(s.cfg.Account, state)
+}
+
+func (s *Source) finishLocked(started time.Time, result string, err error) {
 	s.refreshing = false
 	now := s.clock.Now()
 	if err == nil {
@@ -611,4 +661,18 @@ func backoff(failures int) time.Duration {
 	d := minBackoff << min(failures-1, 6)
 	d = min(d, maxBackoff)
 	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
+
+// chainOrEmpty is the record's chain, "" for no record.
+func (r *Record) chainOrEmpty() string {
+	if r == nil {
+		return ""
+	}
+	return r.Chain
+}
+
+func newChainID() string {
+	var b [8]byte
+	_, _ = crand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }

@@ -684,7 +684,7 @@ func TestTokenNewerThan(t *testing.T) {
 	ctx := context.Background()
 
 	// A request that carried generation 1 got a 401: generation 2 exists, use it.
-	tok, ok, err := s.TokenNewerThan(ctx, 1)
+	tok, _, ok, err := s.TokenNewerThan(ctx, rej(s, 1))
 	if err != nil || !ok || tok != gen2 {
 		t.Fatalf("TokenNewerThan(1) = gen %v, %v, %v; want the existing generation 2", tok.Generation, ok, err)
 	}
@@ -701,7 +701,7 @@ func TestTokenNewerThan(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			tok, ok, err := s.TokenNewerThan(ctx, 2)
+			tok, _, ok, err := s.TokenNewerThan(ctx, rej(s, 2))
 			if err != nil || !ok {
 				bad.Add(1)
 			}
@@ -726,7 +726,7 @@ func TestTokenNewerThan(t *testing.T) {
 
 	// Generation 3 rejected right away too: rate-limited, no new refresh; the
 	// current token comes back with ok=false.
-	tok, ok, err = s.TokenNewerThan(ctx, 3)
+	tok, _, ok, err = s.TokenNewerThan(ctx, rej(s, 3))
 	if err != nil || ok {
 		t.Fatalf("rate-limited TokenNewerThan(3) = %v, %v", ok, err)
 	}
@@ -736,14 +736,14 @@ func TestTokenNewerThan(t *testing.T) {
 		t.Fatalf("LastResult %q", st.LastResult)
 	}
 	env.clk.Advance(ForcedRefreshInterval - time.Second)
-	if _, ok, _ := s.TokenNewerThan(ctx, 3); ok {
+	if _, _, ok, _ := s.TokenNewerThan(ctx, rej(s, 3)); ok {
 		t.Fatal("forced refresh allowed before ForcedRefreshInterval")
 	}
 	env.wantCalls(t, 3)
 
 	// Once the interval has passed, a forced refresh is allowed again.
 	env.clk.Advance(time.Second)
-	tok, ok, err = s.TokenNewerThan(ctx, 3)
+	tok, _, ok, err = s.TokenNewerThan(ctx, rej(s, 3))
 	if err != nil || !ok {
 		t.Fatalf("TokenNewerThan(3) after the interval = %v, %v", ok, err)
 	}
@@ -769,12 +769,12 @@ func TestForcedRefreshAdoptsOtherReplicasPair(t *testing.T) {
 	env.wantCalls(t, 1)
 
 	// a's upstream rejected generation 1; a rotates.
-	if tok, ok, err := a.TokenNewerThan(context.Background(), 1); err != nil || !ok || tok.Generation != 2 {
+	if tok, _, ok, err := a.TokenNewerThan(context.Background(), rej(a, 1)); err != nil || !ok || tok.Generation != 2 {
 		t.Fatalf("a: %v %v", ok, err)
 	}
 	env.wantCalls(t, 2)
 	// b still holds generation 1, now dead; its 401 must not rotate again.
-	tok, ok, err := b.TokenNewerThan(context.Background(), 1)
+	tok, _, ok, err := b.TokenNewerThan(context.Background(), rej(b, 1))
 	if err != nil || !ok {
 		t.Fatalf("b: %v %v", ok, err)
 	}
@@ -824,7 +824,7 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 		if _, err := s.Token(context.Background()); !IsTerminal(err) {
 			t.Fatalf("Token: %v", err)
 		}
-		if _, ok, err := s.TokenNewerThan(context.Background(), 1); ok || !IsTerminal(err) {
+		if _, _, ok, err := s.TokenNewerThan(context.Background(), rej(s, 1)); ok || !IsTerminal(err) {
 			t.Fatalf("TokenNewerThan: %v %v", ok, err)
 		}
 		env.clk.Advance(ReauthPollInterval)
@@ -1081,7 +1081,7 @@ func TestCorruptStoredRecord(t *testing.T) {
 			if st := s.Status(); !strings.Contains(st.LastError, key) {
 				t.Fatalf("Status.LastError %q does not name %s", st.LastError, key)
 			}
-			if logs.FilterMessage("reading stored token record").Len() == 0 {
+			if logs.FilterMessage("stored token record is unusable").Len() == 0 {
 				t.Fatal("the corrupt record was not logged")
 			}
 			env.wantCalls(t, 0)
@@ -1239,7 +1239,7 @@ func TestUnpersistedPairIsNeverBypassed(t *testing.T) {
 		// Storage heals, but the refresher sleeps in its backoff; an upstream
 		// rejects generation 2 meanwhile.
 		broken.Store(false)
-		tok, ok, err := s.TokenNewerThan(context.Background(), 2)
+		tok, _, ok, err := s.TokenNewerThan(context.Background(), rej(s, 2))
 		if err != nil || !ok {
 			t.Fatalf("TokenNewerThan: %v %v (fake %+v)", ok, err, env.fake.Stats())
 		}
@@ -1348,4 +1348,14 @@ func TestLeaseWaiterAdoptsHoldersPair(t *testing.T) {
 		t.Fatal("a and b do not share the new pair")
 	}
 	env.wantCalls(t, 2)
+}
+
+// rej names the token of generation gen on s's current chain, as a request
+// that got a 401 would.
+func rej(s *Source, gen uint64) *Token {
+	t := &Token{Generation: gen}
+	if cur := s.Current(); cur != nil {
+		t.Chain = cur.Chain
+	}
+	return t
 }

@@ -28,9 +28,13 @@ type Token struct {
 	RefreshExpiry time.Time
 	// IssuedAt is when this process (or another one sharing the storage) got the pair.
 	IssuedAt time.Time
-	// Generation counts the pairs of a chain; it grows by one on every rotation
-	// and lets a request that met a 401 tell whether a newer token already exists.
+	// Generation counts the pairs stored for the account; it grows by one on
+	// every rotation and lets a request that met a 401 tell whether a newer
+	// token already exists.
 	Generation uint64
+	// Chain identifies the authorization the pair descends from: a new seed
+	// starts a new chain, which replaces the old one whatever the generations.
+	Chain string
 
 	// useUntil is Expiry minus a small margin for clock skew and transit time.
 	useUntil time.Time
@@ -40,6 +44,12 @@ type Token struct {
 
 // Authorization returns the header value "Bearer <access token>".
 func (t *Token) Authorization() string { return t.authz }
+
+// Supersedes reports whether t replaces old: a later pair of the same chain,
+// or any pair of another chain.
+func (t *Token) Supersedes(old *Token) bool {
+	return old == nil || t.Chain != old.Chain || t.Generation > old.Generation
+}
 
 // ValidAt reports whether the token can still be sent at now.
 func (t *Token) ValidAt(now time.Time) bool {
@@ -67,6 +77,7 @@ func (t *Token) setUseUntil() {
 type Record struct {
 	Version       int       `json:"version"`
 	Generation    uint64    `json:"generation"`
+	Chain         string    `json:"chain,omitempty"`
 	AccessToken   string    `json:"access_token"`
 	RefreshToken  string    `json:"refresh_token"`
 	TokenType     string    `json:"token_type"`
@@ -95,6 +106,7 @@ func (r *Record) token() *Token {
 		RefreshExpiry: r.RefreshExpiry,
 		IssuedAt:      r.IssuedAt,
 		Generation:    r.Generation,
+		Chain:         r.Chain,
 	}
 	t.setUseUntil()
 	t.authz = "Bearer " + t.AccessToken

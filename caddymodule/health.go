@@ -1,0 +1,101 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"net/http"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	caddy.RegisterModule(Health{})
+	httpcaddyfile.RegisterHandlerDirective("restream_auth_health", parseHealthCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("restream_auth_health", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// Health answers liveness/readiness probes for an account: 200 with a short
+// JSON when the account can serve requests, 503 when it cannot
+// (re-authorization required, or no valid token).
+//
+//	restream_auth_health [<account>]
+type Health struct {
+	Account string `json:"account,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Health) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.restream_auth_health",
+		New: func() caddy.Module { return new(Health) },
+	}
+}
+
+// Provision applies the default account.
+func (h *Health) Provision(caddy.Context) error {
+	if h.Account == "" {
+		h.Account = DefaultAccount
+	}
+	return nil
+}
+
+type healthBody struct {
+	Account         string `json:"account"`
+	State           string `json:"state"`
+	Generation      uint64 `json:"generation"`
+	AccessExpiresAt string `json:"access_expires_at"`
+}
+
+// ServeHTTP answers the probe; it is terminal and never calls next.
+func (h *Health) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	body := healthBody{Account: h.Account, State: "not_configured"}
+	status := http.StatusServiceUnavailable
+	for _, src := range sourcesFor(h.Account) {
+		st := src.Status()
+		body = healthBody{Account: h.Account, State: st.State, Generation: st.Generation, AccessExpiresAt: rfc3339(st.AccessExpiry)}
+		if src.CanServe() {
+			status = http.StatusOK
+			break
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead {
+		return nil
+	}
+	return json.NewEncoder(w).Encode(body)
+}
+
+func parseHealthCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Health)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// UnmarshalCaddyfile parses `restream_auth_health [<account>]`.
+func (h *Health) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next()
+	if d.NextArg() {
+		h.Account = d.Val()
+		if !accountPattern.MatchString(h.Account) {
+			return d.Errf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
+		}
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if d.NextBlock(0) {
+		return d.Errf("restream_auth_health takes no block (unexpected %q)", d.Val())
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Health)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Health)(nil)
+	_ caddyfile.Unmarshaler       = (*Health)(nil)
+)

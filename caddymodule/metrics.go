@@ -1,0 +1,154 @@
+package caddymodule
+
+import (
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+// Label values of the metrics. Series for every value exist from
+// provisioning, so dashboards and alerts see them before the first event.
+var (
+	refreshResults = []string{"ok", "invalid_grant", "invalid_client", "transient", "adopted"}
+	replayReasons  = []string{"refreshed", "newer_token", "not_replayable", "second_401"}
+)
+
+// metrics are package-level because Caddy creates a registry per config and
+// collectors must be created once per process; each Provision registers them
+// into its config's registry (as Caddy's reverse_proxy metrics do).
+var metrics = struct {
+	once            sync.Once
+	refreshes       *prometheus.CounterVec
+	refreshDuration *prometheus.HistogramVec
+	lockWait        *prometheus.HistogramVec
+	accessExpiry    *prometheus.GaugeVec
+	refreshExpiry   *prometheus.GaugeVec
+	replays         *prometheus.CounterVec
+	unavailable     *prometheus.CounterVec
+	reauthRequired  *prometheus.GaugeVec
+	persistFailures *prometheus.CounterVec
+}{}
+
+func initMetrics() {
+	metrics.once.Do(func() {
+		const ns, sub = "caddy", "restream_auth"
+		account := []string{"account"}
+		metrics.refreshes = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "refreshes_total",
+			Help: "Token refresh outcomes: ok, invalid_grant, invalid_client, transient, adopted (a pair another instance stored).",
+		}, []string{"account", "result"})
+		metrics.refreshDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "refresh_duration_seconds",
+			Help:    "Time taken by refresh attempts, lease and storage included.",
+			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, account)
+		metrics.lockWait = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "lock_wait_seconds",
+			Help:    "Time spent waiting for the account's storage lock and refresh lease.",
+			Buckets: []float64{.001, .005, .01, .05, .1, .5, 1, 5, 10, 30},
+		}, account)
+		metrics.accessExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "access_token_expiry_timestamp_seconds",
+			Help: "Unix time at which the current access token expires (0: none).",
+		}, account)
+		metrics.refreshExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "refresh_token_expiry_timestamp_seconds",
+			Help: "Unix time at which the current refresh token expires (0: none or unknown).",
+		}, account)
+		metrics.replays = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "replays_total",
+			Help: "Upstream 401s by what followed: refreshed, newer_token (replayed without refreshing), not_replayable, second_401.",
+		}, []string{"account", "reason"})
+		metrics.unavailable = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "unavailable_total",
+			Help: "Requests answered 503 because no valid token could be had.",
+		}, account)
+		metrics.reauthRequired = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "reauth_required",
+			Help: "1 while the account's chain is dead and needs re-authorization (a new refresh_token seed).",
+		}, account)
+		metrics.persistFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "persist_failures_total",
+			Help: "Failed writes of a new token pair to storage (the pair is then served from memory and the write retried).",
+		}, account)
+	})
+}
+
+// registerMetrics registers the collectors with a config's registry and
+// creates every series of the account at zero.
+func registerMetrics(registry *prometheus.Registry, account string) error {
+	initMetrics()
+	if registry != nil {
+		for _, c := range []prometheus.Collector{metrics.refreshes, metrics.refreshDuration, metrics.lockWait,
+			metrics.accessExpiry, metrics.refreshExpiry, metrics.replays, metrics.unavailable,
+			metrics.reauthRequired, metrics.persistFailures} {
+			if err := registry.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
+				return err
+			}
+		}
+	}
+	for _, r := range refreshResults {
+		metrics.refreshes.WithLabelValues(account, r)
+	}
+	for _, r := range replayReasons {
+		metrics.replays.WithLabelValues(account, r)
+	}
+	metrics.refreshDuration.WithLabelValues(account)
+	metrics.lockWait.WithLabelValues(account)
+	metrics.accessExpiry.WithLabelValues(account)
+	metrics.refreshExpiry.WithLabelValues(account)
+	metrics.unavailable.WithLabelValues(account)
+	metrics.reauthRequired.WithLabelValues(account)
+	metrics.persistFailures.WithLabelValues(account)
+	return nil
+}
+
+// metricsObserver turns token source events into metrics. Label values are
+// account names and fixed words only: never a token or secret.
+type metricsObserver struct{}
+
+func (metricsObserver) Refreshed(account, result string, took time.Duration) {
+	switch result {
+	case "unauthorized_client":
+		result = "invalid_client"
+	case "ok", "invalid_grant", "invalid_client", "transient", "adopted":
+	default:
+		return // no_chain, rate_limited: no refresh happened
+	}
+	metrics.refreshes.WithLabelValues(account, result).Inc()
+	metrics.refreshDuration.WithLabelValues(account).Observe(took.Seconds())
+}
+
+func (metricsObserver) LockWaited(account string, d time.Duration) {
+	metrics.lockWait.WithLabelValues(account).Observe(d.Seconds())
+}
+
+func (metricsObserver) Published(account string, t *tokensource.Token) {
+	metrics.accessExpiry.WithLabelValues(account).Set(unixSeconds(t.Expiry))
+	metrics.refreshExpiry.WithLabelValues(account).Set(unixSeconds(t.RefreshExpiry))
+}
+
+func (metricsObserver) PersistFailed(account string) {
+	metrics.persistFailures.WithLabelValues(account).Inc()
+}
+
+func (metricsObserver) StateChanged(account, state string) {
+	v := 0.0
+	if state == tokensource.StateReauthRequired {
+		v = 1
+	}
+	metrics.reauthRequired.WithLabelValues(account).Set(v)
+}
+
+func unixSeconds(t time.Time) float64 {
+	if t.IsZero() {
+		return 0
+	}
+	return float64(t.UnixNano()) / 1e9
+}
+
+var _ tokensource.Observer = metricsObserver{}
