@@ -154,7 +154,17 @@ func (l *lenientStrings) UnmarshalJSON(b []byte) error {
 // soon as the request is written, so callers must not cancel ctx for reasons
 // of their own clients.
 func (x *exchanger) exchange(ctx context.Context, refreshToken string) (*Record, error) {
-	form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refreshToken}}
+	return x.grant(ctx, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refreshToken}}, refreshToken)
+}
+
+// exchangeCode redeems an authorization code (the onboarding callback).
+func (x *exchanger) exchangeCode(ctx context.Context, code, redirectURI string) (*Record, error) {
+	return x.grant(ctx, url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirectURI}}, code)
+}
+
+// grant posts one token request; secret is the grant's own secret (refresh
+// token or code), redacted from any error text.
+func (x *exchanger) grant(ctx context.Context, form url.Values, secret string) (*Record, error) {
 	if x.style == AuthBody {
 		form.Set("client_id", x.clientID)
 		form.Set("client_secret", x.clientSecret)
@@ -190,7 +200,7 @@ func (x *exchanger) exchange(ctx context.Context, refreshToken string) (*Record,
 			Msg: fmt.Sprintf("token endpoint answer %d is larger than %d bytes", resp.StatusCode, MaxResponseBytes)}
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, x.errorFromResponse(resp, body, refreshToken)
+		return nil, x.errorFromResponse(resp, body, secret)
 	}
 	rec, err := parseTokenResponse(body, resp.Header.Get("Content-Type"), x.now())
 	if err != nil {

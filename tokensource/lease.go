@@ -117,10 +117,10 @@ func (s *Source) storeLease(ctx context.Context, l leaseRecord) error {
 }
 
 // acquireLease takes the account's lease. While another live process holds
-// it, it polls the stored record and returns (nil, rec, nil) as soon as that
-// process has published a pair this one can adopt. On success it returns the
-// lease and the record as read under the storage lock.
-func (s *Source) acquireLease(ctx context.Context, forced *Token) (*leaseRecord, *Record, error) {
+// it, it polls the stored record and, if adopt is not nil, returns (nil, rec,
+// nil) as soon as that process has stored a pair adopt accepts. On success it
+// returns the lease and the record as read under the storage lock.
+func (s *Source) acquireLease(ctx context.Context, adopt func(*Record) bool) (*leaseRecord, *Record, error) {
 	start := time.Now()
 	defer func() { s.obs.LockWaited(s.cfg.Account, time.Since(start)) }()
 	for waited := false; ; waited = true {
@@ -161,8 +161,10 @@ func (s *Source) acquireLease(ctx context.Context, forced *Token) (*leaseRecord,
 		if !waited {
 			s.log.Debug("another instance holds the refresh lease; waiting")
 		}
-		if rec, err := s.loadRecord(ctx); err == nil && s.adoptable(rec, forced) {
-			return nil, rec, nil
+		if adopt != nil {
+			if rec, err := s.loadRecord(ctx); err == nil && adopt(rec) {
+				return nil, rec, nil
+			}
 		}
 		select {
 		case <-time.After(leasePoll):

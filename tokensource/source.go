@@ -108,6 +108,7 @@ type Source struct {
 	failures    int
 	deadRT      string // fingerprint of a refresh token the endpoint rejected as invalid_grant
 	lastForced  time.Time
+	lastRecheck time.Time
 	refreshing  bool
 	lastRefresh time.Time
 	lastResult  string
@@ -265,6 +266,12 @@ func (s *Source) CanServe() bool {
 
 func (s *Source) refreshAndWait(ctx context.Context) (*Token, error) {
 	if err := s.backoffError(); err != nil {
+		if err.Kind == Transient || !s.recheckStorage() {
+			return nil, err
+		}
+		if t := s.cur.Load(); t.ValidAt(s.clock.Now()) {
+			return t, nil
+		}
 		return nil, err
 	}
 	ch := s.sf.DoChan("refresh", func() (any, error) { return nil, s.attempt() })
@@ -435,7 +442,7 @@ func (s *Source) attempt() (err error) {
 		return e
 	}
 
-	lease, rec, err := s.acquireLease(ctx, forced)
+	lease, rec, err := s.acquireLease(ctx, func(r *Record) bool { return s.adoptable(r, forced) })
 	if err != nil {
 		result = "transient"
 		return err
@@ -447,7 +454,7 @@ func (s *Source) attempt() (err error) {
 	}
 	defer s.releaseLease(lease)
 
-	newSeed := s.seedFP != "" && (rec == nil || !rec.seedConsumed(s.seedFP))
+	newSeed := s.seedPending(rec)
 	if !newSeed && s.adoptable(rec, forced) {
 		s.publish(rec, "adopted")
 		result = "adopted"
@@ -555,7 +562,7 @@ func (s *Source) adoptable(rec *Record, forced *Token) bool {
 	if rec == nil {
 		return false
 	}
-	if s.seedFP != "" && !rec.seedConsumed(s.seedFP) {
+	if s.seedPending(rec) || s.isDeadRT(rec.RefreshToken) {
 		return false
 	}
 	now := s.clock.Now()
@@ -567,6 +574,24 @@ func (s *Source) adoptable(rec *Record, forced *Token) bool {
 	return cur == nil || t.Chain != cur.Chain || t.Generation >= cur.Generation
 }
 
+// seedPending reports whether the configured seed still has to be
+// exchanged: not consumed by the stored chain, and not known to be dead.
+func (s *Source) seedPending(rec *Record) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.seedPendingLocked(rec)
+}
+
+func (s *Source) seedPendingLocked(rec *Record) bool {
+	return s.seedFP != "" && (rec == nil || !rec.seedConsumed(s.seedFP)) && s.seedFP != s.deadRT
+}
+
+func (s *Source) isDeadRT(rt string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.deadRT != "" && Fingerprint(rt) == s.deadRT
+}
+
 // deadChain returns the terminal error if the chain that would be refreshed
 // is the one the endpoint already rejected, so a dead token is never resent.
 func (s *Source) deadChain(rec *Record) *Error {
@@ -575,13 +600,14 @@ func (s *Source) deadChain(rec *Record) *Error {
 	if s.deadRT == "" {
 		return nil
 	}
-	newSeed := s.seedFP != "" && (rec == nil || !rec.seedConsumed(s.seedFP))
 	var rt string
 	switch {
-	case newSeed:
+	case s.seedPendingLocked(rec):
 		rt = s.seedFP
 	case rec != nil:
 		rt = Fingerprint(rec.RefreshToken)
+	default: // only a seed is left, and it is dead
+		rt = s.seedFP
 	}
 	if rt != s.deadRT {
 		return nil

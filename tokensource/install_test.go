@@ -1,0 +1,83 @@
+package tokensource
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+)
+
+// Onboarding: a code exchanged and installed by one Source becomes the
+// chain of another one stuck on a dead seed, at its next request, without
+// a restart and without resending the dead seed.
+func TestInstallPairRevivesDeadAccount(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	running := env.source(t, env.config("rt_never_issued_by_restream", "running"))
+	if _, err := running.Token(context.Background()); !IsTerminal(err) {
+		t.Fatalf("dead seed: %v", err)
+	}
+	login := env.source(t, env.config("", "login"))
+	const redirect = "https://sidecar.example/restream/callback"
+	rec, err := login.ExchangeCode(context.Background(), env.fake.IssueCode(redirect), redirect)
+	if err != nil {
+		t.Fatal(err)
+	}
+	installed, err := login.InstallPair(context.Background(), rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantGeneration(t, installed, 1)
+	stored := env.record(t)
+	if stored.Chain == "" || stored.Chain != installed.Chain {
+		t.Fatalf("stored %+v", stored)
+	}
+	env.clk.Advance(recheckInterval)
+	tok, err := running.Token(context.Background())
+	if err != nil || tok.AccessToken != installed.AccessToken {
+		t.Fatalf("running source did not pick the installed chain up: %v", err)
+	}
+	if st := running.Status(); st.State != StateOK {
+		t.Fatalf("state %q", st.State)
+	}
+	if fs := env.fake.Stats(); fs.RefreshCalls != 1 || fs.InvalidGrant != 1 || fs.CodeCalls != 1 {
+		t.Fatalf("fake stats %+v", fs)
+	}
+	// The installed chain rotates normally.
+	env.clk.Advance(time.Hour)
+	rotated := mustToken(t, running)
+	wantGeneration(t, rotated, 2)
+	if rotated.Chain != installed.Chain {
+		t.Fatal("rotation changed the chain")
+	}
+}
+
+// The CLI path: a refresh token from elsewhere becomes a new chain over a
+// live one, whose generations go on growing.
+func TestInstallSeedReplacesChain(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	first := mustToken(t, s)
+	cli := env.source(t, env.config("", "cli"))
+	seed := env.fake.Seed()
+	tok, err := cli.InstallSeed(context.Background(), seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantGeneration(t, tok, 2)
+	if tok.Chain == first.Chain {
+		t.Fatal("a new seed did not start a new chain")
+	}
+	if rec := env.record(t); !rec.seedConsumed(Fingerprint(seed)) || rec.Generation != 2 {
+		t.Fatalf("stored %+v", rec)
+	}
+	// The running source refreshes the new chain, not its own.
+	env.clk.Advance(time.Hour)
+	got := mustToken(t, s)
+	if got.Chain != tok.Chain {
+		t.Fatalf("running source kept the old chain (gen %d)", got.Generation)
+	}
+	env.wantCalls(t, 3)
+}
