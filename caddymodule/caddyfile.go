@@ -34,6 +34,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_replay_body <size>
 //	    query_param     <name>
 //	    timeout         <duration>
+//	    encryption_key  <base64>
+//	    encryption_key_previous <base64>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
@@ -105,6 +107,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "query_param":
 			h.QueryParam = val
+		case "encryption_key":
+			h.EncryptionKey = val
+		case "encryption_key_previous":
+			h.EncryptionKeyPrevious = val
 		default:
 			return d.Errf("unknown subdirective %q", sub)
 		}

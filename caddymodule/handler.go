@@ -65,9 +65,16 @@ type Handler struct {
 	QueryParam string `json:"query_param,omitempty"`
 	// Timeout bounds one token endpoint call (default 10s).
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// EncryptionKey, if set, encrypts the stored token record at rest
+	// (AES-256-GCM): 32 random bytes in standard base64, best from a
+	// {env.*} or {file.*} placeholder.
+	EncryptionKey string `json:"encryption_key,omitempty"`
+	// EncryptionKeyPrevious is accepted for reading only, for key rotation.
+	EncryptionKeyPrevious string `json:"encryption_key_previous,omitempty"`
 
 	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
 	clientID, clientSecret, seed string
+	keyring                      *tokensource.Keyring
 
 	src     *tokensource.Source
 	poolKey string
@@ -104,6 +111,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if h.seed, err = resolveSecret(repl, "refresh_token", h.RefreshToken); err != nil {
+		return err
+	}
+	if h.keyring, err = resolveKeyring(repl, h.EncryptionKey, h.EncryptionKeyPrevious); err != nil {
 		return err
 	}
 	if h.clientID == "" || h.clientSecret == "" {
@@ -147,6 +157,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		HTTPClient:   &http.Client{Transport: tokenTransport()},
 		Logger:       h.logger.Named("tokensource"),
 		Observer:     metricsObserver{},
+		Keyring:      h.keyring,
 	}
 	if err := registerMetrics(ctx.GetMetricsRegistry(), h.Account); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
@@ -199,6 +210,37 @@ func resolveSecret(repl *caddy.Replacer, name, v string) (string, error) {
 	return strings.TrimSpace(out), nil
 }
 
+// resolveKeyring builds the at-rest encryption keyring; nil without a key.
+func resolveKeyring(repl *caddy.Replacer, current, previous string) (*tokensource.Keyring, error) {
+	cur, err := resolveSecret(repl, "encryption_key", current)
+	if err != nil {
+		return nil, err
+	}
+	prev, err := resolveSecret(repl, "encryption_key_previous", previous)
+	if err != nil {
+		return nil, err
+	}
+	if cur == "" {
+		if prev != "" {
+			return nil, errors.New("encryption_key_previous needs encryption_key")
+		}
+		return nil, nil
+	}
+	key, err := tokensource.ParseKey(cur)
+	if err != nil {
+		return nil, fmt.Errorf("encryption_key: %v", err)
+	}
+	var prevKeys [][]byte
+	if prev != "" {
+		pk, err := tokensource.ParseKey(prev)
+		if err != nil {
+			return nil, fmt.Errorf("encryption_key_previous: %v", err)
+		}
+		prevKeys = append(prevKeys, pk)
+	}
+	return tokensource.NewKeyring(key, prevKeys...)
+}
+
 // checkEndpointURL requires https, or http to a loopback host (local fakes).
 func checkEndpointURL(name, raw string) error {
 	u, err := url.Parse(raw)
@@ -237,6 +279,9 @@ func poolKey(cfg tokensource.Config, storage any) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "%q|%q|%q|%d|%d|%d|%s|%s", cfg.ClientID, cfg.ClientSecret, cfg.TokenURL, cfg.AuthStyle,
 		cfg.RefreshAhead, cfg.Timeout, tokensource.Fingerprint(cfg.Seed), storageIdentity(storage))
+	if cfg.Keyring != nil {
+		fmt.Fprintf(h, "|%s", cfg.Keyring.KeyIDs())
+	}
 	return cfg.Account + "|" + hex.EncodeToString(h.Sum(nil))
 }
 

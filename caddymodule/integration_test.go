@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -287,17 +288,26 @@ func TestRestartStaleSeedAndNewSeed(t *testing.T) {
 }
 
 // Two Caddy processes share one storage directory under load with 2-second
-// tokens: no failed request and no invalid_grant.
+// tokens: no failed request and no invalid_grant; once more with the record
+// encrypted at rest, where the storage must never hold a token in the clear.
 func TestTwoProcessesShareStorage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts two Caddy processes")
 	}
+	t.Run("plain", func(t *testing.T) { twoProcesses(t, "") })
+	t.Run("encrypted", func(t *testing.T) {
+		t.Setenv("RESTREAM_TEST_ENCRYPTION_KEY", base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{7}, 32)))
+		twoProcesses(t, "encryption_key {env.RESTREAM_TEST_ENCRYPTION_KEY}")
+	})
+}
+
+func twoProcesses(t *testing.T, extra string) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 100 * time.Millisecond, LatencyJitter: 200 * time.Millisecond, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
 	seed := fake.Seed()
 	var urls []string
 	for range 2 {
-		cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: "refresh_ahead 1s"}
+		cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: "refresh_ahead 1s\n" + extra}
 		p := startProcess(t, cfg.Caddyfile())
 		u := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 		waitReady(t, u, p)
@@ -330,6 +340,16 @@ func TestTwoProcessesShareStorage(t *testing.T) {
 	}
 	if st.RefreshCalls < 5 {
 		t.Fatalf("only %d refreshes in 10 s of 2 s tokens", st.RefreshCalls)
+	}
+	raw, err := os.ReadFile(filepath.Join(storageDir, "restream_auth", "default", "token.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if extra != "" {
+		if !bytes.Contains(raw, []byte(`"aes-256-gcm"`)) {
+			t.Fatalf("record not encrypted: %.80s", raw)
+		}
+		mustContainNone(t, "encrypted record", string(raw), fake.IssuedTokens()...)
 	}
 }
 

@@ -54,8 +54,15 @@ func (s *Source) leaseTTL() time.Duration { return s.cfg.Timeout + 10*time.Secon
 // other LoadRecord error is a storage failure.
 var ErrCorruptRecord = errors.New("corrupt stored record")
 
-// LoadRecord reads an account's stored record; it returns nil, nil if none exists.
+// LoadRecord reads an account's plain (unencrypted) stored record; it
+// returns nil, nil if none exists.
 func LoadRecord(ctx context.Context, st Storage, account string) (*Record, error) {
+	return LoadRecordKeyring(ctx, st, account, nil)
+}
+
+// LoadRecordKeyring reads an account's stored record, decrypting it with kr
+// if it is encrypted; it returns nil, nil if none exists.
+func LoadRecordKeyring(ctx context.Context, st Storage, account string, kr *Keyring) (*Record, error) {
 	key := RecordKey(account)
 	b, err := st.Load(ctx, key)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -63,6 +70,9 @@ func LoadRecord(ctx context.Context, st Storage, account string) (*Record, error
 	}
 	if err != nil {
 		return nil, fmt.Errorf("loading %s: %w", key, err)
+	}
+	if b, err = decodeRecordBytes(b, key, account, kr); err != nil {
+		return nil, err
 	}
 	var rec Record
 	if err := json.Unmarshal(b, &rec); err != nil {
@@ -78,7 +88,7 @@ func LoadRecord(ctx context.Context, st Storage, account string) (*Record, error
 }
 
 func (s *Source) loadRecord(ctx context.Context) (*Record, error) {
-	return LoadRecord(ctx, s.cfg.Storage, s.cfg.Account)
+	return LoadRecordKeyring(ctx, s.cfg.Storage, s.cfg.Account, s.cfg.Keyring)
 }
 
 // withLock runs fn under the account's storage lock, waiting at most lockWait.
@@ -196,7 +206,7 @@ var errNewerStored = errors.New("a newer pair is already stored")
 // nil, is checked only to warn: a holder whose lease ran out but whose
 // compare-and-set still succeeds holds the one live pair and must write it.
 func (s *Source) persist(ctx context.Context, rec *Record, base uint64, lease *leaseRecord) error {
-	b, err := json.Marshal(rec)
+	b, err := encodeRecord(rec, s.cfg.Account, s.cfg.Keyring)
 	if err != nil {
 		return err
 	}

@@ -67,6 +67,8 @@ type Config struct {
 	Owner string
 	// Observer receives events for metrics; optional.
 	Observer Observer
+	// Keyring, if set, encrypts the stored record at rest.
+	Keyring *Keyring
 }
 
 // Status is a point-in-time view of a Source for status pages and probes.
