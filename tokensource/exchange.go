@@ -10,6 +10,7 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -367,6 +368,9 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	return 0
 }
 
+// mediaType is what describeBody is willing to repeat of a Content-Type.
+var mediaType = regexp.MustCompile(`^[a-z0-9][a-z0-9.+-]{0,30}/[a-z0-9][a-z0-9.+-]{0,40}$`)
+
 // describeBody names an unusable body without quoting it: an HTML error page
 // or a proxy's answer may echo request data.
 func describeBody(contentType string, body []byte) string {
@@ -386,7 +390,10 @@ func describeBody(contentType string, body []byte) string {
 	case json.Valid(body):
 		kind = "unexpected JSON"
 	}
-	return fmt.Sprintf("%s (%s, %d bytes)", kind, truncate(sanitize(mt), 64), len(body))
+	if !mediaType.MatchString(mt) {
+		mt = "unnamed type"
+	}
+	return fmt.Sprintf("%s (%s, %d bytes)", kind, mt, len(body))
 }
 
 func describeTransportError(err error, elapsed time.Duration) string {
