@@ -321,6 +321,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		err := next.ServeHTTP(&st.w, r)
 		if st.w.status == http.StatusUnauthorized {
 			metrics.replays.WithLabelValues(h.Account, "not_replayable").Inc()
+			h.src.Rejected(tok) // so the client's retry finds a new token
 		}
 		return err
 	}

@@ -228,17 +228,33 @@ func (s *Source) TokenNewerThan(ctx context.Context, rejected *Token) (t *Token,
 	if t := s.cur.Load(); t.ValidAt(s.clock.Now()) && t.Supersedes(rejected) {
 		return t, false, true, nil
 	}
-	for {
-		old := s.forced.Load()
-		if (old != nil && !rejected.Supersedes(old)) || s.forced.CompareAndSwap(old, rejected) {
-			break
-		}
-	}
+	s.markRejected(rejected)
 	t, err = s.refreshAndWait(ctx)
 	if err != nil {
 		return nil, true, false, err
 	}
 	return t, true, t.Supersedes(rejected), nil
+}
+
+// Rejected is for a 401 that cannot be replayed (a websocket handshake, a
+// streamed body): if t is still the newest token, one refresh starts in the
+// background (rate-limited like every 401-forced refresh), so the client's
+// retry finds a new token. It does not wait.
+func (s *Source) Rejected(t *Token) {
+	if s.cur.Load() != t || s.backoffError() != nil {
+		return
+	}
+	s.markRejected(t)
+	s.sf.DoChan("refresh", func() (any, error) { return nil, s.attempt() })
+}
+
+func (s *Source) markRejected(rejected *Token) {
+	for {
+		old := s.forced.Load()
+		if (old != nil && !rejected.Supersedes(old)) || s.forced.CompareAndSwap(old, rejected) {
+			return
+		}
+	}
 }
 
 // Refresh forces one refresh under the full protocol (lease, re-read, persist
