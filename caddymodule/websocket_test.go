@@ -111,6 +111,13 @@ type wsAction struct {
 func wsDial(t *testing.T, ctx context.Context, u string) (*websocket.Conn, string) {
 	t.Helper()
 	c, resp, err := websocket.Dial(ctx, u, nil)
+	if err != nil && resp != nil && resp.StatusCode == http.StatusUnauthorized {
+		// A handshake can race a rotation (the old token dies at Restream a
+		// moment before the sidecar publishes the new one) and is not
+		// replayed; clients reconnect, and so does this one, once.
+		t.Logf("handshake refused with 401 (rotation race); reconnecting")
+		c, resp, err = websocket.Dial(ctx, u, nil)
+	}
 	if err != nil {
 		status := 0
 		if resp != nil {

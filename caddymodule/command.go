@@ -1,0 +1,598 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+	"unicode"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/caddyserver/certmagic"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+	"golang.org/x/term"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+// The restream-auth CLI works on the token chains in the storage a config
+// names, without a running Caddy: `status` reports what is stored, `seed`
+// installs a new chain from a refresh token read on stdin. Running instances
+// that share the storage adopt a seeded chain by themselves.
+
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "restream-auth",
+		Usage: "status|seed --config <file> [--adapter <name>]",
+		Short: "Shows or seeds the restream_auth token chains in the configured storage",
+		Long: `
+Works on the Restream token chains that the restream_auth handlers of a
+config keep in Caddy's storage. The config (--config, adapted with --adapter
+or by file name, like caddy run) names the storage (the global "storage"
+option; Caddy's default data directory when absent) and the accounts (every
+restream_auth handler, subroutes included). No running Caddy is needed, and
+no token is ever printed.
+
+  caddy restream-auth status --config Caddyfile [--json]
+  caddy restream-auth seed --config Caddyfile [--account <name>] < refresh_token.txt
+`,
+		CobraFunc: func(cmd *cobra.Command) {
+			status := &cobra.Command{
+				Use:   "status --config <file> [--adapter <name>] [--json]",
+				Short: "Shows each account's stored token chain",
+				Long: `
+For every restream_auth account in the config, shows what the storage holds:
+the chain's generation and id, when the access and refresh tokens expire,
+how many seeds were consumed, and who holds the refresh lease if it is live.
+
+The state is seen from storage only:
+  ok               a stored pair whose access token is still valid
+  access_expired   a stored pair whose access token expired (no instance
+                   is refreshing it, or refreshes fail); its refresh token
+                   may still work
+  refresh_expired  the stored refresh token expired: seed a new chain
+  no_chain         nothing stored: seed a chain
+  unreadable       the record cannot be read (the error names the key)
+
+A running instance's own view (including reauth_required after an
+invalid_grant) is at its admin endpoint, GET /restream_auth/.
+
+Exit status: 0 when every account has a chain (ok or access_expired),
+1 otherwise.
+`,
+				Args: cobra.NoArgs,
+				RunE: caddycmd.WrapCommandFuncForCobra(cliStatusCommand),
+			}
+			status.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
+			status.Flags().StringP("adapter", "a", "", "Name of config adapter")
+			status.Flags().Bool("json", false, "Print JSON")
+			cmd.AddCommand(status)
+
+			seed := &cobra.Command{
+				Use:   "seed --config <file> [--adapter <name>] [--account <name>]",
+				Short: "Starts a new token chain from a refresh token read on stdin",
+				Long: `
+Reads one refresh token from stdin (without echo on a terminal), exchanges it
+at the account's token endpoint with the client credentials of its
+restream_auth handler, and stores the new pair as a new chain, the next
+generation, under the account's refresh lease. The exchange spends the
+refresh token. Instances sharing the storage pick the new chain up by
+themselves; no restart or reload is needed. The handler's own refresh_token
+seed, if any, is marked as used so that a restart does not replace the new
+chain with it.
+
+{env.*} and {file.*} placeholders in the handler are resolved in this
+command's environment: run it with the environment Caddy runs with, and as
+the user Caddy runs as (file_system storage writes files only their owner
+can read; the default storage lives in the caller's data directory).
+`,
+				Args: cobra.NoArgs,
+				RunE: caddycmd.WrapCommandFuncForCobra(cliSeedCommand),
+			}
+			seed.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
+			seed.Flags().StringP("adapter", "a", "", "Name of config adapter")
+			seed.Flags().String("account", DefaultAccount, "Account to seed")
+			cmd.AddCommand(seed)
+		},
+	})
+}
+
+// cliConfig is what the commands need from a config.
+type cliConfig struct {
+	storage  certmagic.Storage
+	accounts map[string][]*Handler // restream_auth handlers by account, in config order
+	cancel   context.CancelFunc    // releases the storage module
+}
+
+// names returns the accounts, sorted.
+func (c *cliConfig) names() []string {
+	out := make([]string, 0, len(c.accounts))
+	for a := range c.accounts {
+		out = append(out, a)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// loadCLIConfig loads and adapts a config, loads its storage module (or the
+// default storage) and finds its restream_auth handlers.
+func loadCLIConfig(configFile, adapter string) (*cliConfig, error) {
+	cfgJSON, file, _, err := caddycmd.LoadConfig(configFile, adapter)
+	if err != nil {
+		return nil, err
+	}
+	if len(cfgJSON) == 0 {
+		return nil, errors.New("no config: use --config <file>")
+	}
+	var cfg caddy.Config
+	if err := json.Unmarshal(cfgJSON, &cfg); err != nil {
+		return nil, fmt.Errorf("decoding config %s: %v", file, err)
+	}
+	var raws []json.RawMessage
+	cliFindHandlers(cfgJSON, &raws)
+	if len(raws) == 0 {
+		return nil, fmt.Errorf("config %s has no restream_auth handler", file)
+	}
+	out := &cliConfig{accounts: make(map[string][]*Handler)}
+	for _, raw := range raws {
+		h := new(Handler)
+		if err := json.Unmarshal(raw, h); err != nil {
+			return nil, fmt.Errorf("config %s: decoding a restream_auth handler: %v", file, err)
+		}
+		if h.Account == "" {
+			h.Account = DefaultAccount
+		}
+		if !accountPattern.MatchString(h.Account) {
+			return nil, fmt.Errorf("config %s: account %q: use 1-64 letters, digits, '.', '_' or '-'", file, h.Account)
+		}
+		out.accounts[h.Account] = append(out.accounts[h.Account], h)
+	}
+
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	if cfg.StorageRaw != nil {
+		val, err := ctx.LoadModule(&cfg, "StorageRaw")
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("loading the config's storage module: %v", err)
+		}
+		if out.storage, err = val.(caddy.StorageConverter).CertMagicStorage(); err != nil {
+			cancel()
+			return nil, fmt.Errorf("creating the config's storage: %v", err)
+		}
+	} else {
+		out.storage = caddy.DefaultStorage
+	}
+	out.cancel = cancel
+	return out, nil
+}
+
+// cliFindHandlers collects every JSON object with "handler": "restream_auth",
+// wherever it sits (routes, subroutes, error routes, other apps' routes).
+func cliFindHandlers(raw json.RawMessage, out *[]json.RawMessage) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 {
+		return
+	}
+	switch raw[0] {
+	case '{':
+		var obj map[string]json.RawMessage
+		if json.Unmarshal(raw, &obj) != nil {
+			return
+		}
+		var name string
+		if h, ok := obj["handler"]; ok && json.Unmarshal(h, &name) == nil && name == "restream_auth" {
+			*out = append(*out, raw)
+		}
+		keys := make([]string, 0, len(obj))
+		for k := range obj {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys) // a stable order for "first handler" below
+		for _, k := range keys {
+			cliFindHandlers(obj[k], out)
+		}
+	case '[':
+		var arr []json.RawMessage
+		if json.Unmarshal(raw, &arr) != nil {
+			return
+		}
+		for _, v := range arr {
+			cliFindHandlers(v, out)
+		}
+	}
+}
+
+// Account states as the status command sees them from storage.
+const (
+	cliStateOK             = "ok"
+	cliStateAccessExpired  = "access_expired"
+	cliStateRefreshExpired = "refresh_expired"
+	cliStateNoChain        = "no_chain"
+	cliStateUnreadable     = "unreadable"
+)
+
+// cliStatus is the status command's JSON output.
+type cliStatus struct {
+	CheckedAt time.Time          `json:"checked_at"`
+	Storage   string             `json:"storage"`
+	Accounts  []cliAccountStatus `json:"accounts"`
+}
+
+// cliAccountStatus describes one account's stored chain. It holds no secret.
+type cliAccountStatus struct {
+	Account string `json:"account"`
+	State   string `json:"state"`
+	// Error says why the record is unreadable; it names the key.
+	Error            string    `json:"error,omitempty"`
+	Key              string    `json:"key"`
+	Generation       uint64    `json:"generation,omitempty"`
+	Chain            string    `json:"chain,omitempty"`
+	IssuedAt         time.Time `json:"issued_at,omitzero"`
+	AccessExpiresAt  time.Time `json:"access_expires_at,omitzero"`
+	AccessExpiresIn  *int64    `json:"access_expires_in_seconds,omitempty"`
+	RefreshExpiresAt time.Time `json:"refresh_expires_at,omitzero"`
+	RefreshExpiresIn *int64    `json:"refresh_expires_in_seconds,omitempty"`
+	ConsumedSeeds    int       `json:"consumed_seeds"`
+	// Lease is set while an instance (or the seed command) holds the
+	// account's refresh lease.
+	Lease *cliLease `json:"lease,omitempty"`
+	// LeaseError is set when the lease record cannot be read.
+	LeaseError string `json:"lease_error,omitempty"`
+}
+
+type cliLease struct {
+	Owner     string    `json:"owner"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+func (a cliAccountStatus) hasChain() bool {
+	return a.State == cliStateOK || a.State == cliStateAccessExpired
+}
+
+func cliStatusCommand(fl caddycmd.Flags) (int, error) {
+	cfg, err := loadCLIConfig(fl.String("config"), fl.String("adapter"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	defer cfg.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st := cliReadStatus(ctx, cfg, time.Now())
+	if fl.Bool("json") {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(st); err != nil {
+			return 1, err
+		}
+	} else if err := cliWriteStatus(os.Stdout, st); err != nil {
+		return 1, err
+	}
+	var missing []string
+	for _, a := range st.Accounts {
+		if !a.hasChain() {
+			missing = append(missing, fmt.Sprintf("%s: %s", a.Account, a.State))
+		}
+	}
+	if len(missing) > 0 {
+		// WrapCommandFuncForCobra turns only an error into a failing exit status.
+		return 1, fmt.Errorf("%d of %d accounts have no usable chain (%s)", len(missing), len(st.Accounts), strings.Join(missing, ", "))
+	}
+	return 0, nil
+}
+
+// cliReadStatus reads every account's record and lease from storage.
+func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus {
+	st := cliStatus{CheckedAt: now.UTC(), Storage: storageIdentity(cfg.storage)}
+	for _, account := range cfg.names() {
+		a := cliAccountStatus{Account: account, Key: tokensource.RecordKey(account)}
+		rec, err := tokensource.LoadRecord(ctx, cfg.storage, account)
+		switch {
+		case err != nil:
+			a.State, a.Error = cliStateUnreadable, err.Error()
+		case rec == nil:
+			a.State = cliStateNoChain
+		default:
+			a.Generation, a.Chain, a.ConsumedSeeds = rec.Generation, rec.Chain, len(rec.ConsumedSeeds)
+			a.IssuedAt = rec.IssuedAt.UTC()
+			a.AccessExpiresAt = rec.Expiry.UTC()
+			a.AccessExpiresIn = cliPtr(int64(rec.Expiry.Sub(now) / time.Second))
+			if !rec.RefreshExpiry.IsZero() {
+				a.RefreshExpiresAt = rec.RefreshExpiry.UTC()
+				a.RefreshExpiresIn = cliPtr(int64(rec.RefreshExpiry.Sub(now) / time.Second))
+			}
+			switch {
+			case !rec.RefreshExpiry.IsZero() && !now.Before(rec.RefreshExpiry):
+				a.State = cliStateRefreshExpired
+			case !now.Before(rec.Expiry):
+				a.State = cliStateAccessExpired
+			default:
+				a.State = cliStateOK
+			}
+		}
+		a.Lease, a.LeaseError = cliReadLease(ctx, cfg.storage, account, now)
+		st.Accounts = append(st.Accounts, a)
+	}
+	return st
+}
+
+// cliReadLease returns the account's refresh lease if it is live.
+func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time) (*cliLease, string) {
+	key := tokensource.KeyPrefix(account) + "/lease.json"
+	b, err := storage.Load(ctx, key)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, ""
+	}
+	if err != nil {
+		return nil, fmt.Sprintf("loading %s: %v", key, err)
+	}
+	var l cliLease
+	if err := json.Unmarshal(b, &l); err != nil {
+		return nil, fmt.Sprintf("%s (%d bytes): not valid JSON", key, len(b))
+	}
+	if l.Owner == "" || !now.Before(l.ExpiresAt) {
+		return nil, ""
+	}
+	l.ExpiresAt = l.ExpiresAt.UTC()
+	return &l, ""
+}
+
+func cliWriteStatus(w io.Writer, st cliStatus) error {
+	now := st.CheckedAt
+	fmt.Fprintf(w, "storage: %s\n", st.Storage)
+	for _, a := range st.Accounts {
+		state := a.State
+		if a.Error != "" {
+			state += ": " + a.Error
+		}
+		fmt.Fprintf(w, "\naccount %q: %s\n", a.Account, state)
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		if a.State == cliStateNoChain {
+			fmt.Fprintf(tw, "  record\tnothing stored at %s\n", a.Key)
+		}
+		if a.Generation != 0 || a.Chain != "" {
+			fmt.Fprintf(tw, "  generation\t%d\n", a.Generation)
+			fmt.Fprintf(tw, "  chain\t%s\n", a.Chain)
+			fmt.Fprintf(tw, "  issued\t%s\n", cliTime(a.IssuedAt, now))
+			fmt.Fprintf(tw, "  access expires\t%s\n", cliTime(a.AccessExpiresAt, now))
+			fmt.Fprintf(tw, "  refresh expires\t%s\n", cliTime(a.RefreshExpiresAt, now))
+			fmt.Fprintf(tw, "  consumed seeds\t%d\n", a.ConsumedSeeds)
+		}
+		switch {
+		case a.Lease != nil:
+			fmt.Fprintf(tw, "  lease\theld by %s until %s\n", a.Lease.Owner, cliTime(a.Lease.ExpiresAt, now))
+		case a.LeaseError != "":
+			fmt.Fprintf(tw, "  lease\tunreadable: %s\n", a.LeaseError)
+		default:
+			fmt.Fprintf(tw, "  lease\tfree\n")
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func cliTime(t, now time.Time) string {
+	if t.IsZero() {
+		return "unknown"
+	}
+	return t.UTC().Format(time.RFC3339) + " (" + cliRelative(t, now) + ")"
+}
+
+// cliRelative says "in 59m58s" or "3m2s ago".
+func cliRelative(t, now time.Time) string {
+	d := t.Sub(now).Round(time.Second)
+	if d >= 0 {
+		return "in " + cliDuration(d)
+	}
+	return cliDuration(-d) + " ago"
+}
+
+func cliDuration(d time.Duration) string {
+	const day = 24 * time.Hour
+	if d >= 2*day {
+		return fmt.Sprintf("%dd%dh", d/day, (d%day)/time.Hour)
+	}
+	return d.String()
+}
+
+func cliPtr[T any](v T) *T { return &v }
+
+// cliMaxSeedInput bounds what the seed command reads from stdin.
+const cliMaxSeedInput = 64 << 10
+
+func cliSeedCommand(fl caddycmd.Flags) (int, error) {
+	account := fl.String("account")
+	if account == "" {
+		account = DefaultAccount
+	}
+	if fl.String("config") == "-" {
+		return 1, errors.New("--config -: stdin carries the refresh token; give the config as a file")
+	}
+	cfg, err := loadCLIConfig(fl.String("config"), fl.String("adapter"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	defer cfg.cancel()
+	h, err := cfg.handlerFor(account)
+	if err != nil {
+		return 1, err
+	}
+	logger := caddy.Log().Named("restream_auth.seed")
+	srcCfg, err := cliSourceConfig(h, cfg.storage, logger)
+	if err != nil {
+		return 1, fmt.Errorf("account %q: %w", account, err)
+	}
+	rt, err := cliReadRefreshToken(os.Stdin, os.Stderr)
+	if err != nil {
+		return 1, err
+	}
+	src, err := tokensource.New(srcCfg)
+	if err != nil {
+		return 1, fmt.Errorf("account %q: %w", account, err)
+	}
+	defer src.Close()
+	tok, err := src.InstallSeed(context.Background(), rt)
+	if err != nil {
+		return 1, cliSeedError(account, err)
+	}
+	now := time.Now()
+	fmt.Fprintf(os.Stdout, "account %q: installed a new token chain in %s\n", account, storageIdentity(cfg.storage))
+	fmt.Fprintf(os.Stdout, "  generation      %d\n", tok.Generation)
+	fmt.Fprintf(os.Stdout, "  chain           %s\n", tok.Chain)
+	fmt.Fprintf(os.Stdout, "  access expires  %s\n", cliTime(tok.Expiry, now))
+	if !tok.RefreshExpiry.IsZero() {
+		fmt.Fprintf(os.Stdout, "  refresh expires %s\n", cliTime(tok.RefreshExpiry, now))
+	}
+	fmt.Fprintln(os.Stdout, "Running instances that share this storage adopt it by themselves.")
+	return 0, nil
+}
+
+// handlerFor returns the account's handler settings. Handlers of one account
+// must agree on everything the token exchange uses.
+func (c *cliConfig) handlerFor(account string) (*Handler, error) {
+	hs := c.accounts[account]
+	if len(hs) == 0 {
+		return nil, fmt.Errorf("account %q is not configured: the config's restream_auth accounts are %s",
+			account, strings.Join(cliQuoteAll(c.names()), ", "))
+	}
+	first := hs[0]
+	for _, h := range hs[1:] {
+		if h.ClientID != first.ClientID || h.ClientSecret != first.ClientSecret || h.RefreshToken != first.RefreshToken ||
+			h.TokenURL != first.TokenURL || h.ClientAuth != first.ClientAuth || h.Timeout != first.Timeout {
+			return nil, fmt.Errorf("account %q has %d restream_auth handlers whose client_id, client_secret, refresh_token, token_url, client_auth or timeout differ; make them agree", account, len(hs))
+		}
+	}
+	return first, nil
+}
+
+func cliQuoteAll(ss []string) []string {
+	out := make([]string, len(ss))
+	for i, s := range ss {
+		out[i] = fmt.Sprintf("%q", s)
+	}
+	return out
+}
+
+// cliSourceConfig builds a token source configuration from a handler's
+// settings as Provision does: placeholders resolved, defaults applied, the
+// token URL checked, and the storage behind the same lock guard.
+func cliSourceConfig(h *Handler, storage certmagic.Storage, logger *zap.Logger) (tokensource.Config, error) {
+	repl := caddy.NewReplacer()
+	clientID, err := resolveSecret(repl, "client_id", h.ClientID)
+	if err != nil {
+		return tokensource.Config{}, cliPlaceholderError(err)
+	}
+	clientSecret, err := resolveSecret(repl, "client_secret", h.ClientSecret)
+	if err != nil {
+		return tokensource.Config{}, cliPlaceholderError(err)
+	}
+	// The handler's own seed is marked as used by the new chain, so that a
+	// restart does not start yet another chain from it.
+	seed, err := resolveSecret(repl, "refresh_token", h.RefreshToken)
+	if err != nil {
+		return tokensource.Config{}, cliPlaceholderError(err)
+	}
+	if clientID == "" || clientSecret == "" {
+		return tokensource.Config{}, errors.New("client_id and client_secret are required (they resolved to empty values)")
+	}
+	tokenURL := h.TokenURL
+	if tokenURL == "" {
+		tokenURL = DefaultTokenURL
+	}
+	if err := checkEndpointURL("token_url", tokenURL); err != nil {
+		return tokensource.Config{}, err
+	}
+	style, err := parseClientAuth(h.ClientAuth)
+	if err != nil {
+		return tokensource.Config{}, err
+	}
+	if h.Timeout < 0 {
+		return tokensource.Config{}, errors.New("timeout must not be negative")
+	}
+	host, _ := os.Hostname()
+	return tokensource.Config{
+		Account:      h.Account,
+		ClientID:     clientID,
+		ClientSecret: clientSecret,
+		TokenURL:     tokenURL,
+		AuthStyle:    style,
+		Seed:         seed,
+		Timeout:      time.Duration(h.Timeout),
+		Storage:      guardStorage(storage, logger),
+		HTTPClient:   &http.Client{Transport: tokenTransport()},
+		Logger:       logger,
+		Owner:        fmt.Sprintf("caddy restream-auth seed (%s, pid %d)", host, os.Getpid()),
+	}, nil
+}
+
+func cliPlaceholderError(err error) error {
+	return fmt.Errorf("%v (placeholders are resolved in this command's environment: run it with the environment Caddy runs with)", err)
+}
+
+// cliSeedError explains a failed InstallSeed.
+func cliSeedError(account string, err error) error {
+	var te *tokensource.Error
+	if !errors.As(err, &te) {
+		return fmt.Errorf("account %q: %w", account, err)
+	}
+	switch {
+	case te.Code == "invalid_grant":
+		return fmt.Errorf("account %q: the token endpoint refused the refresh token (%s): it is spent, expired or revoked, or was issued to another client; nothing was stored. Re-authorize to get a new one", account, te.Msg)
+	case te.Kind == tokensource.Terminal:
+		return fmt.Errorf("account %q: the token endpoint refused the request (%s); check client_id, client_secret and client_auth; nothing was stored", account, te.Msg)
+	case te.Unknown:
+		return fmt.Errorf("account %q: %s; the exchange may have reached the endpoint, in which case the refresh token is spent; nothing was stored", account, te.Msg)
+	}
+	return fmt.Errorf("account %q: %s; nothing was stored", account, te.Msg)
+}
+
+// cliReadRefreshToken reads one refresh token: a line typed without echo on a
+// terminal, or the whole input otherwise.
+func cliReadRefreshToken(stdin *os.File, stderr io.Writer) (string, error) {
+	var in []byte
+	if fd := int(stdin.Fd()); term.IsTerminal(fd) {
+		fmt.Fprint(stderr, "reading refresh token from stdin…\n")
+		b, err := term.ReadPassword(fd)
+		fmt.Fprintln(stderr)
+		if err != nil {
+			return "", fmt.Errorf("reading the refresh token from the terminal: %v", err)
+		}
+		in = b
+	} else {
+		b, err := io.ReadAll(io.LimitReader(stdin, cliMaxSeedInput+1))
+		if err != nil {
+			return "", fmt.Errorf("reading the refresh token from stdin: %v", err)
+		}
+		if len(b) > cliMaxSeedInput {
+			return "", fmt.Errorf("stdin holds more than %d bytes: expected one refresh token", cliMaxSeedInput)
+		}
+		in = b
+	}
+	return cliParseRefreshToken(string(in))
+}
+
+// cliParseRefreshToken trims the input and requires a single token.
+func cliParseRefreshToken(in string) (string, error) {
+	rt := strings.TrimSpace(in)
+	switch {
+	case rt == "":
+		return "", errors.New("no refresh token on stdin")
+	case strings.ContainsAny(rt, "\r\n"):
+		return "", errors.New("stdin holds more than one line: expected one refresh token")
+	case strings.ContainsFunc(rt, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }):
+		return "", errors.New("the refresh token on stdin contains spaces or control characters")
+	}
+	return rt, nil
+}

@@ -1,0 +1,536 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"net/url"
+	"path"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+func init() {
+	caddy.RegisterModule(TokenProxy{})
+	httpcaddyfile.RegisterHandlerDirective("restream_token_proxy", parseTokenProxyCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("restream_token_proxy", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// Defaults and limits of the restream_token_proxy handler.
+const (
+	DefaultRevokeURL         = "https://api.restream.io/oauth/revoke"
+	DefaultTokenProxyTimeout = 10 * time.Second
+	// TokenProxyMaxRequestBody is the largest form a device may send.
+	TokenProxyMaxRequestBody = 64 << 10
+	// TokenProxyMaxResponseBody is the largest token endpoint answer relayed.
+	TokenProxyMaxResponseBody = 1 << 20
+)
+
+// TokenProxy lets devices refresh (and redeem authorization codes, and
+// revoke) without holding the client secret: it takes a form POST without
+// client credentials, adds the configured ones and forwards only the fields
+// of the grant to Restream's token (or revoke) endpoint, then relays the
+// answer. It is terminal: it answers every request itself.
+//
+// client_id and client_secret accept {env.*} and {file.*} placeholders,
+// resolved at provisioning; prefer them to literals, which stay visible in
+// the config (admin /config/ endpoint, `caddy adapt` output).
+type TokenProxy struct {
+	ClientID     string `json:"client_id,omitempty"`
+	ClientSecret string `json:"client_secret,omitempty"`
+	// TokenURL defaults to https://api.restream.io/oauth/token.
+	TokenURL string `json:"token_url,omitempty"`
+	// RevokeURL defaults to token_url with its last segment "token" replaced
+	// by "revoke" (https://api.restream.io/oauth/revoke).
+	RevokeURL string `json:"revoke_url,omitempty"`
+	// ClientAuth is "basic" (default) or "body".
+	ClientAuth string `json:"client_auth,omitempty"`
+	// Timeout bounds one upstream call, answer included (default 10s).
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
+	clientID, clientSecret string
+
+	style     tokensource.AuthStyle
+	transport *http.Transport
+	client    *http.Client
+	logger    *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (TokenProxy) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.restream_token_proxy",
+		New: func() caddy.Module { return new(TokenProxy) },
+	}
+}
+
+// Provision resolves placeholders and applies defaults. It contacts nobody.
+func (p *TokenProxy) Provision(ctx caddy.Context) error {
+	p.logger = ctx.Logger()
+	var err error
+	repl := caddy.NewReplacer()
+	if p.clientID, err = resolveSecret(repl, "client_id", p.ClientID); err != nil {
+		return err
+	}
+	if p.clientSecret, err = resolveSecret(repl, "client_secret", p.ClientSecret); err != nil {
+		return err
+	}
+	if p.clientID == "" || p.clientSecret == "" {
+		return errors.New("restream_token_proxy: client_id and client_secret are required (they resolved to empty values)")
+	}
+	if p.TokenURL == "" {
+		p.TokenURL = DefaultTokenURL
+	}
+	if p.RevokeURL == "" {
+		// Beside the token endpoint, as Restream has it (…/oauth/token,
+		// …/oauth/revoke), so pointing token_url elsewhere moves both.
+		p.RevokeURL = DefaultRevokeURL
+		if base, ok := strings.CutSuffix(p.TokenURL, "/token"); ok {
+			p.RevokeURL = base + "/revoke"
+		}
+	}
+	if err := checkEndpointURL("token_url", p.TokenURL); err != nil {
+		return err
+	}
+	if err := checkEndpointURL("revoke_url", p.RevokeURL); err != nil {
+		return err
+	}
+	if p.style, err = parseClientAuth(p.ClientAuth); err != nil {
+		return err
+	}
+	if p.Timeout < 0 {
+		return errors.New("restream_token_proxy: timeout must not be negative")
+	}
+	if p.Timeout == 0 {
+		p.Timeout = caddy.Duration(DefaultTokenProxyTimeout)
+	}
+	p.transport = http.DefaultTransport.(*http.Transport).Clone()
+	p.transport.MaxIdleConnsPerHost = 4
+	p.client = &http.Client{
+		Transport: p.transport,
+		// A redirect would resend the form (and its credentials) elsewhere;
+		// a 3xx is reported as an unusable answer instead.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	return nil
+}
+
+// Cleanup closes the idle upstream connections of this config.
+func (p *TokenProxy) Cleanup() error {
+	if p.transport != nil {
+		p.transport.CloseIdleConnections()
+	}
+	return nil
+}
+
+// tokenProxyRefusal is an answer given without calling upstream.
+type tokenProxyRefusal struct {
+	status      int
+	code, desc  string
+	allowHeader bool
+}
+
+func badRequest(desc string) *tokenProxyRefusal {
+	return &tokenProxyRefusal{status: http.StatusBadRequest, code: "invalid_request", desc: desc}
+}
+
+// ServeHTTP checks the device's request, forwards the grant (or the
+// revocation) with the configured client credentials, and relays the answer.
+// It never calls next.
+func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	revoke := path.Base(r.URL.Path) == "revoke"
+	call, target, form, ref := p.parseRequest(w, r, revoke)
+	if ref != nil {
+		p.logger.Debug("refused token proxy request", zap.Int("status", ref.status), zap.String("error", ref.code),
+			zap.Bool("revoke", revoke))
+		if ref.allowHeader {
+			w.Header().Set("Allow", http.MethodPost)
+		}
+		writeOAuthJSON(w, ref.status, ref.code, ref.desc)
+		return nil
+	}
+	p.forward(w, r, call, target, form)
+	return nil
+}
+
+// parseRequest validates the device's request and returns the call's name
+// (grant type, or "revoke"), the upstream URL and the form to send: only
+// the fields of the grant, never client credentials the device sent.
+func (p *TokenProxy) parseRequest(w http.ResponseWriter, r *http.Request, revoke bool) (string, string, url.Values, *tokenProxyRefusal) {
+	if r.Method != http.MethodPost {
+		return "", "", nil, &tokenProxyRefusal{status: http.StatusMethodNotAllowed, code: "invalid_request",
+			desc: "method must be POST", allowHeader: true}
+	}
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/x-www-form-urlencoded" {
+		return "", "", nil, badRequest("content type must be application/x-www-form-urlencoded")
+	}
+	in, ref := readTokenProxyForm(w, r)
+	if ref != nil {
+		return "", "", nil, ref
+	}
+	get := func(name string) (string, *tokenProxyRefusal) {
+		switch v := in[name]; {
+		case len(v) > 1:
+			return "", badRequest("parameter " + name + " is repeated")
+		case len(v) == 0 || v[0] == "":
+			return "", badRequest("missing parameter: " + name)
+		default:
+			return v[0], nil
+		}
+	}
+	out := url.Values{}
+	if revoke {
+		tok, ref := get("token")
+		if ref != nil {
+			return "", "", nil, ref
+		}
+		out.Set("token", tok)
+		if _, given := in["token_type_hint"]; given {
+			hint, ref := get("token_type_hint")
+			if ref != nil {
+				return "", "", nil, ref
+			}
+			if hint != "access_token" && hint != "refresh_token" {
+				return "", "", nil, badRequest("token_type_hint must be access_token or refresh_token")
+			}
+			out.Set("token_type_hint", hint)
+		}
+		return "revoke", p.RevokeURL, out, nil
+	}
+	grant, ref := get("grant_type")
+	if ref != nil {
+		return "", "", nil, ref
+	}
+	var fields []string
+	switch grant {
+	case "refresh_token":
+		fields = []string{"refresh_token"}
+	case "authorization_code":
+		fields = []string{"code", "redirect_uri"}
+	default:
+		return "", "", nil, &tokenProxyRefusal{status: http.StatusBadRequest, code: "unsupported_grant_type",
+			desc: "grant_type must be refresh_token or authorization_code"}
+	}
+	out.Set("grant_type", grant)
+	for _, f := range fields {
+		v, ref := get(f)
+		if ref != nil {
+			return "", "", nil, ref
+		}
+		out.Set(f, v)
+	}
+	return grant, p.TokenURL, out, nil
+}
+
+// readTokenProxyForm reads a form body of at most TokenProxyMaxRequestBody
+// bytes. The query string is not part of it.
+func readTokenProxyForm(w http.ResponseWriter, r *http.Request) (url.Values, *tokenProxyRefusal) {
+	tooLarge := &tokenProxyRefusal{status: http.StatusRequestEntityTooLarge, code: "invalid_request",
+		desc: fmt.Sprintf("request body is larger than %d KiB", TokenProxyMaxRequestBody>>10)}
+	if r.ContentLength > TokenProxyMaxRequestBody {
+		return nil, tooLarge
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, TokenProxyMaxRequestBody))
+	if err != nil {
+		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+			return nil, tooLarge
+		}
+		return nil, badRequest("request body could not be read")
+	}
+	form, err := url.ParseQuery(string(body))
+	if err != nil {
+		return nil, badRequest("malformed form body")
+	}
+	return form, nil
+}
+
+// forward sends the call upstream with the client credentials and relays the
+// answer. The call is detached from the device's connection: a refresh the
+// endpoint may already have applied must not be abandoned halfway; it is
+// bounded by Timeout only.
+func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call, target string, form url.Values) {
+	if p.style == tokensource.AuthBody {
+		form.Set("client_id", p.clientID)
+		form.Set("client_secret", p.clientSecret)
+	}
+	timeout := time.Duration(p.Timeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
+	defer cancel()
+	start := time.Now()
+	status, body, header, failure := p.roundTrip(ctx, call, target, form)
+	elapsed := time.Since(start)
+
+	fields := []zap.Field{zap.String("grant_type", call), zap.Int("upstream_status", status), zap.Duration("duration", elapsed)}
+	level := zapcore.InfoLevel
+	if failure != nil {
+		fields = append(fields, zap.String("failure", failure.kind))
+		level = zapcore.WarnLevel
+	} else if status >= 500 {
+		level = zapcore.WarnLevel
+	}
+	if r.Context().Err() != nil {
+		// The device went away: whatever the endpoint issued is lost with it.
+		fields = append(fields, zap.Bool("client_gone", true))
+		level = zapcore.WarnLevel
+	}
+	p.logger.Log(level, "token proxy call", fields...)
+
+	if failure != nil {
+		writeOAuthJSON(w, failure.status, failure.code, failure.desc)
+		return
+	}
+	h := w.Header()
+	h.Set("Cache-Control", "no-store")
+	h.Set("Pragma", "no-cache")
+	if len(body) > 0 {
+		h.Set("Content-Type", "application/json")
+	}
+	if ra := header.Get("Retry-After"); ra != "" && (status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable) {
+		h.Set("Retry-After", ra)
+	}
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body) // the device may be gone; nothing to do about it
+}
+
+// tokenProxyFailure is the proxy's own answer when upstream gave none usable.
+type tokenProxyFailure struct {
+	status     int
+	code, desc string
+	kind       string // for the log line
+}
+
+// roundTrip makes the upstream call and returns the status, body and headers
+// to relay, or a failure. Error texts never include the form or the answer.
+func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form url.Values) (int, []byte, http.Header, *tokenProxyFailure) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, strings.NewReader(form.Encode()))
+	if err != nil {
+		return 0, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error", "the upstream request could not be built", "bad_url"}
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	if p.style == tokensource.AuthBasic {
+		req.SetBasicAuth(p.clientID, p.clientSecret)
+	}
+	endpoint := "token endpoint"
+	if call == "revoke" {
+		endpoint = "revocation endpoint"
+	}
+	timedOut := func(err error) bool {
+		return errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil || isNetTimeout(err)
+	}
+	resp, err := p.client.Do(req)
+	if err != nil {
+		if timedOut(err) {
+			return 0, nil, nil, &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
+				fmt.Sprintf("the %s did not answer within %s", endpoint, time.Duration(p.Timeout)), "timeout"}
+		}
+		return 0, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "temporarily_unavailable",
+			"the " + endpoint + " is unreachable", "unreachable"}
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, TokenProxyMaxResponseBody+1))
+	switch {
+	case err != nil && timedOut(err):
+		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
+			fmt.Sprintf("the %s did not finish its answer within %s", endpoint, time.Duration(p.Timeout)), "timeout"}
+	case err != nil:
+		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answer %d could not be read", endpoint, resp.StatusCode), "unreadable"}
+	case len(body) > TokenProxyMaxResponseBody:
+		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d with more than %d bytes", endpoint, resp.StatusCode, TokenProxyMaxResponseBody), "too_large"}
+	}
+	if !usableAnswer(call, resp.StatusCode, body) {
+		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d with %s", endpoint, resp.StatusCode, describeAnswer(resp.Header.Get("Content-Type"), body)), "unusable"}
+	}
+	return resp.StatusCode, body, resp.Header, nil
+}
+
+// usableAnswer accepts a 2xx, 4xx or 5xx answer whose body is a JSON object;
+// a successful token answer must carry an access token. The revocation
+// endpoint may answer 2xx with an empty body (Restream does).
+func usableAnswer(call string, status int, body []byte) bool {
+	if status < 200 || (status >= 300 && status < 400) || status > 599 {
+		return false
+	}
+	ok2xx := status < 300
+	if call == "revoke" && ok2xx && len(bytes.TrimSpace(body)) == 0 {
+		return true
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(body, &obj); err != nil || obj == nil {
+		return false
+	}
+	if call == "revoke" || !ok2xx {
+		return true
+	}
+	for _, k := range []string{"access_token", "accessToken"} {
+		var s string
+		if json.Unmarshal(obj[k], &s) == nil && s != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// describeAnswer names an unusable body by kind and size, never by content.
+func describeAnswer(contentType string, body []byte) string {
+	if len(bytes.TrimSpace(body)) == 0 {
+		return "an empty body"
+	}
+	mt, _, _ := mime.ParseMediaType(contentType)
+	kind := "a body that is not JSON"
+	switch {
+	case strings.Contains(mt, "html"):
+		kind = "an HTML page"
+	case json.Valid(body):
+		kind = "unexpected JSON"
+	}
+	if mt == "" || len(mt) > 64 || strings.ContainsFunc(mt, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
+		mt = "no usable content type"
+	}
+	return fmt.Sprintf("%s (%s, %d bytes)", kind, mt, len(body))
+}
+
+func isNetTimeout(err error) bool {
+	t, ok := errors.AsType[interface {
+		error
+		Timeout() bool
+	}](err)
+	return ok && t.Timeout()
+}
+
+// writeOAuthJSON answers {"error":…,"error_description":…}, never cached.
+func writeOAuthJSON(w http.ResponseWriter, status int, code, desc string) {
+	b, _ := json.Marshal(map[string]string{"error": code, "error_description": desc})
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Set("Pragma", "no-cache")
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+// MarshalLogObject keeps the client secret out of logs that print the
+// handler, such as `servers { trace }`, even when it was written literally.
+func (p *TokenProxy) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("token_url", p.TokenURL)
+	enc.AddString("revoke_url", p.RevokeURL)
+	mode := "basic"
+	if p.style == tokensource.AuthBody {
+		mode = "body"
+	}
+	enc.AddString("client_auth", mode)
+	enc.AddDuration("timeout", time.Duration(p.Timeout))
+	return nil
+}
+
+func parseTokenProxyCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(TokenProxy)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
+//
+//	restream_token_proxy {
+//	    client_id     <id>
+//	    client_secret <secret>
+//	    token_url     <url>
+//	    revoke_url    <url>
+//	    client_auth   basic|body
+//	    timeout       <duration>
+//	}
+func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // directive name
+	if d.NextArg() {
+		return d.Errf("restream_token_proxy takes no arguments (unexpected %q)", d.Val())
+	}
+	seen := map[string]bool{}
+	for d.NextBlock(0) {
+		sub := d.Val()
+		switch sub {
+		case "client_id", "client_secret", "token_url", "revoke_url", "client_auth", "timeout":
+		default:
+			return d.Errf("unknown subdirective %q", sub)
+		}
+		if seen[sub] {
+			return d.Errf("%s: given more than once", sub)
+		}
+		seen[sub] = true
+		var val string
+		if !d.Args(&val) {
+			return d.Errf("%s: expected one value", sub)
+		}
+		if d.NextArg() {
+			return d.Errf("%s: expected one value, got more", sub)
+		}
+		if val == "" {
+			return d.Errf("%s: empty value", sub)
+		}
+		switch sub {
+		case "client_id":
+			p.ClientID = val
+		case "client_secret":
+			p.ClientSecret = val
+		case "token_url", "revoke_url":
+			if err := checkEndpointURL(sub, val); err != nil {
+				return d.Err(err.Error())
+			}
+			if sub == "token_url" {
+				p.TokenURL = val
+			} else {
+				p.RevokeURL = val
+			}
+		case "client_auth":
+			if _, err := parseClientAuth(val); err != nil {
+				return d.Err(err.Error())
+			}
+			p.ClientAuth = val
+		case "timeout":
+			dur, err := caddy.ParseDuration(val)
+			if err != nil {
+				return d.Errf("timeout %q: %v", val, err)
+			}
+			if dur <= 0 {
+				return d.Errf("timeout %q: must be positive", val)
+			}
+			p.Timeout = caddy.Duration(dur)
+		}
+	}
+	switch {
+	case p.ClientID == "":
+		return d.Err("restream_token_proxy: client_id is required")
+	case p.ClientSecret == "":
+		return d.Err("restream_token_proxy: client_secret is required")
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*TokenProxy)(nil)
+	_ caddy.CleanerUpper          = (*TokenProxy)(nil)
+	_ caddyhttp.MiddlewareHandler = (*TokenProxy)(nil)
+	_ caddyfile.Unmarshaler       = (*TokenProxy)(nil)
+	_ zapcore.ObjectMarshaler     = (*TokenProxy)(nil)
+)

@@ -1,0 +1,335 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+func TestTokenProxyCaddyfile(t *testing.T) {
+	for _, tc := range []struct {
+		name, input string
+		want        TokenProxy
+	}{
+		{
+			name: "every subdirective",
+			input: `restream_token_proxy {
+	client_id     {env.RESTREAM_CLIENT_ID}
+	client_secret {file./run/secrets/restream_secret}
+	token_url     https://api.restream.io/oauth/token
+	revoke_url    https://api.restream.io/oauth/revoke
+	client_auth   body
+	timeout       15s
+}`,
+			want: TokenProxy{
+				ClientID:     "{env.RESTREAM_CLIENT_ID}",
+				ClientSecret: "{file./run/secrets/restream_secret}",
+				TokenURL:     "https://api.restream.io/oauth/token",
+				RevokeURL:    "https://api.restream.io/oauth/revoke",
+				ClientAuth:   "body",
+				Timeout:      caddy.Duration(15 * time.Second),
+			},
+		},
+		{
+			name:  "minimal",
+			input: "restream_token_proxy {\n\tclient_id id\n\tclient_secret secret\n}",
+			want:  TokenProxy{ClientID: "id", ClientSecret: "secret"},
+		},
+		{
+			name: "loopback http, basic, day unit",
+			input: `restream_token_proxy {
+	client_id id
+	client_secret secret
+	client_auth basic
+	token_url http://127.0.0.1:8080/oauth/token
+	revoke_url http://[::1]:8080/oauth/revoke
+	timeout 1d
+}`,
+			want: TokenProxy{ClientID: "id", ClientSecret: "secret", ClientAuth: "basic",
+				TokenURL: "http://127.0.0.1:8080/oauth/token", RevokeURL: "http://[::1]:8080/oauth/revoke",
+				Timeout: caddy.Duration(24 * time.Hour)},
+		},
+		{
+			name:  "localhost",
+			input: "restream_token_proxy {\n\tclient_id id\n\tclient_secret secret\n\ttoken_url http://localhost:9/t\n}",
+			want:  TokenProxy{ClientID: "id", ClientSecret: "secret", TokenURL: "http://localhost:9/t"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got TokenProxy
+			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got\n%+v\nwant\n%+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestTokenProxyCaddyfileErrors(t *testing.T) {
+	// block wraps lines into a valid block; the first of them is on line 4.
+	block := func(lines ...string) string {
+		return "restream_token_proxy {\n\tclient_id id\n\tclient_secret secret\n\t" + strings.Join(lines, "\n\t") + "\n}"
+	}
+	for _, tc := range []struct {
+		name, input string
+		reason      string // substring of the error
+		line        int
+	}{
+		{"unknown subdirective", block("refresh_token rt"), `unknown subdirective "refresh_token"`, 4},
+		{"unknown subdirective without value", block("timeout 1s", "replay_401"), `unknown subdirective "replay_401"`, 5},
+		{"missing value", block("timeout 1s", "token_url"), "token_url: expected one value", 5},
+		{"missing value at the end", block("client_auth"), "client_auth: expected one value", 4},
+		{"extra value", block("client_auth basic body"), "client_auth: expected one value, got more", 4},
+		{"empty value", block(`revoke_url ""`), "revoke_url: empty value", 4},
+		{"repeated", block("timeout 1s", "timeout 2s"), "timeout: given more than once", 5},
+		{"repeated client_secret", block("client_secret other"), "client_secret: given more than once", 4},
+		{"bad mode", block("client_auth digest"), `client_auth "digest": want basic or body`, 4},
+		{"bad duration", block("timeout soon"), `timeout "soon": `, 4},
+		{"duration without unit", block("timeout 10"), `timeout "10": `, 4},
+		{"zero duration", block("timeout 0s"), `timeout "0s": must be positive`, 4},
+		{"negative duration", block("timeout -5s"), `timeout "-5s": must be positive`, 4},
+		{"token_url http non-loopback", block("token_url http://api.restream.io/oauth/token"),
+			`token_url "http://api.restream.io/oauth/token": plain http is allowed only for loopback hosts`, 4},
+		{"revoke_url http non-loopback", block("timeout 1s", "revoke_url http://10.0.0.1/oauth/revoke"),
+			`revoke_url "http://10.0.0.1/oauth/revoke": plain http is allowed only for loopback hosts`, 5},
+		{"revoke_url loopback-looking name", block("revoke_url http://localhost.example.com/r"), "plain http is allowed only for loopback hosts", 4},
+		{"token_url relative", block("token_url /oauth/token"), "is not an absolute URL", 4},
+		{"revoke_url bad scheme", block("revoke_url ftp://api.restream.io/oauth/revoke"), "scheme must be https", 4},
+		{"token_url credentials", block("token_url https://u:p@api.restream.io/oauth/token"), "token_url must not contain credentials", 4},
+		{"missing client_id", "restream_token_proxy {\n\tclient_secret s\n\ttimeout 1s\n}", "client_id is required", 4},
+		{"missing client_secret", "restream_token_proxy {\n\tclient_id id\n}", "client_secret is required", 3},
+		{"no block", "restream_token_proxy", "client_id is required", 1},
+		{"an argument", "restream_token_proxy acct {\n\tclient_id id\n\tclient_secret s\n}", `takes no arguments (unexpected "acct")`, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var p TokenProxy
+			err := p.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("no error for\n%s", tc.input)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tc.reason) {
+				t.Errorf("error %q does not give the reason %q", msg, tc.reason)
+			}
+			if at := fmt.Sprintf(", at Testfile:%d", tc.line); !strings.HasSuffix(msg, at) {
+				t.Errorf("error %q does not end with the line %q", msg, at)
+			}
+		})
+	}
+}
+
+// The directive works outside route blocks, before reverse_proxy, with or
+// without a matcher, and its placeholders stay unresolved in the JSON.
+func TestTokenProxyCaddyfileAdapt(t *testing.T) {
+	t.Setenv("TP_ADAPT_SECRET", "resolved-secret-must-not-appear")
+	input := `{
+	admin off
+}
+
+:8080 {
+	reverse_proxy https://api.restream.io
+	restream_token_proxy /oauth/* {
+		client_id my-client
+		client_secret {env.TP_ADAPT_SECRET}
+		client_auth body
+		timeout 3s
+	}
+}
+
+:8081 {
+	respond /health 200
+	restream_token_proxy {
+		client_id my-client
+		client_secret {file./run/secrets/restream}
+	}
+}
+`
+	out, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatalf("adapting: %v", err)
+	}
+	for _, w := range warnings {
+		t.Errorf("adapt warning: %s", w)
+	}
+	if strings.Contains(string(out), "resolved-secret-must-not-appear") {
+		t.Fatal("the adapted config holds the resolved secret")
+	}
+	var cfg struct {
+		Apps struct {
+			HTTP struct {
+				Servers map[string]struct {
+					Listen []string          `json:"listen"`
+					Routes []json.RawMessage `json:"routes"`
+				} `json:"servers"`
+			} `json:"http"`
+		} `json:"apps"`
+	}
+	if err := json.Unmarshal(out, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	// handlerOrder lists the handler names in the order the routes run them.
+	handlerOrder := func(routes []json.RawMessage) (names []string, proxies []map[string]any) {
+		var walk func(v any)
+		walk = func(v any) {
+			switch v := v.(type) {
+			case map[string]any:
+				if h, ok := v["handler"].(string); ok && h != "subroute" {
+					names = append(names, h)
+					if h == "restream_token_proxy" {
+						proxies = append(proxies, v)
+					}
+				}
+				for _, k := range []string{"routes", "handle"} {
+					walk(v[k])
+				}
+			case []any:
+				for _, c := range v {
+					walk(c)
+				}
+			}
+		}
+		for _, r := range routes {
+			var v any
+			_ = json.Unmarshal(r, &v)
+			walk(v)
+		}
+		return names, proxies
+	}
+	found := 0
+	for _, srv := range cfg.Apps.HTTP.Servers {
+		names, proxies := handlerOrder(srv.Routes)
+		switch strings.Join(srv.Listen, ",") {
+		case ":8080":
+			found++
+			if !reflect.DeepEqual(names, []string{"restream_token_proxy", "reverse_proxy"}) {
+				t.Errorf(":8080 handlers %v, want restream_token_proxy before reverse_proxy", names)
+			}
+			want := map[string]any{"handler": "restream_token_proxy", "client_id": "my-client",
+				"client_secret": "{env.TP_ADAPT_SECRET}", "client_auth": "body", "timeout": float64(3 * time.Second)}
+			if len(proxies) != 1 || !reflect.DeepEqual(proxies[0], want) {
+				t.Errorf(":8080 restream_token_proxy JSON %v, want %v", proxies, want)
+			}
+		case ":8081":
+			found++
+			if len(names) != 2 || names[1] != "restream_token_proxy" {
+				t.Errorf(":8081 handlers %v, want respond then restream_token_proxy", names)
+			}
+		}
+	}
+	if found != 2 {
+		t.Fatalf("servers %+v", cfg.Apps.HTTP.Servers)
+	}
+}
+
+// Provision resolves placeholders into unexported fields, applies defaults,
+// and checks what JSON configs (which skip the Caddyfile checks) can get wrong.
+func TestTokenProxyProvision(t *testing.T) {
+	const secret = "provisioned-secret-4f3e2d"
+	t.Setenv("TP_PROV_ID", "  prov-client\n")
+	secretFile := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secretFile, []byte(secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+
+	p := &TokenProxy{ClientID: "{env.TP_PROV_ID}", ClientSecret: "{file." + secretFile + "}", ClientAuth: "body"}
+	if err := p.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Cleanup()
+	if p.clientID != "prov-client" || p.clientSecret != secret {
+		t.Errorf("resolved %q / %q", p.clientID, p.clientSecret)
+	}
+	if p.ClientSecret != "{file."+secretFile+"}" {
+		t.Errorf("the exported field changed to %q", p.ClientSecret)
+	}
+	if p.TokenURL != DefaultTokenURL || p.RevokeURL != DefaultRevokeURL || time.Duration(p.Timeout) != 10*time.Second || p.style != tokensource.AuthBody {
+		t.Errorf("defaults not applied: %+v", p)
+	}
+	enc := zapcore.NewMapObjectEncoder()
+	if err := p.MarshalLogObject(enc); err != nil {
+		t.Fatal(err)
+	}
+	logged := fmt.Sprint(enc.Fields)
+	if strings.Contains(logged, secret) || strings.Contains(logged, "prov-client") {
+		t.Errorf("MarshalLogObject logs credentials: %s", logged)
+	}
+	if enc.Fields["client_auth"] != "body" || enc.Fields["token_url"] != DefaultTokenURL {
+		t.Errorf("MarshalLogObject fields %v", enc.Fields)
+	}
+
+	for _, tc := range []struct {
+		name   string
+		p      TokenProxy
+		reason string
+	}{
+		{"unset env secret", TokenProxy{ClientID: "id", ClientSecret: "{env.TP_PROV_UNSET_XYZ}"}, "client_secret: evaluated placeholder {env.TP_PROV_UNSET_XYZ} is empty"},
+		{"missing file", TokenProxy{ClientID: "id", ClientSecret: "{file./nonexistent/tp-secret}"}, "client_secret"},
+		{"no client_id", TokenProxy{ClientSecret: "s"}, "client_id and client_secret are required"},
+		{"http token_url", TokenProxy{ClientID: "id", ClientSecret: "s", TokenURL: "http://api.restream.io/oauth/token"}, "plain http is allowed only for loopback"},
+		{"http revoke_url", TokenProxy{ClientID: "id", ClientSecret: "s", RevokeURL: "http://api.restream.io/oauth/revoke"}, "revoke_url"},
+		{"bad mode", TokenProxy{ClientID: "id", ClientSecret: "s", ClientAuth: "header"}, "want basic or body"},
+		{"negative timeout", TokenProxy{ClientID: "id", ClientSecret: "s", Timeout: caddy.Duration(-time.Second)}, "timeout must not be negative"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.p
+			err := p.Provision(ctx)
+			if err == nil || !strings.Contains(err.Error(), tc.reason) {
+				t.Fatalf("error %v, want one with %q", err, tc.reason)
+			}
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("error shows a secret: %v", err)
+			}
+		})
+	}
+}
+
+func TestTokenProxyUsableAnswer(t *testing.T) {
+	for _, tc := range []struct {
+		call   string
+		status int
+		body   string
+		want   bool
+	}{
+		{"refresh_token", 200, `{"access_token":"at","refresh_token":"rt"}`, true},
+		{"refresh_token", 200, `{"accessToken":"at"}`, true},
+		{"refresh_token", 200, `{"token_type":"Bearer"}`, false},
+		{"refresh_token", 200, `{"access_token":""}`, false},
+		{"refresh_token", 200, `{"access_token":42}`, false},
+		{"refresh_token", 200, ``, false},
+		{"refresh_token", 200, `[1,2]`, false},
+		{"refresh_token", 200, `null`, false},
+		{"authorization_code", 400, `{"error":"invalid_grant"}`, true},
+		{"authorization_code", 400, `{"error":{"name":"invalid_grant","message":"x"}}`, true},
+		{"refresh_token", 503, `{"error":"server_error"}`, true},
+		{"refresh_token", 502, `<html>bad gateway</html>`, false},
+		{"refresh_token", 302, `{"error":"x"}`, false},
+		{"refresh_token", 400, ``, false},
+		{"revoke", 200, ``, true},
+		{"revoke", 204, "  \n", true},
+		{"revoke", 200, `{}`, true},
+		{"revoke", 200, `ok`, false},
+		{"revoke", 503, ``, false},
+		{"revoke", 401, `{"error":"invalid_client"}`, true},
+	} {
+		if got := usableAnswer(tc.call, tc.status, []byte(tc.body)); got != tc.want {
+			t.Errorf("usableAnswer(%s, %d, %q) = %v, want %v", tc.call, tc.status, tc.body, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,783 @@
+package caddymodule_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+)
+
+// Tests of restream_token_proxy: real Caddy (in process) in front of the
+// strict fake, usually through tpRecorder, a pass-through that keeps what
+// the proxy sent upstream and the exact bytes upstream answered.
+
+const tpRedirectURI = "https://device.example/callback"
+
+func tpNewFake(t *testing.T, opts fakerestream.Options) *fakerestream.Server {
+	t.Helper()
+	if opts.Logf == nil {
+		opts.Logf = t.Logf
+	}
+	f := fakerestream.New(opts)
+	t.Cleanup(f.Close)
+	return f
+}
+
+// tpCall is one call that went through the recorder.
+type tpCall struct {
+	Path          string
+	ContentType   string
+	Form          url.Values
+	Authorization string
+	Status        int
+	Body          []byte // exactly as upstream sent it
+}
+
+// tpRecorder forwards /oauth/token and /oauth/revoke to the fake's token
+// listener and records each call.
+type tpRecorder struct {
+	srv   *httptest.Server
+	mu    sync.Mutex
+	calls []tpCall
+}
+
+func tpNewRecorder(t *testing.T, fake *fakerestream.Server) *tpRecorder {
+	t.Helper()
+	upstream := strings.TrimSuffix(fake.TokenURL(), "/oauth/token")
+	rec := &tpRecorder{}
+	hc := &http.Client{Timeout: time.Minute}
+	rec.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		raw, _ := io.ReadAll(r.Body)
+		form, _ := url.ParseQuery(string(raw))
+		call := tpCall{Path: r.URL.Path, ContentType: r.Header.Get("Content-Type"), Form: form, Authorization: r.Header.Get("Authorization")}
+		req, _ := http.NewRequestWithContext(r.Context(), r.Method, upstream+r.URL.Path, bytes.NewReader(raw))
+		for _, k := range []string{"Content-Type", "Authorization", "Accept"} {
+			if v := r.Header.Get(k); v != "" {
+				req.Header.Set(k, v)
+			}
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			// Pass the failure on as what it is: no answer.
+			panic(http.ErrAbortHandler)
+		}
+		defer resp.Body.Close()
+		call.Body, _ = io.ReadAll(resp.Body)
+		call.Status = resp.StatusCode
+		rec.mu.Lock()
+		rec.calls = append(rec.calls, call)
+		rec.mu.Unlock()
+		for k, v := range resp.Header {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(resp.StatusCode)
+		_, _ = w.Write(call.Body)
+	}))
+	t.Cleanup(rec.srv.Close)
+	return rec
+}
+
+func (rec *tpRecorder) tokenURL() string  { return rec.srv.URL + "/oauth/token" }
+func (rec *tpRecorder) revokeURL() string { return rec.srv.URL + "/oauth/revoke" }
+
+func (rec *tpRecorder) count() int {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	return len(rec.calls)
+}
+
+func (rec *tpRecorder) last(t *testing.T) tpCall {
+	t.Helper()
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.calls) == 0 {
+		t.Fatal("no call reached the upstream")
+	}
+	return rec.calls[len(rec.calls)-1]
+}
+
+// tpSite is one site of a test Caddyfile: restream_token_proxy on /oauth/*
+// next to a reverse_proxy to the fake's API, outside any route block, so the
+// directive order is exercised.
+type tpSite struct {
+	Port      int
+	Lines     []string // restream_token_proxy subdirectives
+	APIUpstrm string   // reverse_proxy target for everything else, if set
+}
+
+func (s tpSite) base() string { return "http://127.0.0.1:" + itoa(s.Port) }
+
+func tpCaddyfile(global []string, sites ...tpSite) string {
+	var b strings.Builder
+	b.WriteString("{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n")
+	for _, g := range global {
+		b.WriteString("\t" + g + "\n")
+	}
+	b.WriteString("}\n")
+	for _, s := range sites {
+		fmt.Fprintf(&b, "\nhttp://127.0.0.1:%d {\n\trestream_token_proxy /oauth/* {\n", s.Port)
+		for _, l := range s.Lines {
+			b.WriteString("\t\t" + l + "\n")
+		}
+		b.WriteString("\t}\n")
+		if s.APIUpstrm != "" {
+			fmt.Fprintf(&b, "\treverse_proxy %s\n", s.APIUpstrm)
+		}
+		b.WriteString("}\n")
+	}
+	return b.String()
+}
+
+// tpSiteFor is a site proxying to rec with the fake's default credentials.
+func tpSiteFor(t *testing.T, rec *tpRecorder, fake *fakerestream.Server, extra ...string) tpSite {
+	return tpSite{
+		Port: freePort(t),
+		Lines: append([]string{
+			"client_id test-client",
+			"client_secret test-secret",
+			"token_url " + rec.tokenURL(),
+			"revoke_url " + rec.revokeURL(),
+		}, extra...),
+		APIUpstrm: fake.URL(),
+	}
+}
+
+const tpFormType = "application/x-www-form-urlencoded"
+
+// tpPost posts a form; hdr may add or override headers.
+func tpPost(t *testing.T, u string, form url.Values, hdr map[string]string) (int, []byte, http.Header) {
+	t.Helper()
+	h := map[string]string{"Content-Type": tpFormType}
+	for k, v := range hdr {
+		h[k] = v
+	}
+	return do(t, http.MethodPost, u, []byte(form.Encode()), h)
+}
+
+func tpBasic(id, secret string) string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte(id+":"+secret))
+}
+
+// tpTokens decodes a token answer.
+func tpTokens(t *testing.T, body []byte) (access, refresh string) {
+	t.Helper()
+	var v struct {
+		AccessToken  string `json:"access_token"`
+		RefreshToken string `json:"refresh_token"`
+	}
+	if err := json.Unmarshal(body, &v); err != nil || v.AccessToken == "" || v.RefreshToken == "" {
+		t.Fatalf("not a token answer (%v): %s", err, body)
+	}
+	return v.AccessToken, v.RefreshToken
+}
+
+// tpOAuthError decodes an OAuth error answer and checks the headers every
+// answer of the proxy carries.
+func tpOAuthError(t *testing.T, body []byte, hdr http.Header) (code, desc string) {
+	t.Helper()
+	tpCheckHeaders(t, hdr, true)
+	var v struct {
+		Error            string `json:"error"`
+		ErrorDescription string `json:"error_description"`
+	}
+	if err := json.Unmarshal(body, &v); err != nil || v.Error == "" {
+		t.Fatalf("not an OAuth error (%v): %q", err, body)
+	}
+	return v.Error, v.ErrorDescription
+}
+
+func tpCheckHeaders(t *testing.T, hdr http.Header, withBody bool) {
+	t.Helper()
+	if hdr == nil {
+		t.Fatal("no answer")
+	}
+	if got := hdr.Get("Cache-Control"); got != "no-store" {
+		t.Errorf("Cache-Control %q, want no-store", got)
+	}
+	if got := hdr.Get("Pragma"); got != "no-cache" {
+		t.Errorf("Pragma %q, want no-cache", got)
+	}
+	if got := hdr.Get("Content-Type"); withBody && got != "application/json" {
+		t.Errorf("Content-Type %q, want application/json", got)
+	}
+}
+
+// A device refreshes through the proxy: the pair rotates, the new pair
+// works, the old refresh token is then rejected with the fake's own
+// invalid_grant answer, byte for byte, and status 400.
+func TestTokenProxyRefreshRotates(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{})
+	rec := tpNewRecorder(t, fake)
+	site := tpSiteFor(t, rec, fake)
+	runInProcess(t, tpCaddyfile(nil, site))
+	access0, refresh0 := fake.SeedPair()
+
+	// Fields other than the grant's (scope, junk) are not forwarded.
+	status, body, hdr := tpPost(t, site.base()+"/oauth/token", url.Values{
+		"grant_type": {"refresh_token"}, "refresh_token": {refresh0}, "scope": {"everything"}, "foo": {"bar"},
+	}, nil)
+	if status != http.StatusOK {
+		t.Fatalf("refresh: status %d: %s", status, body)
+	}
+	tpCheckHeaders(t, hdr, true)
+	up := rec.last(t)
+	if !bytes.Equal(body, up.Body) {
+		t.Errorf("relayed body differs from upstream's:\n got %q\nwant %q", body, up.Body)
+	}
+	if want := (url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}); !reflect.DeepEqual(up.Form, want) {
+		t.Errorf("upstream got form %v, want %v", up.Form, want)
+	}
+	if up.Authorization != tpBasic("test-client", "test-secret") || up.ContentType != tpFormType {
+		t.Errorf("upstream got Authorization %q, Content-Type %q", up.Authorization, up.ContentType)
+	}
+	access1, refresh1 := tpTokens(t, body)
+	if access1 == access0 || refresh1 == refresh0 {
+		t.Fatal("the pair did not rotate")
+	}
+
+	// The new access token works (through the same sidecar's reverse_proxy);
+	// the old one is dead.
+	if st, b, _ := do(t, http.MethodGet, site.base()+"/v2/user/profile", nil, map[string]string{"Authorization": "Bearer " + access1}); st != http.StatusOK {
+		t.Errorf("new access token: status %d: %s", st, b)
+	}
+	if st, _, _ := do(t, http.MethodGet, site.base()+"/v2/user/profile", nil, map[string]string{"Authorization": "Bearer " + access0}); st != http.StatusUnauthorized {
+		t.Errorf("old access token: status %d, want 401", st)
+	}
+
+	// The old refresh token: invalid_grant, relayed unchanged.
+	status, body, hdr = tpPost(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}, nil)
+	if status != http.StatusBadRequest {
+		t.Fatalf("old refresh token: status %d, want 400: %s", status, body)
+	}
+	if code, _ := tpOAuthError(t, body, hdr); code != "invalid_grant" {
+		t.Errorf("old refresh token: error %q, want invalid_grant", code)
+	}
+	if up := rec.last(t); up.Status != http.StatusBadRequest || !bytes.Equal(body, up.Body) {
+		t.Errorf("relayed error differs from upstream's %d:\n got %q\nwant %q", up.Status, body, up.Body)
+	}
+
+	// The chain goes on with the new refresh token.
+	status, body, _ = tpPost(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil)
+	if status != http.StatusOK {
+		t.Fatalf("second refresh: status %d: %s", status, body)
+	}
+	if access2, _ := tpTokens(t, body); !fake.ValidAccessToken(access2) || fake.ValidAccessToken(access1) {
+		t.Error("second rotation: the new access token is not the only valid one")
+	}
+	if st := fake.Stats(); st.RefreshOK != 2 || st.InvalidGrant != 1 || st.InvalidClient != 0 {
+		t.Errorf("fake stats %+v, want 2 rotations, 1 invalid_grant, 0 invalid_client", st)
+	}
+}
+
+// An authorization code is redeemed through the proxy, with Basic and with
+// body client authentication; a second use of the code is invalid_grant.
+func TestTokenProxyAuthorizationCode(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{})
+	rec := tpNewRecorder(t, fake)
+	basic := tpSiteFor(t, rec, fake)
+	body := tpSiteFor(t, rec, fake, "client_auth body")
+	runInProcess(t, tpCaddyfile(nil, basic, body))
+
+	for _, tc := range []struct {
+		name string
+		site tpSite
+		mode string
+	}{{"basic", basic, "basic"}, {"body", body, "body"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			code := fake.IssueCode(tpRedirectURI)
+			form := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}
+			status, b, hdr := tpPost(t, tc.site.base()+"/oauth/token", form, nil)
+			if status != http.StatusOK {
+				t.Fatalf("status %d: %s", status, b)
+			}
+			tpCheckHeaders(t, hdr, true)
+			up := rec.last(t)
+			if !bytes.Equal(b, up.Body) {
+				t.Errorf("relayed body differs from upstream's")
+			}
+			if access, _ := tpTokens(t, b); !fake.ValidAccessToken(access) {
+				t.Error("the issued access token is not valid at the fake")
+			}
+			want := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}
+			wantAuthz := tpBasic("test-client", "test-secret")
+			if tc.mode == "body" {
+				want.Set("client_id", "test-client")
+				want.Set("client_secret", "test-secret")
+				wantAuthz = ""
+			}
+			if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
+				t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
+			}
+
+			status, b, hdr = tpPost(t, tc.site.base()+"/oauth/token", form, nil)
+			if status != http.StatusBadRequest {
+				t.Fatalf("reused code: status %d, want 400: %s", status, b)
+			}
+			if code, _ := tpOAuthError(t, b, hdr); code != "invalid_grant" || !bytes.Equal(b, rec.last(t).Body) {
+				t.Errorf("reused code: got %s, want the fake's invalid_grant unchanged", b)
+			}
+		})
+	}
+	if st := fake.Stats(); st.CodeCalls != 4 || st.InvalidGrant != 2 || st.InvalidClient != 0 {
+		t.Errorf("fake stats %+v, want 4 code calls, 2 invalid_grant, 0 invalid_client", st)
+	}
+}
+
+// Whatever client credentials a device sends (a wrong secret as form fields,
+// as Basic, or both) are dropped; the configured ones are used.
+func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{})
+	rec := tpNewRecorder(t, fake)
+	basic := tpSiteFor(t, rec, fake)
+	body := tpSiteFor(t, rec, fake, "client_auth body")
+	runInProcess(t, tpCaddyfile(nil, basic, body))
+
+	for _, site := range []struct {
+		name string
+		tpSite
+	}{{"basic", basic}, {"body", body}} {
+		for _, dev := range []struct {
+			name      string
+			form      url.Values
+			authorize string
+		}{
+			{"form fields", url.Values{"client_id": {"evil-client"}, "client_secret": {"wrong-secret"}}, ""},
+			{"basic", nil, tpBasic("evil-client", "wrong-secret")},
+			{"both", url.Values{"client_secret": {"wrong-secret"}}, tpBasic("test-client", "wrong-secret")},
+		} {
+			t.Run(site.name+"/"+dev.name, func(t *testing.T) {
+				_, refresh := fake.SeedPair()
+				form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
+				for k, v := range dev.form {
+					form[k] = v
+				}
+				var hdr map[string]string
+				if dev.authorize != "" {
+					hdr = map[string]string{"Authorization": dev.authorize}
+				}
+				status, b, _ := tpPost(t, site.base()+"/oauth/token", form, hdr)
+				if status != http.StatusOK {
+					t.Fatalf("status %d: %s", status, b)
+				}
+				up := rec.last(t)
+				want := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
+				wantAuthz := tpBasic("test-client", "test-secret")
+				if site.name == "body" {
+					want.Set("client_id", "test-client")
+					want.Set("client_secret", "test-secret")
+					wantAuthz = ""
+				}
+				if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
+					t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
+				}
+			})
+		}
+	}
+	if st := fake.Stats(); st.InvalidClient != 0 || st.RefreshOK != 6 {
+		t.Errorf("fake stats %+v, want 6 rotations and 0 invalid_client", st)
+	}
+}
+
+// Every refusal is answered by the proxy itself, as an OAuth JSON error, and
+// nothing reaches upstream.
+func TestTokenProxyRefusals(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{})
+	rec := tpNewRecorder(t, fake)
+	site := tpSiteFor(t, rec, fake)
+	runInProcess(t, tpCaddyfile(nil, site))
+	_, refresh := fake.SeedPair()
+	tokenURL, revokeURL := site.base()+"/oauth/token", site.base()+"/oauth/revoke"
+	form := func(kv ...string) []byte {
+		v := url.Values{}
+		for i := 0; i < len(kv); i += 2 {
+			v.Add(kv[i], kv[i+1])
+		}
+		return []byte(v.Encode())
+	}
+	formHdr := map[string]string{"Content-Type": tpFormType}
+	// The padding goes last, after the grant's fields.
+	padded := func(size int) []byte {
+		b := []byte("grant_type=refresh_token&refresh_token=" + refresh + "&pad=")
+		return append(b, bytes.Repeat([]byte("x"), size-len(b))...)
+	}
+	big := padded(64<<10 + 1)
+
+	for _, tc := range []struct {
+		name, method, url string
+		body              []byte
+		hdr               map[string]string
+		chunked           bool
+		status            int
+		code, descPart    string
+	}{
+		{"GET", http.MethodGet, tokenURL, nil, nil, false, 405, "invalid_request", "POST"},
+		{"PUT", http.MethodPut, tokenURL, form("grant_type", "refresh_token", "refresh_token", refresh), formHdr, false, 405, "invalid_request", "POST"},
+		{"GET revoke", http.MethodGet, revokeURL, nil, nil, false, 405, "invalid_request", "POST"},
+		{"JSON body", http.MethodPost, tokenURL, []byte(`{"grant_type":"refresh_token","refresh_token":"` + refresh + `"}`),
+			map[string]string{"Content-Type": "application/json"}, false, 400, "invalid_request", "x-www-form-urlencoded"},
+		{"no content type", http.MethodPost, tokenURL, form("grant_type", "refresh_token", "refresh_token", refresh), nil, false, 400, "invalid_request", "x-www-form-urlencoded"},
+		{"password grant", http.MethodPost, tokenURL, form("grant_type", "password", "username", "u", "password", "p"), formHdr, false, 400, "unsupported_grant_type", ""},
+		{"client_credentials grant", http.MethodPost, tokenURL, form("grant_type", "client_credentials"), formHdr, false, 400, "unsupported_grant_type", ""},
+		{"no grant_type", http.MethodPost, tokenURL, form("refresh_token", refresh), formHdr, false, 400, "invalid_request", "grant_type"},
+		{"empty body", http.MethodPost, tokenURL, []byte{}, formHdr, false, 400, "invalid_request", "grant_type"},
+		{"no refresh_token", http.MethodPost, tokenURL, form("grant_type", "refresh_token"), formHdr, false, 400, "invalid_request", "refresh_token"},
+		{"empty refresh_token", http.MethodPost, tokenURL, form("grant_type", "refresh_token", "refresh_token", ""), formHdr, false, 400, "invalid_request", "refresh_token"},
+		{"repeated refresh_token", http.MethodPost, tokenURL, form("grant_type", "refresh_token", "refresh_token", refresh, "refresh_token", "rt_other"), formHdr, false, 400, "invalid_request", "repeated"},
+		{"no code", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "redirect_uri", tpRedirectURI), formHdr, false, 400, "invalid_request", "code"},
+		{"no redirect_uri", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c"), formHdr, false, 400, "invalid_request", "redirect_uri"},
+		{"malformed form", http.MethodPost, tokenURL, []byte("grant_type=refresh_token&refresh_token=%zz"), formHdr, false, 400, "invalid_request", "malformed"},
+		{"body over 64 KiB", http.MethodPost, tokenURL, big, formHdr, false, 413, "invalid_request", "64 KiB"},
+		{"chunked body over 64 KiB", http.MethodPost, tokenURL, big, formHdr, true, 413, "invalid_request", "64 KiB"},
+		{"revoke without token", http.MethodPost, revokeURL, form("token_type_hint", "refresh_token"), formHdr, false, 400, "invalid_request", "token"},
+		{"revoke with a bad hint", http.MethodPost, revokeURL, form("token", refresh, "token_type_hint", "id_token"), formHdr, false, 400, "invalid_request", "token_type_hint"},
+		{"revoke JSON", http.MethodPost, revokeURL, []byte(`{"token":"x"}`), map[string]string{"Content-Type": "application/json"}, false, 400, "invalid_request", "x-www-form-urlencoded"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var rd io.Reader
+			if tc.body != nil {
+				rd = bytes.NewReader(tc.body)
+				if tc.chunked {
+					rd = io.MultiReader(rd) // hides the length: sent chunked
+				}
+			}
+			req, err := http.NewRequest(tc.method, tc.url, rd)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for k, v := range tc.hdr {
+				req.Header.Set(k, v)
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, b)
+			}
+			code, desc := tpOAuthError(t, b, resp.Header)
+			if code != tc.code || !strings.Contains(desc, tc.descPart) {
+				t.Errorf("got %s, want error %q with %q in the description", b, tc.code, tc.descPart)
+			}
+			if tc.status == http.StatusMethodNotAllowed && resp.Header.Get("Allow") != http.MethodPost {
+				t.Errorf("Allow %q, want POST", resp.Header.Get("Allow"))
+			}
+			mustContainNone(t, "refusal", string(b), refresh, "test-secret")
+		})
+	}
+	if n, st := rec.count(), fake.Stats(); n != 0 || st.RefreshCalls != 0 || st.CodeCalls != 0 {
+		t.Fatalf("refused requests reached upstream: %d calls, fake stats %+v", n, st)
+	}
+
+	// Exactly 64 KiB is allowed, and reaches the endpoint.
+	status, b, _ := do(t, http.MethodPost, tokenURL, padded(64<<10), formHdr)
+	if status != http.StatusOK {
+		t.Fatalf("a 64 KiB body: status %d: %s", status, b)
+	}
+	if up := rec.last(t); len(up.Form) != 2 {
+		t.Errorf("the padding reached upstream: %d fields", len(up.Form))
+	}
+}
+
+// POST …/revoke forwards the token with the client credentials; the revoked
+// pair stops working at the fake.
+func TestTokenProxyRevoke(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{})
+	rec := tpNewRecorder(t, fake)
+	site := tpSiteFor(t, rec, fake)
+	body := tpSiteFor(t, rec, fake, "client_auth body")
+	runInProcess(t, tpCaddyfile(nil, site, body))
+
+	for _, tc := range []struct {
+		name string
+		site tpSite
+		hint string
+	}{{"basic with hint", site, "refresh_token"}, {"body without hint", body, ""}, {"basic access_token hint", site, "access_token"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			access, refresh := fake.SeedPair()
+			tok := refresh
+			if tc.hint == "access_token" {
+				tok = access
+			}
+			form := url.Values{"token": {tok}, "client_secret": {"wrong-secret"}}
+			want := url.Values{"token": {tok}}
+			if tc.hint != "" {
+				form.Set("token_type_hint", tc.hint)
+				want.Set("token_type_hint", tc.hint)
+			}
+			status, b, hdr := tpPost(t, tc.site.base()+"/oauth/revoke", form, map[string]string{"Authorization": tpBasic("evil", "wrong-secret")})
+			if status != http.StatusOK {
+				t.Fatalf("revoke: status %d: %s", status, b)
+			}
+			tpCheckHeaders(t, hdr, false)
+			up := rec.last(t)
+			if up.Path != "/oauth/revoke" || !bytes.Equal(b, up.Body) {
+				t.Errorf("upstream call %s answered %q, device got %q", up.Path, up.Body, b)
+			}
+			wantAuthz := tpBasic("test-client", "test-secret")
+			if tc.site.Port == body.Port {
+				want.Set("client_id", "test-client")
+				want.Set("client_secret", "test-secret")
+				wantAuthz = ""
+			}
+			if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
+				t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
+			}
+			if fake.ValidAccessToken(access) {
+				t.Error("the access token still works after revocation")
+			}
+			status, b, hdr = tpPost(t, tc.site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, nil)
+			if code, _ := tpOAuthError(t, b, hdr); status != http.StatusBadRequest || code != "invalid_grant" {
+				t.Errorf("refresh after revocation: status %d: %s", status, b)
+			}
+		})
+	}
+	if st := fake.Stats(); st.InvalidClient != 0 || st.RefreshOK != 0 {
+		t.Errorf("fake stats %+v", st)
+	}
+}
+
+// Upstream failures: a JSON error answer (SetDown) is relayed unchanged;
+// no answer, or an unusable one, is the proxy's own 502 (504 on timeout).
+func TestTokenProxyUpstreamDown(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{})
+	rec := tpNewRecorder(t, fake)
+	site := tpSiteFor(t, rec, fake)
+	short := tpSiteFor(t, rec, fake, "timeout 500ms")
+	closed := tpSite{Port: freePort(t), Lines: []string{
+		"client_id test-client",
+		"client_secret test-secret",
+		fmt.Sprintf("token_url http://127.0.0.1:%d/oauth/token", freePort(t)),
+		fmt.Sprintf("revoke_url http://127.0.0.1:%d/oauth/revoke", freePort(t)),
+	}}
+	runInProcess(t, tpCaddyfile(nil, site, short, closed))
+	_, refresh := fake.SeedPair()
+	refreshForm := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
+
+	t.Run("SetDown 503 relayed", func(t *testing.T) {
+		fake.SetDown(http.StatusServiceUnavailable)
+		defer fake.SetDown(0)
+		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
+		if status != http.StatusServiceUnavailable {
+			t.Fatalf("status %d, want 503: %s", status, b)
+		}
+		if code, _ := tpOAuthError(t, b, hdr); code != "server_error" || !bytes.Equal(b, rec.last(t).Body) {
+			t.Errorf("got %q, want the fake's body %q", b, rec.last(t).Body)
+		}
+	})
+	t.Run("429 relayed with Retry-After", func(t *testing.T) {
+		fake.SetRetryAfter(7)
+		fake.SetFault(fakerestream.Fault429)
+		defer fake.SetFault(fakerestream.FaultNone)
+		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
+		if status != http.StatusTooManyRequests || hdr.Get("Retry-After") != "7" || !bytes.Equal(b, rec.last(t).Body) {
+			t.Errorf("status %d, Retry-After %q: %s", status, hdr.Get("Retry-After"), b)
+		}
+	})
+	for _, tc := range []struct {
+		name     string
+		site     tpSite
+		fault    fakerestream.Fault
+		url      string
+		status   int
+		code     string
+		descPart string
+	}{
+		{"closed port", closed, fakerestream.FaultNone, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
+		{"closed port revoke", closed, fakerestream.FaultNone, "/oauth/revoke", 502, "temporarily_unavailable", "unreachable"},
+		{"refused", site, fakerestream.FaultRefuse, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
+		{"HTML 502", site, fakerestream.FaultHTML, "/oauth/token", 502, "server_error", "HTML page"},
+		{"200 garbage", site, fakerestream.FaultGarbage, "/oauth/token", 502, "server_error", "not JSON"},
+		{"200 over 1 MiB", site, fakerestream.FaultHuge, "/oauth/token", 502, "server_error", "more than 1048576 bytes"},
+		{"hang", short, fakerestream.FaultHang, "/oauth/token", 504, "temporarily_unavailable", "within 500ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake.SetFault(tc.fault)
+			defer fake.SetFault(fakerestream.FaultNone)
+			form := refreshForm
+			if strings.HasSuffix(tc.url, "revoke") {
+				form = url.Values{"token": {refresh}}
+			}
+			start := time.Now()
+			status, b, hdr := tpPost(t, tc.site.base()+tc.url, form, nil)
+			if status != tc.status {
+				t.Fatalf("status %d, want %d: %s", status, tc.status, b)
+			}
+			code, desc := tpOAuthError(t, b, hdr)
+			if code != tc.code || !strings.Contains(desc, tc.descPart) {
+				t.Errorf("got %s, want %q with %q", b, tc.code, tc.descPart)
+			}
+			if tc.fault == fakerestream.FaultHang && time.Since(start) > 5*time.Second {
+				t.Errorf("the timeout did not bound the call: %s", time.Since(start))
+			}
+			mustContainNone(t, "error answer", string(b), append(fake.IssuedTokens(), "test-secret")...)
+		})
+	}
+	// Nothing above rotated: the seed still works.
+	if status, b, _ := tpPost(t, site.base()+"/oauth/token", refreshForm, nil); status != http.StatusOK {
+		t.Errorf("after the outages: status %d: %s", status, b)
+	}
+}
+
+// A device that hangs up mid-refresh does not cancel the upstream call: the
+// endpoint's rotation completes for the proxy (the fake counts rotations
+// whose caller went away as lost).
+func TestTokenProxyDetachedFromClient(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
+	site := tpSite{Port: freePort(t), Lines: []string{
+		"client_id test-client",
+		"client_secret test-secret",
+		"token_url " + fake.TokenURL(),
+		"timeout 5s",
+	}}
+	runInProcess(t, tpCaddyfile(nil, site))
+	_, refresh := fake.SeedPair()
+
+	// The device hangs up once its refresh is in progress at the fake.
+	ctx, hangUp := context.WithCancel(context.Background())
+	defer hangUp()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, site.base()+"/oauth/token",
+		strings.NewReader(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", tpFormType)
+	answered := make(chan error, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			err = fmt.Errorf("the device got an answer (%d) before the fake's latency", resp.StatusCode)
+		} else {
+			err = nil
+		}
+		answered <- err
+	}()
+	waitFor(t, 10*time.Second, "the refresh to reach the fake", func() bool { return fake.Stats().RefreshInFlight == 1 })
+	hangUp()
+	if err := <-answered; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the upstream refresh to finish", func() bool {
+		st := fake.Stats()
+		return st.RefreshCalls == 1 && st.RefreshInFlight == 0
+	})
+	if st := fake.Stats(); st.RefreshOK != 1 || st.LostRotations != 0 {
+		t.Errorf("fake stats %+v: want one rotation, completed for a caller still there", st)
+	}
+}
+
+// Secrets from {env.*} placeholders, tokens and codes passing through, and
+// credentials a device sends never reach the logs, even at DEBUG with
+// `servers { trace }` and access logs.
+func TestTokenProxyNoSecretsInLogs(t *testing.T) {
+	const secret = "cs_tokenproxy_secret_5d4c3b"
+	fake := tpNewFake(t, fakerestream.Options{ClientID: "tp-client", ClientSecret: secret, Logf: func(string, ...any) {}})
+	t.Setenv("TP_TEST_CLIENT_ID", "tp-client")
+	t.Setenv("TP_TEST_CLIENT_SECRET", secret)
+	dir := t.TempDir()
+	serverLog, accessLog := filepath.Join(dir, "server.log"), filepath.Join(dir, "access.log")
+	port := freePort(t)
+	revokeURL := strings.TrimSuffix(fake.TokenURL(), "/token") + "/revoke"
+	runInProcess(t, fmt.Sprintf(`{
+	admin off
+	auto_https off
+	persist_config off
+	log {
+		output file %s
+		level DEBUG
+	}
+	servers {
+		trace
+	}
+}
+
+http://127.0.0.1:%d {
+	log {
+		output file %s
+	}
+	restream_token_proxy {
+		client_id {env.TP_TEST_CLIENT_ID}
+		client_secret {env.TP_TEST_CLIENT_SECRET}
+		token_url %s
+		revoke_url %s
+		timeout 2s
+	}
+}
+`, serverLog, port, accessLog, fake.TokenURL(), revokeURL))
+	base := "http://127.0.0.1:" + itoa(port)
+	device := map[string]string{"Authorization": tpBasic("device-id", "device-secret-must-not-log")}
+	code := fake.IssueCode(tpRedirectURI)
+	_, refresh0 := fake.SeedPair()
+
+	st, b, _ := tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0},
+		"client_secret": {"form-secret-must-not-log"}}, device)
+	if st != http.StatusOK {
+		t.Fatalf("refresh: %d %s", st, b)
+	}
+	_, refresh1 := tpTokens(t, b)
+	if st, b, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}, nil); st != http.StatusBadRequest {
+		t.Fatalf("reuse: %d %s", st, b)
+	}
+	if st, b, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}, device); st != http.StatusOK {
+		t.Fatalf("code: %d %s", st, b)
+	}
+	if st, b, _ = tpPost(t, base+"/revoke", url.Values{"token": {refresh1}}, nil); st != http.StatusOK {
+		t.Fatalf("revoke: %d %s", st, b)
+	}
+	if st, _, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"password"}, "password": {"pw-must-not-log"}}, nil); st != http.StatusBadRequest {
+		t.Fatalf("password grant: %d", st)
+	}
+	fake.SetDown(http.StatusInternalServerError)
+	if st, _, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil); st != http.StatusInternalServerError {
+		t.Fatalf("down: %d", st)
+	}
+	fake.SetDown(0)
+	fake.SetFault(fakerestream.FaultGarbage)
+	if st, _, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil); st != http.StatusBadGateway {
+		t.Fatalf("garbage: %d", st)
+	}
+	fake.SetFault(fakerestream.FaultNone)
+
+	if err := caddy.Stop(); err != nil { // flush logs
+		t.Fatal(err)
+	}
+	logs := ""
+	for _, f := range []string{serverLog, accessLog} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		logs += string(b)
+	}
+	for _, want := range []string{`"msg":"token proxy call"`, `"grant_type":"refresh_token"`, `"grant_type":"authorization_code"`,
+		`"grant_type":"revoke"`, `"upstream_status":400`, `"failure":"unusable"`, "refused token proxy request", `"msg":"restream_token_proxy","module":{"token_url"`} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("logs lack %q: the test would not see a leak there", want)
+		}
+	}
+	secrets := append(fake.IssuedTokens(), secret, code, "device-secret-must-not-log", "form-secret-must-not-log", "pw-must-not-log",
+		base64.StdEncoding.EncodeToString([]byte("tp-client:"+secret)))
+	mustContainNone(t, "logs", logs, secrets...)
+	if os.Getenv("LEAKDUMP") != "" {
+		_ = os.WriteFile(os.Getenv("LEAKDUMP"), []byte(logs), 0o600)
+	}
+	t.Logf("checked %d bytes of logs against %d secrets", len(logs), len(secrets))
+}
