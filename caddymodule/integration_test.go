@@ -553,3 +553,46 @@ func TestQueryParamReplaced(t *testing.T) {
 		t.Fatalf("query %q, want %q", e.Query, want)
 	}
 }
+
+// A body over max_replay_body is streamed, not buffered: its 401 passes
+// through after one attempt, while a body within the limit is replayed.
+func TestLargeBodyNotReplayed(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
+	var attempts atomic.Int64
+	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		attempts.Add(1)
+		w.Header().Set("X-Body-Len", strconv.FormatInt(n, 10))
+		w.WriteHeader(http.StatusUnauthorized)
+	}))
+	upstream.Listener, _ = net.Listen("tcp", "127.0.0.1:0")
+	upstream.Start()
+	t.Cleanup(upstream.Close)
+	port := freePort(t)
+	runInProcess(t, fmt.Sprintf(`{
+	admin off
+	storage file_system %s
+}
+
+http://127.0.0.1:%d {
+	restream_auth {
+		client_id test-client
+		client_secret test-secret
+		refresh_token %s
+		token_url %s
+		max_replay_body 1KiB
+	}
+	reverse_proxy %s
+}
+`, t.TempDir(), port, fake.Seed(), fake.TokenURL(), upstream.URL))
+	url := "http://127.0.0.1:" + itoa(port) + "/v2/user/channel/1"
+	for _, tc := range []struct {
+		size, attempts int
+	}{{1024, 2}, {1025, 1}} {
+		attempts.Store(0)
+		status, _, hdr := do(t, http.MethodPatch, url, bytes.Repeat([]byte("x"), tc.size), nil)
+		if status != http.StatusUnauthorized || attempts.Load() != int64(tc.attempts) || hdr.Get("X-Body-Len") != strconv.Itoa(tc.size) {
+			t.Fatalf("%d-byte body: status %d, %d attempts (want %d), upstream read %s bytes", tc.size, status, attempts.Load(), tc.attempts, hdr.Get("X-Body-Len"))
+		}
+	}
+}

@@ -159,6 +159,12 @@ func TestValidateProvisionErrors(t *testing.T) {
 			"refresh_token: evaluated placeholder {file./nonexistent/restream/seed} is empty"},
 		{"client_id from an unknown placeholder", "client_id {restream.no_such_thing}",
 			"client_id: unrecognized placeholder {restream.no_such_thing}"},
+		{"encryption key not base64", "encryption_key not-base64!",
+			"encryption_key: encryption key is not standard base64"},
+		{"encryption key too short", "encryption_key AAAAAAAAAAAAAAAAAAAAAA==",
+			"encryption_key: encryption key has 16 bytes, want 32 (AES-256)"},
+		{"previous key without a key", "encryption_key_previous AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+			"encryption_key_previous needs encryption_key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()

@@ -1359,3 +1359,48 @@ func rej(s *Source, gen uint64) *Token {
 	}
 	return t
 }
+
+// A storage read that fails (not a missing or corrupt record) stops the
+// attempt: guessing "no record" could resend a consumed seed.
+func TestStorageReadFailureIsTransient(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	seed := env.fake.Seed()
+	mustToken(t, env.source(t, env.config(seed, "a")))
+	failing := &failingLoad{Storage: env.st}
+	cfg := env.config(seed, "b")
+	cfg.Storage = failing
+	env.clk.Advance(time.Hour) // the stored token is expired: a refresh is due
+	_, err := env.source(t, cfg).Token(context.Background())
+	if e := asError(t, err); e.Kind != Transient || !strings.Contains(e.Msg, "disk on fire") {
+		t.Fatalf("kind %v: %v", e.Kind, err)
+	}
+	env.wantCalls(t, 1) // only the first source's seed exchange
+}
+
+type failingLoad struct{ Storage }
+
+func (f *failingLoad) Load(ctx context.Context, key string) ([]byte, error) {
+	if strings.HasSuffix(key, "/token.json") {
+		return nil, errors.New("disk on fire")
+	}
+	return f.Storage.Load(ctx, key)
+}
+
+// A lease that expires implausibly late (a skewed clock, a bad record) does
+// not block refreshes until then.
+func TestImplausibleLeaseIgnored(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	b, _ := json.Marshal(leaseRecord{Owner: "skewed-host", Expires: env.clk.Now().Add(24 * time.Hour)})
+	if err := env.st.Store(context.Background(), keysFor(testAccount).lease, b); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := s.Token(ctx); err != nil {
+		t.Fatalf("a day-long lease blocked the refresh: %v", err)
+	}
+	env.wantCalls(t, 1)
+}
