@@ -1,0 +1,210 @@
+package caddymodule
+
+import (
+	"fmt"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"go.uber.org/zap/zapcore"
+)
+
+func TestLoginCaddyfile(t *testing.T) {
+	for _, tc := range []struct {
+		name, input string
+		want        Login
+	}{
+		{
+			name: "every subdirective",
+			input: `restream_auth_login main-acct {
+	client_id {env.RESTREAM_CLIENT_ID}
+	client_secret {file./run/secrets/restream_secret}
+	token_url https://api.restream.io/oauth/token
+	client_auth body
+	authorize_url https://api.restream.io/login
+	redirect_uri https://sidecar.example.com/restream/callback
+	encryption_key {env.RESTREAM_KEY}
+	encryption_key_previous {file./run/secrets/old_key}
+}`,
+			want: Login{
+				Account:      "main-acct",
+				ClientID:     "{env.RESTREAM_CLIENT_ID}",
+				ClientSecret: "{file./run/secrets/restream_secret}",
+				TokenURL:     "https://api.restream.io/oauth/token",
+				ClientAuth:   "body",
+				AuthorizeURL: "https://api.restream.io/login",
+				RedirectURI:  "https://sidecar.example.com/restream/callback",
+
+				EncryptionKey:         "{env.RESTREAM_KEY}",
+				EncryptionKeyPrevious: "{file./run/secrets/old_key}",
+			},
+		},
+		{
+			name: "minimal, no account",
+			input: `restream_auth_login {
+	client_id id
+	client_secret secret
+	redirect_uri https://sidecar.example.com/callback
+}`,
+			want: Login{ClientID: "id", ClientSecret: "secret", RedirectURI: "https://sidecar.example.com/callback"},
+		},
+		{
+			name: "loopback http for local fakes",
+			input: `restream_auth_login acct_2 {
+	client_id id
+	client_secret secret
+	client_auth basic
+	token_url http://127.0.0.1:9/oauth/token
+	authorize_url http://localhost:9/login?prompt=x
+	redirect_uri http://[::1]:8080/onboard/restream/callback
+}`,
+			want: Login{Account: "acct_2", ClientID: "id", ClientSecret: "secret", ClientAuth: "basic",
+				TokenURL: "http://127.0.0.1:9/oauth/token", AuthorizeURL: "http://localhost:9/login?prompt=x",
+				RedirectURI: "http://[::1]:8080/onboard/restream/callback"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got Login
+			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got\n%+v\nwant\n%+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestLoginCaddyfileErrors(t *testing.T) {
+	// block wraps subdirective lines into a valid block; the first of them
+	// is on line 5.
+	block := func(lines ...string) string {
+		return "restream_auth_login {\n\tclient_id id\n\tclient_secret secret\n\tredirect_uri https://s.example.com/restream/callback\n\t" +
+			strings.Join(lines, "\n\t") + "\n}"
+	}
+	for _, tc := range []struct {
+		name, input string
+		reason      string // substring of the error
+		line        int
+	}{
+		{"unknown subdirective", block("refresh_token x"), `unknown subdirective "refresh_token"`, 5},
+		{"missing value", block("client_auth basic", "authorize_url"), "authorize_url: expected one value", 6},
+		{"extra value", block("redirect_uri https://a.example/callback https://b.example/callback"), "redirect_uri: expected one value, got more", 5},
+		{"bad client_auth", block("client_auth digest"), `client_auth "digest": want basic or body`, 5},
+		{"token_url http", block("token_url http://api.restream.io/oauth/token"), "plain http is allowed only for loopback hosts", 5},
+		{"authorize_url http", block("authorize_url http://api.restream.io/login"), `authorize_url "http://api.restream.io/login": plain http is allowed only for loopback hosts`, 5},
+		{"authorize_url relative", block("authorize_url /login"), `authorize_url "/login" is not an absolute URL`, 5},
+		{"authorize_url fragment", block("authorize_url https://api.restream.io/login#x"), "must not have a fragment", 5},
+		{"redirect_uri http", block("redirect_uri http://sidecar.example.com/restream/callback"), `redirect_uri "http://sidecar.example.com/restream/callback": plain http is allowed only for loopback hosts`, 5},
+		{"redirect_uri not the callback", block("redirect_uri https://sidecar.example.com/restream/login"), "the path must end in /callback", 5},
+		{"redirect_uri no path", block("redirect_uri https://sidecar.example.com"), "the path must end in /callback", 5},
+		{"redirect_uri relative", block("redirect_uri /restream/callback"), "is not an absolute URL", 5},
+		{"redirect_uri placeholder", block("redirect_uri {env.REDIRECT}"), "is not an absolute URL", 5},
+		{"redirect_uri fragment", block("redirect_uri https://s.example.com/callback#top"), "must not have a fragment", 5},
+		{"redirect_uri credentials", block("redirect_uri https://u:p@s.example.com/callback"), "redirect_uri must not contain credentials", 5},
+		{"missing client_id", "restream_auth_login {\n\tclient_secret s\n\tredirect_uri https://s.example.com/callback\n}", "client_id is required", 4},
+		{"missing client_secret", "restream_auth_login {\n\tclient_id id\n\tredirect_uri https://s.example.com/callback\n}", "client_secret is required", 4},
+		{"missing redirect_uri", "restream_auth_login {\n\tclient_id id\n\tclient_secret s\n}", "redirect_uri is required", 4},
+		{"no block at all", "restream_auth_login acct", "client_id is required", 1},
+		{"bad account name", "restream_auth_login ../etc {\n\tclient_id id\n}", `account "../etc": use 1-64 letters`, 1},
+		{"two account args", "restream_auth_login one two {\n\tclient_id id\n}", "wrong argument count or unexpected line ending after 'two'", 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var l Login
+			err := l.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("no error for\n%s", tc.input)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tc.reason) {
+				t.Errorf("error %q does not give the reason %q", msg, tc.reason)
+			}
+			if at := fmt.Sprintf(", at Testfile:%d", tc.line); !strings.HasSuffix(msg, at) {
+				t.Errorf("error %q does not end with the line %q", msg, at)
+			}
+		})
+	}
+}
+
+func testLoginState(t *testing.T, secret, account string) *Login {
+	t.Helper()
+	key, err := loginStateKey(secret, "id", account)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Login{Account: account, stateKey: key}
+}
+
+// The state cookie: only a cookie signed with the same key, for the same
+// account, before its expiry, gives back its state.
+func TestLoginStateCookie(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	l := testLoginState(t, "secret-1", "default")
+	const state = "c3RhdGUtZm9yLXRlc3RzLW9ubHktMDEyMzQ1Njc4OWFi"
+	exp := now.Add(loginStateTTL).Unix()
+	v := l.signState(state, exp)
+
+	if got, err := l.verifyState(v, now); err != nil || got != state {
+		t.Fatalf("valid cookie: %q, %v", got, err)
+	}
+	// Another instance with the same client secret accepts it (load balancers).
+	if got, err := testLoginState(t, "secret-1", "default").verifyState(v, now.Add(9*time.Minute)); err != nil || got != state {
+		t.Fatalf("same secret, other instance: %q, %v", got, err)
+	}
+	if _, err := l.verifyState(v, now.Add(loginStateTTL)); err != errStateExpired {
+		t.Errorf("expired cookie: %v", err)
+	}
+	for name, bad := range map[string]string{
+		"other secret":    testLoginState(t, "secret-2", "default").signState(state, exp),
+		"other account":   testLoginState(t, "secret-1", "other").signState(state, exp),
+		"later expiry":    strings.Replace(v, fmt.Sprint(exp), fmt.Sprint(exp+3600), 1),
+		"other state":     strings.Replace(v, state, state[:len(state)-1]+"x", 1),
+		"truncated MAC":   v[:len(v)-2],
+		"not base64 MAC":  v[:len(v)-2] + "!!",
+		"no version":      strings.TrimPrefix(v, "v1."),
+		"other version":   "v2" + strings.TrimPrefix(v, "v1"),
+		"empty state":     l.signState("", exp),
+		"empty":           "",
+		"extra part":      v + ".x",
+		"non-numeric exp": strings.Replace(v, fmt.Sprint(exp), "soon", 1),
+	} {
+		if got, err := l.verifyState(bad, now); err == nil {
+			t.Errorf("%s: accepted, state %q", name, got)
+		}
+	}
+}
+
+// A literal client secret never reaches a log line that prints the handler
+// (`servers { trace }`).
+func TestLoginMarshalLogObject(t *testing.T) {
+	l := &Login{Account: "a", ClientID: "id", ClientSecret: "cs_literal_in_config_1234", clientSecret: "cs_literal_in_config_1234",
+		RedirectURI: "https://s.example.com/callback"}
+	enc := zapcore.NewMapObjectEncoder()
+	if err := l.MarshalLogObject(enc); err != nil {
+		t.Fatal(err)
+	}
+	out := fmt.Sprint(enc.Fields)
+	if strings.Contains(out, "cs_literal_in_config_1234") {
+		t.Fatalf("log object contains the client secret: %s", out)
+	}
+	if enc.Fields["redirect_uri"] != "https://s.example.com/callback" || enc.Fields["account"] != "a" {
+		t.Fatalf("log object lacks the useful fields: %s", out)
+	}
+}
+
+func TestLoginPathHelpers(t *testing.T) {
+	for in, want := range map[string]string{"/restream/login": "login", "/login": "login", "/restream/callback": "callback",
+		"/restream/": "", "/restream/login/": "", "login": "login", "": ""} {
+		if got := loginSegment(in); got != want {
+			t.Errorf("loginSegment(%q) = %q, want %q", in, got, want)
+		}
+	}
+	for code, want := range map[string]string{"access_denied": "access_denied", "server_error": "server_error",
+		"<script>": "(unrecognized)", "Bad": "(unrecognized)", strings.Repeat("a", 65): "(unrecognized)"} {
+		if got := loginOAuthCode(code); got != want {
+			t.Errorf("loginOAuthCode(%q) = %q, want %q", code, got, want)
+		}
+	}
+}
