@@ -1,6 +1,8 @@
 package caddymodule
 
 import (
+	"fmt"
+	"slices"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -38,90 +40,73 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    encryption_key_previous <base64>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // directive name
-	if d.NextArg() {
-		h.Account = d.Val()
-		if !accountPattern.MatchString(h.Account) {
-			return d.Errf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
-		}
+	account, err := parseAccountArg(d)
+	if err != nil {
+		return err
 	}
-	if d.NextArg() {
-		return d.ArgErr()
-	}
-	for d.NextBlock(0) {
-		sub := d.Val()
-		var val string
-		if !d.Args(&val) {
-			return d.Errf("%s: expected one value", sub)
-		}
-		if d.NextArg() {
-			return d.Errf("%s: expected one value, got more", sub)
+	h.Account = account
+	client := clientConfig{&h.ClientID, &h.ClientSecret, &h.TokenURL, &h.ClientAuth}
+	known := append(slices.Clone(clientOptions), "refresh_token", "refresh_ahead", "timeout", "replay_401",
+		"max_replay_body", "query_param", "encryption_key", "encryption_key_previous")
+	err = eachOption(d, known, func(sub, val string) error {
+		if ok, err := client.set(sub, val); ok {
+			return err
 		}
 		switch sub {
-		case "client_id":
-			h.ClientID = val
-		case "client_secret":
-			h.ClientSecret = val
 		case "refresh_token":
 			h.RefreshToken = val
-		case "token_url":
-			if err := checkEndpointURL("token_url", val); err != nil {
-				return d.Err(err.Error())
-			}
-			h.TokenURL = val
-		case "client_auth":
-			if _, err := parseClientAuth(val); err != nil {
-				return d.Err(err.Error())
-			}
-			h.ClientAuth = val
 		case "refresh_ahead", "timeout":
-			dur, err := caddy.ParseDuration(val)
+			dur, err := parsePositiveDuration(sub, val)
 			if err != nil {
-				return d.Errf("%s %q: %v", sub, val, err)
-			}
-			if dur <= 0 {
-				return d.Errf("%s %q: must be positive", sub, val)
+				return err
 			}
 			if sub == "timeout" {
-				h.Timeout = caddy.Duration(dur)
+				h.Timeout = dur
 			} else {
-				h.RefreshAhead = caddy.Duration(dur)
+				h.RefreshAhead = dur
 			}
 		case "replay_401":
 			on, err := parseOnOff(val)
 			if err != nil {
-				return d.Errf("replay_401 %q: want on or off", val)
+				return fmt.Errorf("replay_401 %q: want on or off", val)
 			}
 			h.Replay401 = &on
 		case "max_replay_body":
 			size, err := humanize.ParseBytes(val)
-			if err != nil {
-				return d.Errf("max_replay_body %q: not a size (e.g. 512KiB, 1MiB): %v", val, err)
-			}
-			if size > 1<<30 {
-				return d.Errf("max_replay_body %q: at most 1GiB", val)
+			switch {
+			case err != nil:
+				return fmt.Errorf("max_replay_body %q: not a size (e.g. 512KiB, 1MiB): %v", val, err)
+			case size > 1<<30:
+				return fmt.Errorf("max_replay_body %q: at most 1GiB", val)
+			case size == 0:
+				return fmt.Errorf("max_replay_body %q: must be positive (use replay_401 off to disable replays)", val)
 			}
 			h.MaxReplayBody = int64(size)
-			if h.MaxReplayBody == 0 {
-				return d.Errf("max_replay_body %q: must be positive (use replay_401 off to disable replays)", val)
-			}
 		case "query_param":
 			h.QueryParam = val
 		case "encryption_key":
 			h.EncryptionKey = val
 		case "encryption_key_previous":
 			h.EncryptionKeyPrevious = val
-		default:
-			return d.Errf("unknown subdirective %q", sub)
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	switch {
-	case h.ClientID == "":
-		return d.Err("restream_auth: client_id is required")
-	case h.ClientSecret == "":
-		return d.Err("restream_auth: client_secret is required")
+	return requireCredentials(d, "restream_auth", h.ClientID, h.ClientSecret)
+}
+
+// parsePositiveDuration parses a Caddy duration that must be above zero.
+func parsePositiveDuration(sub, val string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(val)
+	if err != nil {
+		return 0, fmt.Errorf("%s %q: %v", sub, val, err)
 	}
-	return nil
+	if dur <= 0 {
+		return 0, fmt.Errorf("%s %q: must be positive", sub, val)
+	}
+	return caddy.Duration(dur), nil
 }
 
 func parseOnOff(v string) (bool, error) {

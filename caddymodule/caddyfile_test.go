@@ -81,7 +81,6 @@ func TestCaddyfileFullBlock(t *testing.T) {
 			input: `restream_auth {
 	client_id id
 	client_secret secret
-	token_url http://localhost:9/oauth/token
 	token_url http://[::1]:9/oauth/token
 }`,
 			want: Handler{ClientID: "id", ClientSecret: "secret", TokenURL: "http://[::1]:9/oauth/token"},
@@ -133,7 +132,7 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"token_url bad scheme", block("token_url ftp://api.restream.io/oauth/token"), "scheme must be https", 4},
 		{"token_url credentials", block("token_url https://u:p@api.restream.io/oauth/token"), "token_url must not contain credentials", 4},
 		{"missing client_id", "restream_auth {\n\tclient_secret s\n\ttimeout 1s\n}", "client_id is required", 4},
-		{"empty client_id", "restream_auth {\n\tclient_id \"\"\n\tclient_secret s\n}", "client_id is required", 4},
+		{"empty client_id", "restream_auth {\n\tclient_id \"\"\n\tclient_secret s\n}", "client_id: empty value", 2},
 		{"missing client_secret", "restream_auth {\n\tclient_id id\n}", "client_secret is required", 3},
 		{"no block at all", "restream_auth acct", "client_id is required", 1},
 		{"bad account name", "restream_auth ../etc {\n\tclient_id id\n\tclient_secret s\n}", `account "../etc": use 1-64 letters`, 1},

@@ -77,16 +77,11 @@ func parseHealthCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, 
 
 // UnmarshalCaddyfile parses `restream_auth_health [<account>]`.
 func (h *Health) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next()
-	if d.NextArg() {
-		h.Account = d.Val()
-		if !accountPattern.MatchString(h.Account) {
-			return d.Errf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
-		}
+	account, err := parseAccountArg(d)
+	if err != nil {
+		return err
 	}
-	if d.NextArg() {
-		return d.ArgErr()
-	}
+	h.Account = account
 	if d.NextBlock(0) {
 		return d.Errf("restream_auth_health takes no block (unexpected %q)", d.Val())
 	}

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -589,64 +590,42 @@ func parseLoginCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, e
 //	    encryption_key_previous <base64>
 //	}
 func (l *Login) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // directive name
-	if d.NextArg() {
-		l.Account = d.Val()
-		if !accountPattern.MatchString(l.Account) {
-			return d.Errf("account %q: use 1-64 letters, digits, '.', '_' or '-'", l.Account)
-		}
+	account, err := parseAccountArg(d)
+	if err != nil {
+		return err
 	}
-	if d.NextArg() {
-		return d.ArgErr()
-	}
-	for d.NextBlock(0) {
-		sub := d.Val()
-		var val string
-		if !d.Args(&val) {
-			return d.Errf("%s: expected one value", sub)
-		}
-		if d.NextArg() {
-			return d.Errf("%s: expected one value, got more", sub)
+	l.Account = account
+	client := clientConfig{&l.ClientID, &l.ClientSecret, &l.TokenURL, &l.ClientAuth}
+	known := append(slices.Clone(clientOptions), "authorize_url", "redirect_uri", "encryption_key", "encryption_key_previous")
+	err = eachOption(d, known, func(sub, val string) error {
+		if ok, err := client.set(sub, val); ok {
+			return err
 		}
 		switch sub {
-		case "client_id":
-			l.ClientID = val
-		case "client_secret":
-			l.ClientSecret = val
-		case "token_url":
-			if err := checkEndpointURL("token_url", val); err != nil {
-				return d.Err(err.Error())
-			}
-			l.TokenURL = val
-		case "client_auth":
-			if _, err := parseClientAuth(val); err != nil {
-				return d.Err(err.Error())
-			}
-			l.ClientAuth = val
 		case "authorize_url":
 			if _, err := checkAuthorizeURL(val); err != nil {
-				return d.Err(err.Error())
+				return err
 			}
 			l.AuthorizeURL = val
 		case "redirect_uri":
 			if _, err := checkRedirectURI(val); err != nil {
-				return d.Err(err.Error())
+				return err
 			}
 			l.RedirectURI = val
 		case "encryption_key":
 			l.EncryptionKey = val
 		case "encryption_key_previous":
 			l.EncryptionKeyPrevious = val
-		default:
-			return d.Errf("unknown subdirective %q", sub)
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	switch {
-	case l.ClientID == "":
-		return d.Err("restream_auth_login: client_id is required")
-	case l.ClientSecret == "":
-		return d.Err("restream_auth_login: client_secret is required")
-	case l.RedirectURI == "":
+	if err := requireCredentials(d, "restream_auth_login", l.ClientID, l.ClientSecret); err != nil {
+		return err
+	}
+	if l.RedirectURI == "" {
 		return d.Err("restream_auth_login: redirect_uri is required (the public URL of <prefix>/callback, as registered with the Restream application)")
 	}
 	return nil

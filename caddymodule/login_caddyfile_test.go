@@ -81,7 +81,15 @@ func TestLoginCaddyfileErrors(t *testing.T) {
 	// block wraps subdirective lines into a valid block; the first of them
 	// is on line 5.
 	block := func(lines ...string) string {
-		return "restream_auth_login {\n\tclient_id id\n\tclient_secret secret\n\tredirect_uri https://s.example.com/restream/callback\n\t" +
+		// A case that sets redirect_uri replaces the base one (a comment
+		// keeps the line numbers): a subdirective may be given once.
+		redirect := "redirect_uri https://s.example.com/restream/callback"
+		for _, l := range lines {
+			if strings.HasPrefix(l, "redirect_uri") {
+				redirect = "# redirect_uri set below"
+			}
+		}
+		return "restream_auth_login {\n\tclient_id id\n\tclient_secret secret\n\t" + redirect + "\n\t" +
 			strings.Join(lines, "\n\t") + "\n}"
 	}
 	for _, tc := range []struct {

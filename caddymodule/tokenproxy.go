@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -465,65 +466,31 @@ func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.Errf("restream_token_proxy takes no arguments (unexpected %q)", d.Val())
 	}
-	seen := map[string]bool{}
-	for d.NextBlock(0) {
-		sub := d.Val()
-		switch sub {
-		case "client_id", "client_secret", "token_url", "revoke_url", "client_auth", "timeout":
-		default:
-			return d.Errf("unknown subdirective %q", sub)
-		}
-		if seen[sub] {
-			return d.Errf("%s: given more than once", sub)
-		}
-		seen[sub] = true
-		var val string
-		if !d.Args(&val) {
-			return d.Errf("%s: expected one value", sub)
-		}
-		if d.NextArg() {
-			return d.Errf("%s: expected one value, got more", sub)
-		}
-		if val == "" {
-			return d.Errf("%s: empty value", sub)
+	client := clientConfig{&p.ClientID, &p.ClientSecret, &p.TokenURL, &p.ClientAuth}
+	known := append(slices.Clone(clientOptions), "revoke_url", "timeout")
+	err := eachOption(d, known, func(sub, val string) error {
+		if ok, err := client.set(sub, val); ok {
+			return err
 		}
 		switch sub {
-		case "client_id":
-			p.ClientID = val
-		case "client_secret":
-			p.ClientSecret = val
-		case "token_url", "revoke_url":
+		case "revoke_url":
 			if err := checkEndpointURL(sub, val); err != nil {
-				return d.Err(err.Error())
+				return err
 			}
-			if sub == "token_url" {
-				p.TokenURL = val
-			} else {
-				p.RevokeURL = val
-			}
-		case "client_auth":
-			if _, err := parseClientAuth(val); err != nil {
-				return d.Err(err.Error())
-			}
-			p.ClientAuth = val
+			p.RevokeURL = val
 		case "timeout":
-			dur, err := caddy.ParseDuration(val)
+			dur, err := parsePositiveDuration(sub, val)
 			if err != nil {
-				return d.Errf("timeout %q: %v", val, err)
+				return err
 			}
-			if dur <= 0 {
-				return d.Errf("timeout %q: must be positive", val)
-			}
-			p.Timeout = caddy.Duration(dur)
+			p.Timeout = dur
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	switch {
-	case p.ClientID == "":
-		return d.Err("restream_token_proxy: client_id is required")
-	case p.ClientSecret == "":
-		return d.Err("restream_token_proxy: client_secret is required")
-	}
-	return nil
+	return requireCredentials(d, "restream_token_proxy", p.ClientID, p.ClientSecret)
 }
 
 // Interface guards
