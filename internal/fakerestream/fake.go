@@ -11,19 +11,28 @@
 // Server-side work is never aborted because the client went away: a refresh
 // whose caller times out during the configured latency is still applied, just
 // as a real server would rotate tokens whose response got lost in transit.
+//
+// The token endpoint (/oauth/token and /oauth/revoke) is served on URL() and
+// also on a second listener of its own, whose address TokenURL() returns, so
+// that SetFault(FaultRefuse) can take that port down (connection refused)
+// while the API on URL() stays up. SetFault injects the other failures a real
+// token endpoint or the proxies in front of it produce.
 package fakerestream
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	mrand "math/rand/v2"
 	"mime"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -47,6 +56,15 @@ type Options struct {
 	Latency       time.Duration
 	LatencyJitter time.Duration
 
+	// DropDisconnected drops, unprocessed, a /oauth/token call whose client
+	// has gone away by the time it would be processed (after the latency):
+	// as if the request had been lost on the way rather than delivered to a
+	// server that then could not answer. By default such a call is processed
+	// (a refresh rotates, and the new pair is lost with the client: see
+	// Stats.LostRotations). Chaos tests that kill clients set it, so that a
+	// kill cannot make invalid_grant inevitable.
+	DropDisconnected bool
+
 	// Now is the clock used for token expiry; default time.Now.
 	Now func() time.Time
 
@@ -65,7 +83,76 @@ type Stats struct {
 	MaxConcurrentRefresh int64 // highest number of /oauth/token calls in progress at once
 	APICalls             int64 // all /v2/... requests, public ones included
 	API401               int64 // /v2/... requests rejected for a bad access token
+	// FaultedCalls counts /oauth/token calls answered (or left unanswered) by
+	// a fault set with SetFault or SetDown. Connections refused under
+	// FaultRefuse never reach the server and are not counted anywhere.
+	FaultedCalls int64
+	// Hangs counts /oauth/token calls that FaultHang or FaultRotateThenHang
+	// held without an answer; Hanging is how many are held right now.
+	Hangs   int64
+	Hanging int64
+	// RefreshInFlight is how many /oauth/token calls are in progress now.
+	RefreshInFlight int64
+	// LostRotations counts rotations done for a client that had already gone
+	// away: nobody will ever present the new pair, so the chain is dead.
+	LostRotations int64
+	// DroppedCalls counts calls dropped under Options.DropDisconnected.
+	DroppedCalls int64
+	// OpenAPIConns is how many connections to URL() are open now (idle
+	// kept-alive ones included); OpenTokenConns the same for TokenURL().
+	OpenAPIConns   int64
+	OpenTokenConns int64
 }
+
+// Fault is a failure mode of the token endpoint, applied to /oauth/token
+// calls after the latency and after the call is counted in Stats.
+type Fault int
+
+const (
+	// FaultNone: the token endpoint works.
+	FaultNone Fault = iota
+	// Fault500 answers 500 {"error":"server_error"}.
+	Fault500
+	// FaultHang holds the call without an answer, as a server or a proxy that
+	// accepted the connection and then stalls. Nothing rotates. The call ends
+	// when the client goes away (no answer), when the server closes (no
+	// answer), or when the fault changes: then it gets 503 server_error.
+	FaultHang
+	// FaultGarbage answers 200 with a body that is not JSON (while claiming
+	// Content-Type application/json).
+	FaultGarbage
+	// FaultHTML answers 502 with a text/html error page, as a load balancer
+	// in front of the endpoint would.
+	FaultHTML
+	// Fault429 answers 429 with Retry-After (see SetRetryAfter; default 2 s).
+	Fault429
+	// FaultHuge answers 200 with a 2 MiB JSON-looking body (HugeBodyBytes).
+	FaultHuge
+	// FaultRefuse closes the token listener (TokenURL) and every connection
+	// to it: new calls get "connection refused" and never reach the server.
+	// Calls already accepted on it are dropped unanswered and do not rotate.
+	// Clearing the fault listens again on the same port. URL() (the API and
+	// its own /oauth/token) is unaffected.
+	FaultRefuse
+	// FaultRotateThenHang processes the call (a valid refresh rotates the
+	// pair, invalidating the old one) and then holds the answer, like a
+	// timeout after the server did the work: the caller cannot know the
+	// outcome. If the fault changes while the client still waits, it gets
+	// the new pair late. Invalid calls are answered as usual.
+	FaultRotateThenHang
+)
+
+var faultNames = [...]string{"none", "500", "hang", "garbage", "html", "429", "huge", "refuse", "rotate_then_hang"}
+
+func (f Fault) String() string {
+	if f >= 0 && int(f) < len(faultNames) {
+		return faultNames[f]
+	}
+	return "Fault(" + strconv.Itoa(int(f)) + ")"
+}
+
+// HugeBodyBytes is the size of the FaultHuge answer.
+const HugeBodyBytes = 2 << 20
 
 // Server is a running fake. All methods are safe for concurrent use.
 type Server struct {
@@ -74,6 +161,17 @@ type Server struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 	down      atomic.Int64 // status to answer on /oauth/token, 0 = healthy
+
+	fault      atomic.Int64 // current Fault
+	retryAfter atomic.Int64 // seconds, for Fault429
+	tokenMux   *http.ServeMux
+	tokenAddr  string         // host:port of the token listener, fixed for the Server's life
+	handlers   sync.WaitGroup // token listener: Serve loops and their handlers
+
+	faultMu  sync.Mutex    // serializes SetFault and Close; guards the fields below
+	released chan struct{} // closed (and replaced) whenever the fault changes
+	tokenSrv *tokenServer  // nil while refused or after Close
+	isClosed bool
 
 	mu     sync.Mutex
 	pairs  map[string]*pair  // keyed by BOTH tokens of every live (not rotated/revoked) pair
@@ -84,7 +182,22 @@ type Server struct {
 	inflight                                                     atomic.Int64
 	refreshCalls, refreshOK, codeCalls, invalidGrant, invalidCli atomic.Int64
 	maxConc, apiCalls, api401                                    atomic.Int64
+	faulted, hangs, hanging, lost, dropped                       atomic.Int64
+	lastTokenEnd                                                 atomic.Int64 // unix nanos
+	apiConns, tokenConns                                         atomic.Int64
+
+	callsMu sync.Mutex
+	calls   map[*http.Request]time.Time // /oauth/token calls in progress -> start
 }
+
+// tokenServer is one incarnation of the token listener; FaultRefuse ends it
+// and clearing the fault starts a new one on the same port.
+type tokenServer struct {
+	srv  *http.Server
+	down chan struct{} // closed when this incarnation is shut down
+}
+
+type tokenServerKey struct{}
 
 // pair is one access+refresh pair; a chain is the sequence of pairs created by
 // rotating from one authorization.
@@ -113,38 +226,154 @@ func New(opts Options) *Server {
 		opts.Now = time.Now
 	}
 	s := &Server{
-		opts:   opts,
-		closed: make(chan struct{}),
-		pairs:  make(map[string]*pair),
-		codes:  make(map[string]string),
+		opts:     opts,
+		closed:   make(chan struct{}),
+		pairs:    make(map[string]*pair),
+		codes:    make(map[string]string),
+		released: make(chan struct{}),
+		calls:    make(map[*http.Request]time.Time),
 	}
+	s.retryAfter.Store(2)
+	s.lastTokenEnd.Store(time.Now().UnixNano())
 	mux := http.NewServeMux()
 	mux.HandleFunc("/oauth/token", s.handleToken)
 	mux.HandleFunc("/oauth/revoke", s.handleRevoke)
 	mux.HandleFunc("/v2/", s.handleAPI)
+	s.tokenMux = http.NewServeMux()
+	s.tokenMux.HandleFunc("/oauth/token", s.handleToken)
+	s.tokenMux.HandleFunc("/oauth/revoke", s.handleRevoke)
 
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		panic("fakerestream: listen: " + err.Error())
 	}
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic("fakerestream: listen: " + err.Error())
+	}
+	s.tokenAddr = tl.Addr().String()
+	s.startTokenServerLocked(tl)
 	s.ts = httptest.NewUnstartedServer(mux)
 	s.ts.Listener.Close()
 	s.ts.Listener = l
+	s.ts.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			s.apiConns.Add(1)
+		case http.StateHijacked, http.StateClosed:
+			s.apiConns.Add(-1)
+		}
+	}
 	s.ts.Start()
 	return s
 }
 
-// URL returns the base URL, e.g. "http://127.0.0.1:12345".
+// URL returns the base URL of the API, e.g. "http://127.0.0.1:12345". It
+// serves /oauth/token and /oauth/revoke too, unaffected by FaultRefuse.
 func (s *Server) URL() string { return s.ts.URL }
 
-// TokenURL returns URL()+"/oauth/token".
-func (s *Server) TokenURL() string { return s.ts.URL + "/oauth/token" }
+// TokenURL returns the token endpoint on its own listener,
+// e.g. "http://127.0.0.1:23456/oauth/token". FaultRefuse takes it down.
+func (s *Server) TokenURL() string { return "http://" + s.tokenAddr + "/oauth/token" }
 
-// Close cuts short any latency sleeps and shuts the server down, waiting for
-// outstanding requests.
+// Close cuts short any latency sleeps and hangs and shuts the server down,
+// waiting for outstanding requests.
 func (s *Server) Close() {
 	s.closeOnce.Do(func() { close(s.closed) })
+	s.faultMu.Lock()
+	s.isClosed = true
+	s.stopTokenServerLocked()
+	s.faultMu.Unlock()
 	s.ts.Close()
+	s.handlers.Wait()
+}
+
+// SetFault makes /oauth/token fail in the way f describes until the next
+// SetFault; FaultNone restores it. Calls held by FaultHang or
+// FaultRotateThenHang are released whenever the fault changes. SetDown is
+// independent and, while set, takes precedence.
+func (s *Server) SetFault(f Fault) {
+	if f < FaultNone || int(f) >= len(faultNames) {
+		panic("fakerestream: unknown fault " + f.String())
+	}
+	s.faultMu.Lock()
+	defer s.faultMu.Unlock()
+	if s.isClosed {
+		s.fault.Store(int64(f))
+		return
+	}
+	old := Fault(s.fault.Swap(int64(f)))
+	if old == f {
+		return
+	}
+	close(s.released)
+	s.released = make(chan struct{})
+	switch {
+	case f == FaultRefuse:
+		s.stopTokenServerLocked()
+	case s.tokenSrv == nil:
+		s.relistenLocked()
+	}
+	s.logf("fakerestream: token endpoint fault %s -> %s", old, f)
+}
+
+// Fault returns the current fault.
+func (s *Server) Fault() Fault { return Fault(s.fault.Load()) }
+
+// SetRetryAfter sets the Retry-After seconds that Fault429 sends (default 2).
+func (s *Server) SetRetryAfter(seconds int) { s.retryAfter.Store(int64(seconds)) }
+
+func (s *Server) startTokenServerLocked(l net.Listener) {
+	ts := &tokenServer{down: make(chan struct{})}
+	ts.srv = &http.Server{
+		Handler:           s.tokenMux,
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext: func(net.Listener) context.Context {
+			return context.WithValue(context.Background(), tokenServerKey{}, ts)
+		},
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			// Track connection goroutines so that Close waits for them.
+			switch st {
+			case http.StateNew:
+				s.handlers.Add(1)
+				s.tokenConns.Add(1)
+			case http.StateHijacked, http.StateClosed:
+				s.tokenConns.Add(-1)
+				s.handlers.Done()
+			}
+		},
+	}
+	s.tokenSrv = ts
+	s.handlers.Add(1)
+	go func() {
+		defer s.handlers.Done()
+		_ = ts.srv.Serve(l)
+	}()
+}
+
+// stopTokenServerLocked closes the token listener and every connection to it.
+func (s *Server) stopTokenServerLocked() {
+	if s.tokenSrv == nil {
+		return
+	}
+	close(s.tokenSrv.down)
+	_ = s.tokenSrv.srv.Close()
+	s.tokenSrv = nil
+}
+
+// relistenLocked listens again on the token listener's port. The port was
+// ours a moment ago; retry briefly in case the kernel is slow to free it.
+func (s *Server) relistenLocked() {
+	var err error
+	for range 100 {
+		var l net.Listener
+		if l, err = net.Listen("tcp", s.tokenAddr); err == nil {
+			s.startTokenServerLocked(l)
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	panic(fmt.Sprintf("fakerestream: listening again on %s: %v", s.tokenAddr, err))
 }
 
 // Seed issues a brand-new pair as an authorization would, starting a new chain,
@@ -215,7 +444,44 @@ func (s *Server) Stats() Stats {
 		MaxConcurrentRefresh: s.maxConc.Load(),
 		APICalls:             s.apiCalls.Load(),
 		API401:               s.api401.Load(),
+		FaultedCalls:         s.faulted.Load(),
+		Hangs:                s.hangs.Load(),
+		Hanging:              s.hanging.Load(),
+		RefreshInFlight:      s.inflight.Load(),
+		LostRotations:        s.lost.Load(),
+		DroppedCalls:         s.dropped.Load(),
+		OpenAPIConns:         s.apiConns.Load(),
+		OpenTokenConns:       s.tokenConns.Load(),
 	}
+}
+
+// TokenActivity describes the /oauth/token calls: how many are in progress,
+// how long ago the oldest of them started (0 if none), and how long ago the
+// last one ended (since New if none has).
+func (s *Server) TokenActivity() (inFlight int, oldest, sinceLastEnd time.Duration) {
+	s.callsMu.Lock()
+	now := time.Now()
+	for _, start := range s.calls {
+		inFlight++
+		oldest = max(oldest, now.Sub(start))
+	}
+	s.callsMu.Unlock()
+	return inFlight, oldest, time.Duration(now.UnixNano() - s.lastTokenEnd.Load())
+}
+
+// CloseAPIConnections closes every connection to URL(), idle or not, such
+// as the kept-alive upstream connections a reverse proxy holds. The token
+// listener is untouched.
+func (s *Server) CloseAPIConnections() { s.ts.CloseClientConnections() }
+
+// TokenIdleFor is how long no /oauth/token call has been in progress: 0
+// while one is, and the time since the last one ended otherwise (since New
+// if there was none).
+func (s *Server) TokenIdleFor() time.Duration {
+	if s.inflight.Load() > 0 {
+		return 0
+	}
+	return time.Duration(time.Now().UnixNano() - s.lastTokenEnd.Load())
 }
 
 // SetDown makes /oauth/token answer status with {"error":"server_error"}
@@ -271,14 +537,25 @@ func (s *Server) dropLocked(p *pair) {
 
 func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	n := s.inflight.Add(1)
-	defer s.inflight.Add(-1)
+	s.callsMu.Lock()
+	s.calls[r] = time.Now()
+	s.callsMu.Unlock()
+	defer func() {
+		s.callsMu.Lock()
+		delete(s.calls, r)
+		s.callsMu.Unlock()
+		s.lastTokenEnd.Store(time.Now().UnixNano())
+		s.inflight.Add(-1)
+	}()
 	for m := s.maxConc.Load(); n > m && !s.maxConc.CompareAndSwap(m, n); m = s.maxConc.Load() {
 	}
+	// Best effort parse (only form bodies of POSTs are read) so calls are
+	// counted by grant type even during an outage or when malformed. Reading
+	// the body before the latency also lets net/http notice a client that
+	// goes away during it.
+	_ = r.ParseForm()
 	s.sleep()
 
-	// Best effort parse (only form bodies of POSTs are read) so calls are
-	// counted by grant type even during an outage or when malformed.
-	_ = r.ParseForm()
 	grant := r.PostForm.Get("grant_type")
 	switch grant {
 	case "refresh_token":
@@ -287,8 +564,26 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 		s.codeCalls.Add(1)
 	}
 	if st := int(s.down.Load()); st != 0 {
+		s.faulted.Add(1)
 		writeJSON(w, st, map[string]string{"error": "server_error"})
 		return
+	}
+	fault, released := s.faultState()
+	if s.refused(r) {
+		// Accepted before the listener went down: the connection is gone.
+		// Drop the call unprocessed, whatever the fault is by now.
+		s.faulted.Add(1)
+		panic(http.ErrAbortHandler)
+	}
+	if fault != FaultNone && fault != FaultRotateThenHang && fault != FaultRefuse {
+		s.faulted.Add(1)
+		s.writeFault(w, r, fault, released)
+		return
+	}
+	if s.opts.DropDisconnected && r.Context().Err() != nil {
+		s.dropped.Add(1)
+		s.logf("fakerestream: dropped a token call whose client has gone away")
+		panic(http.ErrAbortHandler)
 	}
 	if !s.checkFormPost(w, r) {
 		return
@@ -321,6 +616,14 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 		s.mu.Unlock()
 		s.refreshOK.Add(1)
 		s.logf("fakerestream: chain %d rotated %s -> %s", p.chain, short(rt), short(p.refresh))
+		if r.Context().Err() != nil {
+			s.lost.Add(1)
+			s.logf("fakerestream: chain %d rotated for a client that has gone away: the new pair is lost", p.chain)
+		}
+		if fault == FaultRotateThenHang {
+			s.faulted.Add(1)
+			s.hang(r, released)
+		}
 		s.writeTokens(w, p)
 
 	case "authorization_code":
@@ -341,11 +644,95 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 			s.invalidGrantError(w, "Invalid grant: authorization code is invalid")
 			return
 		}
+		if fault == FaultRotateThenHang {
+			s.faulted.Add(1)
+			s.hang(r, released)
+		}
 		s.writeTokens(w, p)
 
 	default:
 		writeOAuthError(w, http.StatusBadRequest, "unsupported_grant_type", "Unsupported grant type: grant_type is invalid")
 	}
+}
+
+// refused reports whether r came in on an incarnation of the token listener
+// that FaultRefuse (or Close) has shut down since.
+func (s *Server) refused(r *http.Request) bool {
+	ts, _ := r.Context().Value(tokenServerKey{}).(*tokenServer)
+	if ts == nil {
+		return false
+	}
+	select {
+	case <-ts.down:
+		return true
+	default:
+		return false
+	}
+}
+
+// writeFault answers a call under one of the faults that do not process it.
+func (s *Server) writeFault(w http.ResponseWriter, r *http.Request, f Fault, released <-chan struct{}) {
+	switch f {
+	case Fault500:
+		writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "server_error"})
+	case FaultHang:
+		s.hang(r, released)
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "server_error", "error_description": "held during an outage"})
+	case FaultGarbage:
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "\x00\x1f<<not json>> access_token=; {{{ "+strings.Repeat("garbage ", 16))
+	case FaultHTML:
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.WriteHeader(http.StatusBadGateway)
+		_, _ = io.WriteString(w, "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n"+
+			"<body><center><h1>502 Bad Gateway</h1></center><hr><center>cloudflare</center></body></html>\n")
+	case Fault429:
+		w.Header().Set("Retry-After", strconv.FormatInt(s.retryAfter.Load(), 10))
+		writeOAuthError(w, http.StatusTooManyRequests, "too_many_requests", "Rate limit exceeded")
+	case FaultHuge:
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		const head, tail = `{"access_token":"at_`, `","token_type":"Bearer","expires_in":3600}`
+		pad := []byte(strings.Repeat("0123456789abcdef", 4096)) // 64 KiB
+		_, _ = io.WriteString(w, head)
+		for n := len(head) + len(tail); n < HugeBodyBytes; n += len(pad) {
+			chunk := pad[:min(len(pad), HugeBodyBytes-n)]
+			if _, err := w.Write(chunk); err != nil {
+				return // the client stopped reading
+			}
+		}
+		_, _ = io.WriteString(w, tail)
+	}
+}
+
+// faultState returns the current fault and the channel closed when it changes.
+func (s *Server) faultState() (Fault, <-chan struct{}) {
+	s.faultMu.Lock()
+	defer s.faultMu.Unlock()
+	return Fault(s.fault.Load()), s.released
+}
+
+// hang holds a call without answering until the fault changes; then the
+// caller answers. If the client goes away or the server closes first, it
+// drops the connection without an answer (net/http would otherwise send an
+// empty 200 for a handler that returns without writing).
+func (s *Server) hang(r *http.Request, released <-chan struct{}) {
+	var down chan struct{}
+	if ts, _ := r.Context().Value(tokenServerKey{}).(*tokenServer); ts != nil {
+		down = ts.down
+	}
+	s.hangs.Add(1)
+	s.hanging.Add(1)
+	defer s.hanging.Add(-1)
+	select {
+	case <-released:
+		return
+	case <-r.Context().Done():
+	case <-s.closed:
+	case <-down:
+	}
+	panic(http.ErrAbortHandler)
 }
 
 // handleRevoke implements RFC 7009-style revocation: either token of a pair
