@@ -408,7 +408,7 @@ func isUpgrade(r *http.Request) bool {
 // unavailable answers 503 with a JSON error naming the account and cause. The
 // cause comes from tokensource errors, which never carry a secret.
 func (h *Handler) unavailable(w http.ResponseWriter, r *http.Request, err error) error {
-	code, desc := "temporarily_unavailable", err.Error()
+	code, desc := "temporarily_unavailable", strings.TrimPrefix(err.Error(), fmt.Sprintf("account %q: ", h.Account))
 	var te *tokensource.Error
 	switch {
 	case errors.As(err, &te) && te.Kind == tokensource.Terminal:

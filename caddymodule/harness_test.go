@@ -164,12 +164,24 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
+// TestMain removes the Caddy binary built for the tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if caddyBinaryDir != "" {
+		_ = os.RemoveAll(caddyBinaryDir)
+	}
+	os.Exit(code)
+}
+
+var caddyBinaryDir string
+
 // caddyBinary builds cmd/caddy once per test binary.
 var caddyBinary = sync.OnceValues(func() (string, error) {
 	dir, err := os.MkdirTemp("", "restream-auth-caddy-")
 	if err != nil {
 		return "", err
 	}
+	caddyBinaryDir = dir
 	bin := filepath.Join(dir, "caddy")
 	cmd := exec.Command("go", "build", "-o", bin, "../cmd/caddy")
 	var out bytes.Buffer

@@ -24,7 +24,7 @@ const (
 	// maxLockHold is far longer than any section restream_auth holds a storage
 	// lock for (a read and a write of small records). A lock file seen for
 	// this long is stuck, whatever its freshness timestamp says.
-	maxLockHold = 30 * time.Second
+	maxLockHold = 10 * time.Second
 )
 
 // fileLockGuard works around a flaw of certmagic's file_system lock: each

@@ -134,18 +134,22 @@ func (s *Source) acquireLease(ctx context.Context, adopt func(*Record) bool) (*l
 	start := time.Now()
 	defer func() { s.obs.LockWaited(s.cfg.Account, time.Since(start)) }()
 	for waited := false; ; waited = true {
+		// Peek without the storage lock: while another instance holds the
+		// lease, waiters only read, so the holder's own lock sections (its
+		// write of the new pair) do not queue behind them.
+		if l := s.loadLease(ctx); s.leaseHeldByOther(l) {
+			if rec, err := s.pollLease(ctx, waited, adopt); err != nil || rec != nil {
+				return nil, rec, err
+			}
+			continue
+		}
 		var got *leaseRecord
 		var rec *Record
 		var recErr error
 		err := s.withLock(ctx, func() error {
 			now := s.clock.Now()
-			if l := s.loadLease(ctx); l != nil && l.Owner != s.cfg.Owner && now.Before(l.Expires) {
-				if l.Expires.Sub(now) <= 2*s.leaseTTL() {
-					return nil // held by another live instance
-				}
-				// No lease is ever granted that long: a skewed clock or a bad
-				// record must not block refreshes until then.
-				s.log.Warn("ignoring a refresh lease that expires implausibly late", zap.Time("expires_at", l.Expires))
+			if s.leaseHeldByOther(s.loadLease(ctx)) {
+				return nil
 			}
 			mine := leaseRecord{Owner: s.cfg.Owner, Expires: now.Add(s.leaseTTL())}
 			if err := s.storeLease(ctx, mine); err != nil {
@@ -168,20 +172,45 @@ func (s *Source) acquireLease(ctx context.Context, adopt func(*Record) bool) (*l
 			}
 			return got, rec, nil
 		}
-		if !waited {
-			s.log.Debug("another instance holds the refresh lease; waiting")
-		}
-		if adopt != nil {
-			if rec, err := s.loadRecord(ctx); err == nil && adopt(rec) {
-				return nil, rec, nil
-			}
-		}
-		select {
-		case <-time.After(leasePoll):
-		case <-ctx.Done():
-			return nil, nil, &Error{Kind: Transient, Msg: "timed out waiting for another instance's refresh lease"}
+		if rec, err := s.pollLease(ctx, waited, adopt); err != nil || rec != nil {
+			return nil, rec, err
 		}
 	}
+}
+
+// pollLease waits one poll interval for another instance's lease. It
+// returns the stored record instead if that instance has stored a pair
+// adopt accepts.
+func (s *Source) pollLease(ctx context.Context, waited bool, adopt func(*Record) bool) (*Record, error) {
+	if !waited {
+		s.log.Debug("another instance holds the refresh lease; waiting")
+	}
+	if adopt != nil {
+		if rec, err := s.loadRecord(ctx); err == nil && adopt(rec) {
+			return rec, nil
+		}
+	}
+	select {
+	case <-time.After(leasePoll):
+		return nil, nil
+	case <-ctx.Done():
+		return nil, &Error{Kind: Transient, Msg: "timed out waiting for another instance's refresh lease"}
+	}
+}
+
+// leaseHeldByOther reports a live lease of another instance. A lease that
+// expires implausibly late (a skewed clock, a bad record) is ignored: no
+// lease is ever granted for longer than leaseTTL.
+func (s *Source) leaseHeldByOther(l *leaseRecord) bool {
+	now := s.clock.Now()
+	if l == nil || l.Owner == s.cfg.Owner || !now.Before(l.Expires) {
+		return false
+	}
+	if l.Expires.Sub(now) > 2*s.leaseTTL() {
+		s.log.Warn("ignoring a refresh lease that expires implausibly late", zap.Time("expires_at", l.Expires))
+		return false
+	}
+	return true
 }
 
 // releaseLease gives the lease up if it is still ours.

@@ -110,6 +110,8 @@ type Source struct {
 	failures    int
 	deadRT      string // fingerprint of a refresh token the endpoint rejected as invalid_grant
 	lastForced  time.Time
+	closed      bool           // no attempt starts after Close
+	attempts    sync.WaitGroup // attempts in flight, awaited by Close
 	lastRecheck time.Time
 	refreshing  bool
 	lastRefresh time.Time
@@ -203,6 +205,30 @@ func (s *Source) Start() {
 func (s *Source) Close() {
 	s.stopOnce.Do(func() { close(s.done) })
 	s.wg.Wait()
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.attempts.Wait() // an in-flight refresh's pair must reach storage
+	s.cfg.HTTPClient.CloseIdleConnections()
+}
+
+// errClosed answers callers of a closed Source.
+var errClosed = &Error{Kind: Transient, Msg: "token source is shutting down"}
+
+// startAttempt joins the refresh in flight or starts one, unless the
+// Source is closed; the channel delivers its result.
+func (s *Source) startAttempt() <-chan singleflight.Result {
+	return s.sf.DoChan("refresh", func() (any, error) {
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return nil, errClosed
+		}
+		s.attempts.Add(1) // under mu, so never concurrent with Close's Wait at zero
+		s.mu.Unlock()
+		defer s.attempts.Done()
+		return nil, s.attempt()
+	})
 }
 
 // Current returns the newest published token, valid or not, or nil.
@@ -245,7 +271,7 @@ func (s *Source) Rejected(t *Token) {
 		return
 	}
 	s.markRejected(t)
-	s.sf.DoChan("refresh", func() (any, error) { return nil, s.attempt() })
+	s.startAttempt()
 }
 
 func (s *Source) markRejected(rejected *Token) {
@@ -292,7 +318,7 @@ func (s *Source) refreshAndWait(ctx context.Context) (*Token, error) {
 		}
 		return nil, err
 	}
-	ch := s.sf.DoChan("refresh", func() (any, error) { return nil, s.attempt() })
+	ch := s.startAttempt()
 	select {
 	case r := <-ch:
 		if t := s.cur.Load(); t.ValidAt(s.clock.Now()) {
@@ -387,7 +413,7 @@ func (s *Source) run() {
 		if s.flushPending() {
 			continue
 		}
-		_, _, _ = s.sf.Do("refresh", func() (any, error) { return nil, s.attempt() })
+		<-s.startAttempt()
 	}
 }
 
@@ -419,6 +445,12 @@ func (s *Source) notify() {
 // from every caller's context: once a refresh token is sent it may be spent.
 func (s *Source) attempt() (err error) {
 	s.mu.Lock()
+	if s.lastErr != nil && s.clock.Now().Before(s.nextAttempt) {
+		// A caller checked the backoff just before an attempt failed.
+		e := s.lastErr
+		s.mu.Unlock()
+		return e
+	}
 	s.refreshing = true
 	s.mu.Unlock()
 	started := s.clock.Now()
