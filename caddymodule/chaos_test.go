@@ -3,6 +3,7 @@ package caddymodule_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -142,9 +143,22 @@ func TestChaosKillRestart(t *testing.T) {
 	storageDir := t.TempDir()
 	store := &certmagic.FileStorage{Path: storageDir}
 	seed := fake.Seed()
+	// RESTREAM_AUTH_CHAOS_ENCRYPT=1 runs the same chaos with the record
+	// encrypted at rest.
+	extra := "refresh_ahead 1s\ntimeout 2s"
+	var keyring *tokensource.Keyring
+	if os.Getenv("RESTREAM_AUTH_CHAOS_ENCRYPT") == "1" {
+		key := bytes.Repeat([]byte{42}, 32)
+		t.Setenv("RESTREAM_TEST_CHAOS_KEY", base64.StdEncoding.EncodeToString(key))
+		extra += "\nencryption_key {env.RESTREAM_TEST_CHAOS_KEY}"
+		var err error
+		if keyring, err = tokensource.NewKeyring(key); err != nil {
+			t.Fatal(err)
+		}
+	}
 	instances := make([]*chaosInstance, chaosInstances)
 	for i := range instances {
-		cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: "refresh_ahead 1s\ntimeout 2s"}
+		cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: extra}
 		in := &chaosInstance{idx: i, cfg: cfg, url: "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"}
 		in.proc = startProcess(t, cfg.Caddyfile())
 		in.all = append(in.all, in.proc)
@@ -214,7 +228,7 @@ func TestChaosKillRestart(t *testing.T) {
 	// The killer. safe says when a kill cannot lose a rotated pair.
 	persisted := func() bool {
 		rotations := fake.Stats().RefreshOK
-		rec, err := tokensource.LoadRecord(context.Background(), store, "default")
+		rec, err := tokensource.LoadRecordKeyring(context.Background(), store, "default", keyring)
 		return err == nil && rec != nil && int64(rec.Generation) == rotations
 	}
 	lockHeld := func() bool {

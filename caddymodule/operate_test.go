@@ -177,3 +177,40 @@ func grepLines(text, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// With placeholders, the secrets stay out of Caddy's own surfaces: the
+// admin /config/ endpoint and the adapted JSON show the placeholder only.
+func TestNoSecretsInAdminConfig(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{ClientSecret: "cs_admin_config_secret", Logf: func(string, ...any) {}})
+	seed := fake.Seed()
+	t.Setenv("RESTREAM_TEST_SECRET", "cs_admin_config_secret")
+	t.Setenv("RESTREAM_TEST_SEED", seed)
+	port, adminPort := freePort(t), freePort(t)
+	caddyfileText := fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	storage file_system %s
+	persist_config off
+}
+
+http://127.0.0.1:%d {
+	restream_auth {
+		client_id test-client
+		client_secret {env.RESTREAM_TEST_SECRET}
+		refresh_token {env.RESTREAM_TEST_SEED}
+		token_url %s
+	}
+	reverse_proxy %s
+}
+`, adminPort, t.TempDir(), port, fake.TokenURL(), fake.URL())
+	runInProcess(t, caddyfileText)
+	if status, body, _ := do(t, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/v2/user/profile", port), nil, nil); status != http.StatusOK {
+		t.Fatalf("status %d %s", status, body)
+	}
+	status, cfg, _ := do(t, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/config/", adminPort), nil, nil)
+	if status != http.StatusOK || !strings.Contains(string(cfg), "{env.RESTREAM_TEST_SECRET}") {
+		t.Fatalf("admin /config/: %d %s", status, cfg)
+	}
+	secrets := append(fake.IssuedTokens(), "cs_admin_config_secret", seed)
+	mustContainNone(t, "admin /config/", string(cfg), secrets...)
+	mustContainNone(t, "adapted config", string(adapt(t, caddyfileText)), secrets...)
+}
