@@ -853,6 +853,9 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 	if tok.AccessToken != fresh.AccessToken {
 		t.Fatal("did not adopt the new chain")
 	}
+	// The refresher's own poll may run just after; wait until it sleeps
+	// until the new token's renewal.
+	env.clk.waitForWaiter(t, tok.Expiry.Add(-DefaultRefreshAhead))
 	if st := s.Status(); st.State != "ok" || st.LastError != "" {
 		t.Fatalf("Status after recovery %+v", st)
 	}
