@@ -39,15 +39,17 @@ func (c *fakeClock) Now() time.Time {
 	return c.now
 }
 
-func (c *fakeClock) After(d time.Duration) <-chan time.Time {
+func (c *fakeClock) After(d time.Duration) <-chan time.Time { return c.At(c.Now().Add(d)) }
+
+func (c *fakeClock) At(at time.Time) <-chan time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	ch := make(chan time.Time, 1)
-	if d <= 0 {
+	if !at.After(c.now) {
 		ch <- c.now
 		return ch
 	}
-	c.waiters = append(c.waiters, &clockWaiter{at: c.now.Add(d), ch: ch})
+	c.waiters = append(c.waiters, &clockWaiter{at: at, ch: ch})
 	close(c.added)
 	c.added = make(chan struct{})
 	return ch

@@ -34,13 +34,16 @@ const (
 // Clock is the time source; tests substitute a fake one.
 type Clock interface {
 	Now() time.Time
-	After(d time.Duration) <-chan time.Time
+	// At fires at the given time (at once if it has passed). Taking an
+	// absolute time, not a duration, keeps a wake-up from drifting when the
+	// clock moves between reading it and arming the timer.
+	At(t time.Time) <-chan time.Time
 }
 
 type realClock struct{}
 
-func (realClock) Now() time.Time                         { return time.Now() }
-func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+func (realClock) Now() time.Time                  { return time.Now() }
+func (realClock) At(t time.Time) <-chan time.Time { return time.After(time.Until(t)) }
 
 // Config configures a Source. Account, ClientID, ClientSecret, TokenURL and
 // Storage are required.
@@ -396,13 +399,13 @@ func (s *Source) refreshAt(t *Token) time.Time {
 func (s *Source) run() {
 	defer s.wg.Done()
 	for {
-		if d := s.nextWake().Sub(s.clock.Now()); d > 0 {
+		if wake := s.nextWake(); s.clock.Now().Before(wake) {
 			select {
 			case <-s.done:
 				return
 			case <-s.changed:
 				continue
-			case <-s.clock.After(d):
+			case <-s.clock.At(wake):
 			}
 		}
 		select {
