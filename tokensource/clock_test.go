@@ -15,6 +15,7 @@ type fakeClock struct {
 	mu      sync.Mutex
 	now     time.Time
 	waiters []*clockWaiter
+	funcs   []clockFunc // AfterFunc callbacks, kept apart from sleepers
 	// added is closed and replaced whenever a waiter registers, so tests can
 	// wait for the refresher to go to sleep without polling.
 	added chan struct{}
@@ -23,6 +24,23 @@ type fakeClock struct {
 type clockWaiter struct {
 	at time.Time
 	ch chan time.Time
+}
+
+type clockFunc struct {
+	at time.Time
+	f  func()
+}
+
+// AfterFunc runs f when the clock reaches at: synchronously inside the
+// Advance that gets there, so its effect is visible when Advance returns.
+func (c *fakeClock) AfterFunc(at time.Time, f func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !at.After(c.now) {
+		f()
+		return
+	}
+	c.funcs = append(c.funcs, clockFunc{at, f})
 }
 
 // clockStart is a whole second, so the token endpoint's epoch-seconds expiry
@@ -69,6 +87,15 @@ func (c *fakeClock) Advance(d time.Duration) {
 		kept = append(kept, w)
 	}
 	c.waiters = kept
+	keptFuncs := c.funcs[:0]
+	for _, cf := range c.funcs {
+		if !cf.at.After(c.now) {
+			cf.f()
+			continue
+		}
+		keptFuncs = append(keptFuncs, cf)
+	}
+	c.funcs = keptFuncs
 }
 
 // AdvanceTo moves the clock to t (which must not be in the past).

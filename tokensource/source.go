@@ -38,12 +38,15 @@ type Clock interface {
 	// absolute time, not a duration, keeps a wake-up from drifting when the
 	// clock moves between reading it and arming the timer.
 	At(t time.Time) <-chan time.Time
+	// AfterFunc calls f at the given time (at once, or soon, if it has passed).
+	AfterFunc(t time.Time, f func())
 }
 
 type realClock struct{}
 
 func (realClock) Now() time.Time                  { return time.Now() }
 func (realClock) At(t time.Time) <-chan time.Time { return time.After(time.Until(t)) }
+func (realClock) AfterFunc(t time.Time, f func()) { time.AfterFunc(time.Until(t), f) }
 
 // Config configures a Source. Account, ClientID, ClientSecret, TokenURL and
 // Storage are required.
@@ -242,7 +245,9 @@ func (s *Source) Current() *Token { return s.cur.Load() }
 // refresh. When no refresh can run now (backoff, re-authorization needed) it
 // returns an *Error at once.
 func (s *Source) Token(ctx context.Context) (*Token, error) {
-	if t := s.cur.Load(); t.ValidAt(s.clock.Now()) {
+	// No clock read here: a timer marks each token stale when its time is
+	// up (reading the clock costs more than the rest of this path).
+	if t := s.cur.Load(); t != nil && !t.stale.Load() {
 		return t, nil
 	}
 	return s.refreshAndWait(ctx)
@@ -673,6 +678,11 @@ func (s *Source) deadChain(rec *Record) *Error {
 
 func (s *Source) publish(rec *Record, how string) {
 	t := rec.token()
+	if !t.ValidAt(s.clock.Now()) {
+		t.stale.Store(true)
+	} else {
+		s.clock.AfterFunc(t.useUntil, func() { t.stale.Store(true) })
+	}
 	for {
 		old := s.cur.Load()
 		if old != nil && old.Chain == t.Chain && old.Generation > t.Generation {

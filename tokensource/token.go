@@ -13,6 +13,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"sync/atomic"
 	"time"
 )
 
@@ -40,6 +41,8 @@ type Token struct {
 	useUntil time.Time
 	// authz is the Authorization header value, built once per token.
 	authz string
+	// stale is set by a timer at useUntil, so the hot path needs no clock.
+	stale atomic.Bool
 }
 
 // Authorization returns the header value "Bearer <access token>".
