@@ -524,7 +524,8 @@ func (s *Source) attempt() (err error) {
 	}
 	if !newSeed && rec == nil {
 		result = "no_chain"
-		msg := fmt.Sprintf("account %q has no stored token chain and no new refresh_token seed: configure refresh_token with a fresh refresh token", s.cfg.Account)
+		msg := fmt.Sprintf("account %q has no token chain yet: authorize it in the browser (restream_auth_login), "+
+			"install a refresh token with `caddy restream-auth seed`, or configure refresh_token", s.cfg.Account)
 		if _, lerr := s.loadRecord(ctx); lerr != nil {
 			// A record exists but cannot be used: say which and why.
 			msg = fmt.Sprintf("account %q: %v; fix or delete it, or configure refresh_token with a fresh refresh token", s.cfg.Account, lerr)
