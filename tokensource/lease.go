@@ -45,6 +45,9 @@ func RecordKey(account string) string { return keysFor(account).record }
 type leaseRecord struct {
 	Owner   string    `json:"owner"`
 	Expires time.Time `json:"expires_at"`
+	// Nonce tells this process's successive leases apart, so releasing one
+	// (in the background) never releases the next.
+	Nonce string `json:"nonce,omitempty"`
 }
 
 // leaseTTL outlives one token call plus the write that follows it.
@@ -144,14 +147,21 @@ func (s *Source) acquireLease(ctx context.Context, adopt func(*Record) bool) (*l
 			continue
 		}
 		var got *leaseRecord
-		var rec *Record
+		var rec, adopted *Record
 		var recErr error
 		err := s.withLock(ctx, func() error {
 			now := s.clock.Now()
 			if s.leaseHeldByOther(s.loadLease(ctx)) {
 				return nil
 			}
-			mine := leaseRecord{Owner: s.cfg.Owner, Expires: now.Add(s.leaseTTL())}
+			// Re-read before taking the lease: if another instance has just
+			// stored a usable pair, adopt it and leave the lease alone (no
+			// lease to release, no second lock section).
+			if r, err := s.loadRecord(ctx); err == nil && adopt != nil && adopt(r) {
+				adopted = r
+				return nil
+			}
+			mine := leaseRecord{Owner: s.cfg.Owner, Expires: now.Add(s.leaseTTL()), Nonce: newChainID()}
 			if err := s.storeLease(ctx, mine); err != nil {
 				return &Error{Kind: Transient, Msg: fmt.Sprintf("writing lease %s: %v", s.keys.lease, err)}
 			}
@@ -161,6 +171,9 @@ func (s *Source) acquireLease(ctx context.Context, adopt func(*Record) bool) (*l
 		})
 		if err != nil {
 			return nil, nil, err
+		}
+		if adopted != nil {
+			return nil, adopted, nil
 		}
 		if got != nil {
 			if recErr != nil && !errors.Is(recErr, ErrCorruptRecord) {
@@ -218,7 +231,7 @@ func (s *Source) releaseLease(l *leaseRecord) {
 	ctx, cancel := context.WithTimeout(context.Background(), lockWait+5*time.Second)
 	defer cancel()
 	err := s.withLock(ctx, func() error {
-		if cur := s.loadLease(ctx); cur == nil || cur.Owner != l.Owner {
+		if cur := s.loadLease(ctx); cur == nil || cur.Owner != l.Owner || cur.Nonce != l.Nonce {
 			return nil
 		}
 		return s.storeLease(ctx, leaseRecord{Owner: "", Expires: time.Time{}})
@@ -245,7 +258,7 @@ func (s *Source) persist(ctx context.Context, rec *Record, base uint64, lease *l
 			return fmt.Errorf("%w (generation %d, expected %d)", errNewerStored, stored.Generation, base)
 		}
 		if lease != nil {
-			if cur := s.loadLease(ctx); cur == nil || cur.Owner != lease.Owner {
+			if cur := s.loadLease(ctx); cur == nil || cur.Owner != lease.Owner || cur.Nonce != lease.Nonce {
 				s.log.Warn("refresh lease expired before the new pair was written; writing it by generation check")
 			}
 		}

@@ -510,7 +510,16 @@ func (s *Source) attempt() (err error) {
 		result = "adopted"
 		return nil
 	}
-	defer s.releaseLease(lease)
+	// Release in the background: the storage lock may take a poll interval
+	// (a second for file_system) to get, and waiters should have the new
+	// token now. Close still waits for it (attempts counts it).
+	defer func() {
+		s.attempts.Add(1) // inside an attempt: the count is above zero
+		go func() {
+			defer s.attempts.Done()
+			s.releaseLease(lease)
+		}()
+	}()
 
 	newSeed := s.seedPending(rec)
 	if !newSeed && s.adoptable(rec, forced) {
