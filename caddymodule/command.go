@@ -296,7 +296,13 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 	st := cliStatus{CheckedAt: now.UTC(), Storage: storageIdentity(cfg.storage)}
 	for _, account := range cfg.names() {
 		a := cliAccountStatus{Account: account, Key: tokensource.RecordKey(account)}
-		rec, err := tokensource.LoadRecord(ctx, cfg.storage, account)
+		// Decrypt with the account's keys when it encrypts at rest; a key
+		// that does not resolve here shows up as an unreadable record.
+		var keyring *tokensource.Keyring
+		if hs := cfg.accounts[account]; len(hs) > 0 {
+			keyring, _ = resolveKeyring(caddy.NewReplacer(), hs[0].EncryptionKey, hs[0].EncryptionKeyPrevious)
+		}
+		rec, err := tokensource.LoadRecordKeyring(ctx, cfg.storage, account, keyring)
 		switch {
 		case err != nil:
 			a.State, a.Error = cliStateUnreadable, err.Error()
@@ -489,52 +495,18 @@ func cliQuoteAll(ss []string) []string {
 // settings as Provision does: placeholders resolved, defaults applied, the
 // token URL checked, and the storage behind the same lock guard.
 func cliSourceConfig(h *Handler, storage certmagic.Storage, logger *zap.Logger) (tokensource.Config, error) {
-	repl := caddy.NewReplacer()
-	clientID, err := resolveSecret(repl, "client_id", h.ClientID)
+	// The handler's own seed (cfg.Seed) is marked as used by the new chain,
+	// so that a restart does not start yet another chain from it.
+	cfg, err := h.tokenConfig()
 	if err != nil {
 		return tokensource.Config{}, cliPlaceholderError(err)
-	}
-	clientSecret, err := resolveSecret(repl, "client_secret", h.ClientSecret)
-	if err != nil {
-		return tokensource.Config{}, cliPlaceholderError(err)
-	}
-	// The handler's own seed is marked as used by the new chain, so that a
-	// restart does not start yet another chain from it.
-	seed, err := resolveSecret(repl, "refresh_token", h.RefreshToken)
-	if err != nil {
-		return tokensource.Config{}, cliPlaceholderError(err)
-	}
-	if clientID == "" || clientSecret == "" {
-		return tokensource.Config{}, errors.New("client_id and client_secret are required (they resolved to empty values)")
-	}
-	tokenURL := h.TokenURL
-	if tokenURL == "" {
-		tokenURL = DefaultTokenURL
-	}
-	if err := checkEndpointURL("token_url", tokenURL); err != nil {
-		return tokensource.Config{}, err
-	}
-	style, err := parseClientAuth(h.ClientAuth)
-	if err != nil {
-		return tokensource.Config{}, err
-	}
-	if h.Timeout < 0 {
-		return tokensource.Config{}, errors.New("timeout must not be negative")
 	}
 	host, _ := os.Hostname()
-	return tokensource.Config{
-		Account:      h.Account,
-		ClientID:     clientID,
-		ClientSecret: clientSecret,
-		TokenURL:     tokenURL,
-		AuthStyle:    style,
-		Seed:         seed,
-		Timeout:      time.Duration(h.Timeout),
-		Storage:      guardStorage(storage, logger),
-		HTTPClient:   &http.Client{Transport: tokenTransport()},
-		Logger:       logger,
-		Owner:        fmt.Sprintf("caddy restream-auth seed (%s, pid %d)", host, os.Getpid()),
-	}, nil
+	cfg.Storage = guardStorage(storage, logger)
+	cfg.HTTPClient = &http.Client{Transport: tokenTransport()}
+	cfg.Logger = logger
+	cfg.Owner = fmt.Sprintf("caddy restream-auth seed (%s, pid %d)", host, os.Getpid())
+	return cfg, nil
 }
 
 func cliPlaceholderError(err error) error {

@@ -96,69 +96,15 @@ var accountPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 // token source for the account. It does not contact the token endpoint.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	if h.Account == "" {
-		h.Account = DefaultAccount
-	}
-	if !accountPattern.MatchString(h.Account) {
-		return fmt.Errorf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
-	}
-	var err error
-	repl := caddy.NewReplacer()
-	if h.clientID, err = resolveSecret(repl, "client_id", h.ClientID); err != nil {
-		return err
-	}
-	if h.clientSecret, err = resolveSecret(repl, "client_secret", h.ClientSecret); err != nil {
-		return err
-	}
-	if h.seed, err = resolveSecret(repl, "refresh_token", h.RefreshToken); err != nil {
-		return err
-	}
-	if h.keyring, err = resolveKeyring(repl, h.EncryptionKey, h.EncryptionKeyPrevious); err != nil {
-		return err
-	}
-	if h.clientID == "" || h.clientSecret == "" {
-		return fmt.Errorf("account %q: client_id and client_secret are required (they resolved to empty values)", h.Account)
-	}
-	if h.TokenURL == "" {
-		h.TokenURL = DefaultTokenURL
-	}
-	if err := checkEndpointURL("token_url", h.TokenURL); err != nil {
-		return err
-	}
-	style, err := parseClientAuth(h.ClientAuth)
+	cfg, err := h.tokenConfig()
 	if err != nil {
 		return err
 	}
-	if h.RefreshAhead < 0 || h.Timeout < 0 || h.MaxReplayBody < 0 {
-		return errors.New("refresh_ahead, timeout and max_replay_body must not be negative")
-	}
-	if h.RefreshAhead == 0 {
-		h.RefreshAhead = caddy.Duration(tokensource.DefaultRefreshAhead)
-	}
-	if h.Timeout == 0 {
-		h.Timeout = caddy.Duration(tokensource.DefaultTimeout)
-	}
-	if h.MaxReplayBody == 0 {
-		h.MaxReplayBody = DefaultMaxReplayBody
-	}
-	h.replay = h.Replay401 == nil || *h.Replay401
-
 	storage := guardStorage(ctx.Storage(), h.logger)
-	cfg := tokensource.Config{
-		Account:      h.Account,
-		ClientID:     h.clientID,
-		ClientSecret: h.clientSecret,
-		TokenURL:     h.TokenURL,
-		AuthStyle:    style,
-		Seed:         h.seed,
-		RefreshAhead: time.Duration(h.RefreshAhead),
-		Timeout:      time.Duration(h.Timeout),
-		Storage:      storage,
-		HTTPClient:   &http.Client{Transport: tokenTransport()},
-		Logger:       h.logger.Named("tokensource"),
-		Observer:     metricsObserver{},
-		Keyring:      h.keyring,
-	}
+	cfg.Storage = storage
+	cfg.HTTPClient = &http.Client{Transport: tokenTransport()}
+	cfg.Logger = h.logger.Named("tokensource")
+	cfg.Observer = metricsObserver{}
 	if err := registerMetrics(ctx.GetMetricsRegistry(), h.Account); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
 	}
@@ -181,6 +127,86 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	app.(*App).add(h.src)
 	return nil
+}
+
+// tokenConfig applies defaults, resolves placeholders and checks the
+// settings, returning the token source configuration without the parts
+// that depend on where it runs (storage, HTTP client, logger). Provision and
+// the restream-auth command share it.
+func (h *Handler) tokenConfig() (tokensource.Config, error) {
+	if h.Account == "" {
+		h.Account = DefaultAccount
+	}
+	if !accountPattern.MatchString(h.Account) {
+		return tokensource.Config{}, fmt.Errorf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
+	}
+	repl := caddy.NewReplacer()
+	client, err := resolveClient(repl, fmt.Sprintf("account %q", h.Account), h.ClientID, h.ClientSecret, &h.TokenURL, h.ClientAuth)
+	if err != nil {
+		return tokensource.Config{}, err
+	}
+	h.clientID, h.clientSecret = client.id, client.secret
+	if h.seed, err = resolveSecret(repl, "refresh_token", h.RefreshToken); err != nil {
+		return tokensource.Config{}, err
+	}
+	if h.keyring, err = resolveKeyring(repl, h.EncryptionKey, h.EncryptionKeyPrevious); err != nil {
+		return tokensource.Config{}, err
+	}
+	if h.RefreshAhead < 0 || h.Timeout < 0 || h.MaxReplayBody < 0 {
+		return tokensource.Config{}, errors.New("refresh_ahead, timeout and max_replay_body must not be negative")
+	}
+	if h.RefreshAhead == 0 {
+		h.RefreshAhead = caddy.Duration(tokensource.DefaultRefreshAhead)
+	}
+	if h.Timeout == 0 {
+		h.Timeout = caddy.Duration(tokensource.DefaultTimeout)
+	}
+	if h.MaxReplayBody == 0 {
+		h.MaxReplayBody = DefaultMaxReplayBody
+	}
+	h.replay = h.Replay401 == nil || *h.Replay401
+	return tokensource.Config{
+		Account:      h.Account,
+		ClientID:     h.clientID,
+		ClientSecret: h.clientSecret,
+		TokenURL:     h.TokenURL,
+		AuthStyle:    client.style,
+		Seed:         h.seed,
+		RefreshAhead: time.Duration(h.RefreshAhead),
+		Timeout:      time.Duration(h.Timeout),
+		Keyring:      h.keyring,
+	}, nil
+}
+
+// clientSettings are the resolved options every directive that talks to
+// the token endpoint has.
+type clientSettings struct {
+	id, secret string
+	style      tokensource.AuthStyle
+}
+
+// resolveClient resolves client_id and client_secret, defaults and checks
+// *tokenURL, and parses client_auth. who names the directive in errors.
+func resolveClient(repl *caddy.Replacer, who, id, secret string, tokenURL *string, clientAuth string) (clientSettings, error) {
+	var c clientSettings
+	var err error
+	if c.id, err = resolveSecret(repl, "client_id", id); err != nil {
+		return c, err
+	}
+	if c.secret, err = resolveSecret(repl, "client_secret", secret); err != nil {
+		return c, err
+	}
+	if c.id == "" || c.secret == "" {
+		return c, fmt.Errorf("%s: client_id and client_secret are required (they resolved to empty values)", who)
+	}
+	if *tokenURL == "" {
+		*tokenURL = DefaultTokenURL
+	}
+	if err := checkEndpointURL("token_url", *tokenURL); err != nil {
+		return c, err
+	}
+	c.style, err = parseClientAuth(clientAuth)
+	return c, err
 }
 
 // Validate checks what Provision could not default.

@@ -110,22 +110,12 @@ func (l *Login) Provision(ctx caddy.Context) error {
 	}
 	var err error
 	repl := caddy.NewReplacer()
-	if l.clientID, err = resolveSecret(repl, "client_id", l.ClientID); err != nil {
+	client, err := resolveClient(repl, fmt.Sprintf("restream_auth_login %q", l.Account), l.ClientID, l.ClientSecret, &l.TokenURL, l.ClientAuth)
+	if err != nil {
 		return err
 	}
-	if l.clientSecret, err = resolveSecret(repl, "client_secret", l.ClientSecret); err != nil {
-		return err
-	}
+	l.clientID, l.clientSecret = client.id, client.secret
 	if l.keyring, err = resolveKeyring(repl, l.EncryptionKey, l.EncryptionKeyPrevious); err != nil {
-		return err
-	}
-	if l.clientID == "" || l.clientSecret == "" {
-		return fmt.Errorf("restream_auth_login %q: client_id and client_secret are required (they resolved to empty values)", l.Account)
-	}
-	if l.TokenURL == "" {
-		l.TokenURL = DefaultTokenURL
-	}
-	if err := checkEndpointURL("token_url", l.TokenURL); err != nil {
 		return err
 	}
 	if l.AuthorizeURL == "" {
@@ -141,10 +131,7 @@ func (l *Login) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	style, err := parseClientAuth(l.ClientAuth)
-	if err != nil {
-		return err
-	}
+	style := client.style
 	// The cookie must reach the callback wherever the flow started; with
 	// login and callback in one route this is the route's prefix.
 	l.cookiePath = path.Dir(redirect.Path)

@@ -84,20 +84,11 @@ func (TokenProxy) CaddyModule() caddy.ModuleInfo {
 // Provision resolves placeholders and applies defaults. It contacts nobody.
 func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	p.logger = ctx.Logger()
-	var err error
-	repl := caddy.NewReplacer()
-	if p.clientID, err = resolveSecret(repl, "client_id", p.ClientID); err != nil {
+	client, err := resolveClient(caddy.NewReplacer(), "restream_token_proxy", p.ClientID, p.ClientSecret, &p.TokenURL, p.ClientAuth)
+	if err != nil {
 		return err
 	}
-	if p.clientSecret, err = resolveSecret(repl, "client_secret", p.ClientSecret); err != nil {
-		return err
-	}
-	if p.clientID == "" || p.clientSecret == "" {
-		return errors.New("restream_token_proxy: client_id and client_secret are required (they resolved to empty values)")
-	}
-	if p.TokenURL == "" {
-		p.TokenURL = DefaultTokenURL
-	}
+	p.clientID, p.clientSecret, p.style = client.id, client.secret, client.style
 	if p.RevokeURL == "" {
 		// Beside the token endpoint, as Restream has it (…/oauth/token,
 		// …/oauth/revoke), so pointing token_url elsewhere moves both.
@@ -106,13 +97,7 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 			p.RevokeURL = base + "/revoke"
 		}
 	}
-	if err := checkEndpointURL("token_url", p.TokenURL); err != nil {
-		return err
-	}
 	if err := checkEndpointURL("revoke_url", p.RevokeURL); err != nil {
-		return err
-	}
-	if p.style, err = parseClientAuth(p.ClientAuth); err != nil {
 		return err
 	}
 	if p.Timeout < 0 {
