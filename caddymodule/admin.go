@@ -107,7 +107,7 @@ func (a *AdminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		err := srcs[0].Refresh(ctx)
 		st := statusJSON(srcs[0].Status())
 		if err != nil {
-			return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("refresh of %q failed: %v", account, err)}
+			return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("refresh failed: %v", err)}
 		}
 		w.Header().Set("Content-Type", "application/json")
 		return json.NewEncoder(w).Encode(st)

@@ -434,15 +434,19 @@ func isUpgrade(r *http.Request) bool {
 // unavailable answers 503 with a JSON error naming the account and cause. The
 // cause comes from tokensource errors, which never carry a secret.
 func (h *Handler) unavailable(w http.ResponseWriter, r *http.Request, err error) error {
-	code, desc := "temporarily_unavailable", strings.TrimPrefix(err.Error(), fmt.Sprintf("account %q: ", h.Account))
+	// A token source's errors name the account already; others get it here.
+	code, desc := "temporarily_unavailable", fmt.Sprintf("account %q: %v", h.Account, err)
 	var te *tokensource.Error
+	if errors.As(err, &te) {
+		desc = te.Msg
+	}
 	switch {
-	case errors.As(err, &te) && te.Kind == tokensource.Terminal:
+	case te != nil && te.Kind == tokensource.Terminal:
 		code = "reauth_required"
-	case errors.As(err, &te) && te.Kind == tokensource.NoChain:
+	case te != nil && te.Kind == tokensource.NoChain:
 		code = "no_chain"
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		desc = "timed out waiting for the token refresh"
+		desc = fmt.Sprintf("account %q: timed out waiting for the token refresh", h.Account)
 	}
 	metrics.unavailable.WithLabelValues(h.Account).Inc()
 	retry := h.src.RetryAfter()
@@ -454,7 +458,7 @@ func (h *Handler) unavailable(w http.ResponseWriter, r *http.Request, err error)
 	w.WriteHeader(http.StatusServiceUnavailable)
 	return json.NewEncoder(w).Encode(map[string]string{
 		"error":             code,
-		"error_description": fmt.Sprintf("restream_auth account %q: %s", h.Account, desc),
+		"error_description": "restream_auth " + desc,
 	})
 }
 

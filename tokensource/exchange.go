@@ -53,8 +53,8 @@ func (k ErrorKind) String() string {
 	}
 }
 
-// Error is a refresh failure. Its text never contains a token or the client
-// secret: token-endpoint descriptions are redacted and truncated, and unusable
+// Error is a refresh failure. A Source's errors name its account (once), and
+// their text never contains a token or the client secret: token-endpoint descriptions are redacted and truncated, and unusable
 // bodies are described by type and size only.
 type Error struct {
 	Kind ErrorKind

@@ -63,7 +63,7 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 		next.ConsumedSeeds = next.ConsumedSeeds[n-maxConsumedSeeds:]
 	}
 	if err := s.persist(ctx, &next, base, lease); err != nil {
-		return nil, fmt.Errorf("account %q: storing the new chain: %w", s.cfg.Account, err)
+		return nil, fmt.Errorf("storing the new chain: %w", err)
 	}
 	s.publish(&next, "installed")
 	s.mu.Lock()

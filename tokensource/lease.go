@@ -178,7 +178,7 @@ func (s *Source) acquireLease(ctx context.Context, adopt func(*Record) bool) (*l
 		if got != nil {
 			if recErr != nil && !errors.Is(recErr, ErrCorruptRecord) {
 				s.releaseLease(got)
-				return nil, nil, &Error{Kind: Transient, Msg: fmt.Sprintf("account %q: %v", s.cfg.Account, recErr)}
+				return nil, nil, &Error{Kind: Transient, Msg: recErr.Error()}
 			}
 			if recErr != nil {
 				s.log.Error("stored token record is unusable", zap.Error(recErr))

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -218,9 +219,6 @@ func (s *Source) Close() {
 	s.cfg.HTTPClient.CloseIdleConnections()
 }
 
-// errClosed answers callers of a closed Source.
-var errClosed = &Error{Kind: Transient, Msg: "token source is shutting down"}
-
 // startAttempt joins the refresh in flight or starts one, unless the
 // Source is closed; the channel delivers its result.
 func (s *Source) startAttempt() <-chan singleflight.Result {
@@ -228,7 +226,7 @@ func (s *Source) startAttempt() <-chan singleflight.Result {
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
-			return nil, errClosed
+			return nil, &Error{Kind: Transient, Msg: s.named("token source is shutting down")}
 		}
 		s.attempts.Add(1) // under mu, so never concurrent with Close's Wait at zero
 		s.mu.Unlock()
@@ -335,7 +333,7 @@ func (s *Source) refreshAndWait(ctx context.Context) (*Token, error) {
 		if r.Err != nil {
 			return nil, r.Err
 		}
-		return nil, &Error{Kind: Transient, Msg: "no valid token after refresh"}
+		return nil, &Error{Kind: Transient, Msg: s.named("no valid token after refresh")}
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -477,14 +475,14 @@ func (s *Source) attempt() (err error) {
 	// refresh would read the stored pair and resend its dead refresh token.
 	if err := s.persistPending(ctx); err != nil {
 		result = "transient"
-		return &Error{Kind: Transient, Msg: fmt.Sprintf("account %q: the newest token pair is not in storage yet, so no refresh can start: %v", s.cfg.Account, err)}
+		return &Error{Kind: Transient, Msg: fmt.Sprintf("the newest token pair is not in storage yet, so no refresh can start: %v", err)}
 	}
 
 	rec, err := s.loadRecord(ctx)
 	if err != nil && !errors.Is(err, ErrCorruptRecord) {
 		// Storage is failing: acting on a guess could resend a spent token.
 		result = "transient"
-		return &Error{Kind: Transient, Msg: fmt.Sprintf("account %q: %v", s.cfg.Account, err)}
+		return &Error{Kind: Transient, Msg: err.Error()}
 	}
 	if err != nil {
 		s.log.Error("stored token record is unusable", zap.Error(err))
@@ -533,11 +531,11 @@ func (s *Source) attempt() (err error) {
 	}
 	if !newSeed && rec == nil {
 		result = "no_chain"
-		msg := fmt.Sprintf("account %q has no token chain yet: authorize it in the browser (restream_auth_login), "+
-			"install a refresh token with `caddy restream-auth seed`, or configure refresh_token", s.cfg.Account)
+		msg := "no token chain yet: authorize the account in the browser (restream_auth_login), " +
+			"install a refresh token with `caddy restream-auth seed`, or configure refresh_token"
 		if _, lerr := s.loadRecord(ctx); lerr != nil {
 			// A record exists but cannot be used: say which and why.
-			msg = fmt.Sprintf("account %q: %v; fix or delete it, or configure refresh_token with a fresh refresh token", s.cfg.Account, lerr)
+			msg = fmt.Sprintf("%v; fix or delete it, or configure refresh_token with a fresh refresh token", lerr)
 		}
 		return &Error{Kind: NoChain, Code: "no_chain", Msg: msg}
 	}
@@ -578,7 +576,7 @@ func (s *Source) attempt() (err error) {
 			s.mu.Lock()
 			s.deadRT = Fingerprint(rt)
 			s.mu.Unlock()
-			e.Msg = fmt.Sprintf("account %q: %s; the refresh token chain is dead, re-authorize and configure a new refresh_token seed", s.cfg.Account, e.Msg)
+			e.Msg += "; the refresh token chain is dead, re-authorize and configure a new refresh_token seed"
 			result = e.Code
 		} else {
 			result = "transient"
@@ -683,7 +681,7 @@ func (s *Source) deadChain(rec *Record) *Error {
 	if s.lastErr != nil && s.lastErr.Kind == Terminal {
 		return s.lastErr
 	}
-	return &Error{Kind: Terminal, Code: "invalid_grant", Msg: fmt.Sprintf("account %q: the refresh token chain is dead, re-authorize and configure a new refresh_token seed", s.cfg.Account)}
+	return &Error{Kind: Terminal, Code: "invalid_grant", Msg: "the refresh token chain is dead, re-authorize and configure a new refresh_token seed"}
 }
 
 func (s *Source) publish(rec *Record, how string) {
@@ -706,6 +704,16 @@ func (s *Source) publish(rec *Record, how string) {
 	if how == "adopted" {
 		s.log.Debug("adopted stored token pair", zap.Uint64("generation", t.Generation), zap.Time("access_expires_at", t.Expiry))
 	}
+}
+
+// named prefixes a message with the account, once: every *Error a Source
+// hands out names its account, so callers add no context of their own.
+func (s *Source) named(msg string) string {
+	prefix := fmt.Sprintf("account %q: ", s.cfg.Account)
+	if strings.HasPrefix(msg, prefix) {
+		return msg
+	}
+	return prefix + msg
 }
 
 // finish records the outcome of an attempt and sets the backoff.
@@ -733,6 +741,7 @@ func (s *Source) finishLocked(started time.Time, result string, err error) {
 	if !errors.As(err, &e) {
 		e = &Error{Kind: Transient, Msg: err.Error()}
 	}
+	e.Msg = s.named(e.Msg)
 	s.lastErr, s.lastResult = e, result
 	switch e.Kind {
 	case Terminal, NoChain:
