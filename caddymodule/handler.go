@@ -397,11 +397,16 @@ func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddy
 }
 
 // setToken replaces any client-supplied credentials with the token.
+//
+// With QueryParam set the token goes only into r.URL.RawQuery, from which
+// reverse_proxy builds the upstream URL (upgrades included). r.RequestURI is
+// left as the client sent it: Caddy logs it as "uri" (e.g. in reverse_proxy's
+// "upstream roundtrip" debug line), so setting it would put the token in the
+// logs.
 func (h *Handler) setToken(r *http.Request, tok *tokensource.Token) {
 	r.Header.Set("Authorization", tok.Authorization())
 	if h.QueryParam != "" {
 		r.URL.RawQuery = setQueryParam(r.URL.RawQuery, h.QueryParam, tok.AccessToken)
-		r.RequestURI = r.URL.RequestURI()
 	}
 }
 
