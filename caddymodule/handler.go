@@ -370,12 +370,22 @@ func (h *Handler) replayServe(w http.ResponseWriter, r *http.Request, next caddy
 	if !st.w.held {
 		return nil
 	}
-	newer, refreshed, ok, err := h.src.TokenNewerThan(r.Context(), tok)
-	if err != nil || !ok {
-		if err != nil && !errors.Is(err, context.Canceled) {
-			h.logger.Warn("upstream answered 401 and no newer token could be had", zap.String("account", h.Account), zap.Error(err))
-		}
+	newer, refreshed, err := h.src.TokenNewerThan(r.Context(), tok)
+	switch {
+	case errors.Is(err, tokensource.ErrRejectedAgain):
+		// A token just refreshed because of a 401 was rejected again: the
+		// 401 is about the request, not the sidecar's token.
+		metrics.replays.WithLabelValues(h.Account, "second_401").Inc()
 		return st.w.release()
+	case errors.Is(err, context.Canceled):
+		return st.w.release() // the client is gone
+	case err != nil:
+		// The 401 is about the sidecar's token, which could not be renewed:
+		// the client gets the documented 503 with Retry-After.
+		h.logger.Warn("upstream answered 401 and no newer token could be had", zap.String("account", h.Account), zap.Error(err))
+		st.restoreHeaders(w.Header())
+		st.w.held = false
+		return h.unavailable(w, r, err)
 	}
 	reason := "newer_token"
 	if refreshed {

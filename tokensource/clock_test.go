@@ -27,20 +27,42 @@ type clockWaiter struct {
 }
 
 type clockFunc struct {
-	at time.Time
-	f  func()
+	at      time.Time
+	f       func()
+	stopped *bool
 }
 
 // AfterFunc runs f when the clock reaches at: synchronously inside the
 // Advance that gets there, so its effect is visible when Advance returns.
-func (c *fakeClock) AfterFunc(at time.Time, f func()) {
+func (c *fakeClock) AfterFunc(at time.Time, f func()) func() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !at.After(c.now) {
 		f()
-		return
+		return func() bool { return false }
 	}
-	c.funcs = append(c.funcs, clockFunc{at, f})
+	stopped := new(bool)
+	c.funcs = append(c.funcs, clockFunc{at, f, stopped})
+	return func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		was := *stopped
+		*stopped = true
+		return !was
+	}
+}
+
+// pendingFuncs counts AfterFunc callbacks neither run nor stopped.
+func (c *fakeClock) pendingFuncs() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, cf := range c.funcs {
+		if !*cf.stopped {
+			n++
+		}
+	}
+	return n
 }
 
 // clockStart is a whole second, so the token endpoint's epoch-seconds expiry
@@ -89,7 +111,11 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.waiters = kept
 	keptFuncs := c.funcs[:0]
 	for _, cf := range c.funcs {
+		if *cf.stopped {
+			continue
+		}
 		if !cf.at.After(c.now) {
+			*cf.stopped = true
 			cf.f()
 			continue
 		}

@@ -153,8 +153,3 @@ func decodeRecordBytes(b []byte, key, account string, kr *Keyring) ([]byte, erro
 	}
 	return plain, nil
 }
-
-// ErrUnreadableRecord marks a stored record this configuration cannot
-// decrypt. Unlike a corrupt record it is not replaced by a seed: the record
-// may hold the only live refresh token, readable with the right key.
-var ErrUnreadableRecord = errors.New("unreadable stored record")

@@ -36,10 +36,14 @@ type ErrorKind int
 const (
 	// Transient failures (5xx, 429, timeouts, unusable answers) are retried with backoff.
 	Transient ErrorKind = iota
-	// Terminal failures (invalid_grant, invalid_client) need a human: a new seed or re-authorization.
+	// Terminal failures (invalid_grant) need a human: a new seed or re-authorization.
 	Terminal
 	// NoChain means there is neither a seed nor a stored chain for the account.
 	NoChain
+	// Misconfigured means the endpoint refused the client credentials
+	// (invalid_client, unauthorized_client): a configuration error of this
+	// instance. The chain is kept, and retried slowly.
+	Misconfigured
 )
 
 func (k ErrorKind) String() string {
@@ -48,6 +52,8 @@ func (k ErrorKind) String() string {
 		return "terminal"
 	case NoChain:
 		return "no_chain"
+	case Misconfigured:
+		return "misconfigured"
 	default:
 		return "transient"
 	}
@@ -87,7 +93,7 @@ type exchanger struct {
 	clientSecret string
 	style        AuthStyle
 	timeout      time.Duration
-	now          func() time.Time
+	clock        Clock
 }
 
 // tokenResponse carries both of Restream's naming styles. Only the tokens
@@ -170,7 +176,7 @@ func (x *exchanger) grant(ctx context.Context, form url.Values, secret string) (
 		form.Set("client_id", x.clientID)
 		form.Set("client_secret", x.clientSecret)
 	}
-	ctx, cancel := context.WithTimeout(ctx, x.timeout)
+	ctx, cancel := withTimeout(ctx, x.clock, x.timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, x.tokenURL, strings.NewReader(form.Encode()))
 	if err != nil {
@@ -203,7 +209,7 @@ func (x *exchanger) grant(ctx context.Context, form url.Values, secret string) (
 	if resp.StatusCode != http.StatusOK {
 		return nil, x.errorFromResponse(resp, body, secret)
 	}
-	rec, err := parseTokenResponse(body, resp.Header.Get("Content-Type"), x.now())
+	rec, err := parseTokenResponse(body, resp.Header.Get("Content-Type"), x.clock.Now())
 	if err != nil {
 		// The endpoint said 200: the old pair is probably dead, but the answer
 		// is unusable. Nothing better than retrying with the same token exists.
@@ -326,7 +332,7 @@ func ParseOAuthError(body []byte) (code, description string, ok bool) {
 
 func (x *exchanger) errorFromResponse(resp *http.Response, body []byte, refreshToken string) *Error {
 	e := &Error{Kind: Transient, Status: resp.StatusCode}
-	if ra := parseRetryAfter(resp.Header.Get("Retry-After"), x.now()); ra > 0 {
+	if ra := parseRetryAfter(resp.Header.Get("Retry-After"), x.clock.Now()); ra > 0 {
 		e.RetryAfter = ra
 	}
 	code, desc, ok := ParseOAuthError(body)
@@ -341,10 +347,12 @@ func (x *exchanger) errorFromResponse(resp *http.Response, body []byte, refreshT
 	// The code is endpoint text too: redact it before truncating, so not even
 	// a prefix of a secret survives.
 	e.Code = truncate(sanitize(redact(code, refreshToken, x.clientSecret, x.clientID)), 64)
-	switch e.Code {
-	case "invalid_grant", "invalid_client", "unauthorized_client":
-		if resp.StatusCode >= 400 && resp.StatusCode < 500 {
+	if resp.StatusCode >= 400 && resp.StatusCode < 500 {
+		switch e.Code {
+		case "invalid_grant":
 			e.Kind = Terminal
+		case "invalid_client", "unauthorized_client":
+			e.Kind = Misconfigured
 		}
 	}
 	desc = redact(desc, refreshToken, x.clientSecret, x.clientID)

@@ -33,8 +33,17 @@ func newTestExchanger(tokenURL string, style AuthStyle, now func() time.Time) *e
 		clientSecret: testClientSecret,
 		style:        style,
 		timeout:      5 * time.Second,
-		now:          now,
+		clock:        funcClock(now),
 	}
+}
+
+// funcClock is a Clock that reads now; its timers follow the wall clock.
+type funcClock func() time.Time
+
+func (f funcClock) Now() time.Time                  { return f() }
+func (f funcClock) At(t time.Time) <-chan time.Time { return realClock{}.At(t) }
+func (f funcClock) AfterFunc(t time.Time, fn func()) func() bool {
+	return realClock{}.AfterFunc(t, fn)
 }
 
 // seenRequest is what an odd-answer server received.
@@ -191,8 +200,9 @@ func TestExchangeWrongClientSecret(t *testing.T) {
 			x := newTestExchanger(fake.TokenURL(), tc.style, time.Now)
 			_, err := x.exchange(context.Background(), seed)
 			e := asError(t, err)
-			if e.Kind != Terminal || e.Code != "invalid_client" || e.Status != tc.status {
-				t.Errorf("kind %v code %q status %d, want terminal invalid_client %d (%s)", e.Kind, e.Code, e.Status, tc.status, e.Msg)
+			// A configuration error, not a dead chain (item 10).
+			if e.Kind != Misconfigured || e.Code != "invalid_client" || e.Status != tc.status {
+				t.Errorf("kind %v code %q status %d, want misconfigured invalid_client %d (%s)", e.Kind, e.Code, e.Status, tc.status, e.Msg)
 			}
 			assertNoSecrets(t, e.Msg, seed)
 			if st := fake.Stats(); st.InvalidClient != 1 || st.RefreshOK != 0 {
@@ -448,27 +458,27 @@ func TestExchangeErrorAnswers(t *testing.T) {
 		{
 			name: "invalid_client flat 400", status: 400,
 			body: `{"error":"invalid_client","error_description":"Invalid client: cannot retrieve client credentials"}`,
-			kind: Terminal, code: "invalid_client",
+			kind: Misconfigured, code: "invalid_client",
 		},
 		{
 			name: "invalid_client nested 401", status: 401, header: map[string]string{"WWW-Authenticate": `Basic realm="Service"`},
 			body: `{"error":{"name":"invalid_client","message":"Invalid client: client is invalid"}}`,
-			kind: Terminal, code: "invalid_client",
+			kind: Misconfigured, code: "invalid_client",
 		},
 		{
 			name: "invalid_client 401 with WWW-Authenticate and no JSON", status: 401,
 			header: map[string]string{"WWW-Authenticate": `Basic realm="restream"`, "Content-Type": "text/plain"},
 			body:   "Unauthorized",
-			kind:   Terminal, code: "invalid_client", wantIn: []string{"401", "invalid_client"},
+			kind:   Misconfigured, code: "invalid_client", wantIn: []string{"401", "invalid_client"},
 		},
 		{
 			name: "invalid_client 401 with WWW-Authenticate and empty body", status: 401,
 			header: map[string]string{"WWW-Authenticate": `Basic realm="restream"`},
-			kind:   Terminal, code: "invalid_client",
+			kind:   Misconfigured, code: "invalid_client",
 		},
 		{
 			name: "unauthorized_client", status: 400, body: `{"error":"unauthorized_client"}`,
-			kind: Terminal, code: "unauthorized_client",
+			kind: Misconfigured, code: "unauthorized_client",
 		},
 		{
 			name: "500 with Retry-After seconds", status: 500, header: map[string]string{"Retry-After": "7"},

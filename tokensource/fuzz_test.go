@@ -60,7 +60,7 @@ func FuzzErrorFromResponse(f *testing.F) {
 	f.Add(400, []byte(`{"error":"invalid_grant","error_description":"rt_secret_refresh"}`))
 	f.Add(401, []byte(`{"error":{"name":"cs_client_secret","message":"rt_secret_refresh"}}`))
 	f.Add(502, []byte(`<html>rt_secret_refresh</html>`))
-	x := &exchanger{clientID: "client-id", clientSecret: "cs_client_secret", now: time.Now}
+	x := &exchanger{clientID: "client-id", clientSecret: "cs_client_secret", clock: realClock{}}
 	f.Fuzz(func(t *testing.T, status int, body []byte) {
 		if status < 100 || status > 999 {
 			return

@@ -2,6 +2,7 @@ package tokensource
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -31,77 +32,81 @@ func (s *Source) InstallSeed(ctx context.Context, refreshToken string) (*Token, 
 	return s.install(ctx, func(ctx context.Context) (*Record, error) { return s.x.exchange(ctx, refreshToken) }, Fingerprint(refreshToken))
 }
 
+// installWait bounds an install's wait for the lease.
+const installWait = 30 * time.Second
+
 func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Record, error), seedFP string) (*Token, error) {
 	// Detached, like a refresh: a spent token's answer must be stored.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.attemptTimeout())
+	ctx, cancel := withTimeout(context.WithoutCancel(ctx), s.clock, installWait+s.cfg.Timeout+2*StorageTimeout)
 	defer cancel()
-	lease, stored, err := s.acquireLease(ctx, nil)
+	owner := s.cfg.Owner + "/install"
+	lease, err := s.takeLeaseWaiting(ctx, owner)
 	if err != nil {
 		return nil, err
 	}
-	defer s.releaseLease(lease)
+	defer func() {
+		octx, cancel := s.op(ctx)
+		defer cancel()
+		if err := s.store.ReleaseLease(octx, lease); err != nil {
+			s.log.Warn("releasing the refresh lease after an install failed (it lapses on its own)", zap.Error(err))
+		}
+	}()
+	octx, cancelLoad := s.op(ctx)
+	stored, err := s.store.Load(octx)
+	cancelLoad()
+	if err != nil {
+		// I4, I5: a record that cannot be read is never replaced blindly.
+		return nil, &Error{Kind: Transient, Msg: s.named("reading the stored record before installing: " + err.Error())}
+	}
 	rec, err := obtain(ctx)
 	if err != nil {
+		var e *Error
+		if errors.As(err, &e) {
+			e.Msg = s.named(e.Msg)
+		}
 		return nil, err
 	}
 	next := *rec
-	next.Version = recordVersion
-	next.Chain = newChainID()
-	var base uint64
+	next.Version, next.Chain, next.Cause = recordVersion, randomID(), CauseInstall
+	next.Generation = stored.version().Generation + 1
 	if stored != nil {
-		base = stored.Generation
-		next.ConsumedSeeds = append([]string(nil), stored.ConsumedSeeds...)
+		next.ConsumedSeeds, next.DeadTokens = stored.ConsumedSeeds, stored.DeadTokens
 	}
-	next.Generation = base + 1
 	// The configured seed must not start yet another chain over this one.
-	for _, fp := range []string{seedFP, s.seedFP} {
-		if fp != "" && !next.seedConsumed(fp) {
-			next.ConsumedSeeds = append(next.ConsumedSeeds, fp)
-		}
-	}
-	if n := len(next.ConsumedSeeds); n > maxConsumedSeeds {
-		next.ConsumedSeeds = next.ConsumedSeeds[n-maxConsumedSeeds:]
-	}
-	if err := s.persist(ctx, &next, base, lease); err != nil {
-		return nil, fmt.Errorf("storing the new chain: %w", err)
+	next.ConsumedSeeds = appendBounded(appendBounded(next.ConsumedSeeds, seedFP), s.seedFP)
+	octx, cancelStore := s.op(ctx)
+	err = s.store.CompareAndStore(octx, &next, stored.version())
+	cancelStore()
+	if err != nil {
+		return nil, fmt.Errorf("%s", s.named("storing the new chain: "+err.Error()))
 	}
 	s.publish(&next, "installed")
 	s.mu.Lock()
-	s.lastErr, s.failures, s.nextAttempt, s.deadRT = nil, 0, time.Time{}, ""
+	s.lastErr, s.failures, s.nextAttempt, s.limited = nil, 0, time.Time{}, nil
 	s.lastRefresh, s.lastResult = s.clock.Now(), "installed"
 	state := s.stateLocked()
 	s.mu.Unlock()
 	s.obs.StateChanged(s.cfg.Account, state)
-	s.notify()
+	s.wake()
 	s.log.Info("installed a new token chain", zap.Uint64("generation", next.Generation),
 		zap.Time("access_expires_at", next.Expiry))
 	return s.cur.Load(), nil
 }
 
-// recheckInterval bounds how often requests that find the account without a
-// usable chain re-read storage, where an onboarding flow, the CLI or another
-// instance may have installed one.
-const recheckInterval = time.Second
-
-// recheckStorage adopts a usable stored pair while the account is in
-// reauth_required or no_chain, without waiting for the next poll.
-func (s *Source) recheckStorage() bool {
-	now := s.clock.Now()
-	s.mu.Lock()
-	if now.Sub(s.lastRecheck) < recheckInterval {
-		s.mu.Unlock()
-		return false
+// takeLeaseWaiting takes the lease for owner, polling while another holds it.
+func (s *Source) takeLeaseWaiting(ctx context.Context, owner string) (*Lease, error) {
+	for {
+		octx, cancel := s.op(ctx)
+		l, err := s.store.TakeLease(octx, owner, s.leaseTTL())
+		cancel()
+		switch {
+		case err == nil:
+			return l, nil
+		case !errors.Is(err, ErrLeaseHeld):
+			return nil, &Error{Kind: Transient, Msg: s.named("taking the refresh lease: " + err.Error())}
+		}
+		if sleep(ctx, s.clock, leasePoll) != nil {
+			return nil, &Error{Kind: Transient, Msg: s.named("timed out waiting for another instance's refresh lease")}
+		}
 	}
-	s.lastRecheck = now
-	s.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	rec, err := s.loadRecord(ctx)
-	if err != nil || !s.adoptable(rec, nil) {
-		return false
-	}
-	s.publish(rec, "adopted")
-	s.finish(now, "adopted", nil)
-	s.notify()
-	return true
 }

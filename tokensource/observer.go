@@ -9,6 +9,10 @@ const (
 	StateBackoff        = "backoff"
 	StateReauthRequired = "reauth_required"
 	StateNoChain        = "no_chain"
+	// StateMisconfigured: the endpoint refuses the client credentials.
+	StateMisconfigured = "misconfigured"
+	// StateDegraded: the served pair is not in storage yet (I2).
+	StateDegraded = "degraded"
 )
 
 // Observer receives a Source's events, for metrics. Its methods are called

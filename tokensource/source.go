@@ -2,8 +2,6 @@ package tokensource
 
 import (
 	"context"
-	crand "crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -14,43 +12,40 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sync/singleflight"
 )
 
-// Defaults for Config fields left zero.
+// Defaults and bounds of the protocol.
 const (
 	DefaultRefreshAhead = 5 * time.Minute
 	DefaultTimeout      = 10 * time.Second
 	// ReauthPollInterval is how often an account that needs a human re-reads
 	// storage, where another instance or a new seed may have installed a chain.
 	ReauthPollInterval = 30 * time.Second
-	// ForcedRefreshInterval rate-limits refreshes forced by upstream 401s, so an
-	// upstream that rejects tokens for other reasons cannot rotate the chain on
-	// every request.
+	// ForcedRefreshInterval rate-limits refreshes forced by upstream 401s: a
+	// generation itself issued because of a 401 is not replaced because of
+	// another 401 before it is this old, so an upstream that rejects tokens
+	// for other reasons cannot rotate the chain on every request.
 	ForcedRefreshInterval = 5 * time.Second
-	minBackoff            = time.Second
-	maxBackoff            = time.Minute
+	// StorageTimeout bounds one storage operation, its lock wait included.
+	StorageTimeout = 10 * time.Second
+
+	minBackoff = time.Second
+	maxBackoff = time.Minute
+	// Misconfigured client credentials are retried this slowly.
+	minMisconfiguredBackoff = time.Minute
+	maxMisconfiguredBackoff = 10 * time.Minute
+	// leasePoll is how often an instance waiting for another's lease looks again.
+	leasePoll = 150 * time.Millisecond
+	// leaseSlack is the margin kept between a holder's last step and its
+	// lease's end.
+	leaseSlack = 5 * time.Second
+	// recheckInterval bounds how often requests make an instance in backoff
+	// or re-authorization re-read storage.
+	recheckInterval = time.Second
 )
 
-// Clock is the time source; tests substitute a fake one.
-type Clock interface {
-	Now() time.Time
-	// At fires at the given time (at once if it has passed). Taking an
-	// absolute time, not a duration, keeps a wake-up from drifting when the
-	// clock moves between reading it and arming the timer.
-	At(t time.Time) <-chan time.Time
-	// AfterFunc calls f at the given time (at once, or soon, if it has passed).
-	AfterFunc(t time.Time, f func())
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time                  { return time.Now() }
-func (realClock) At(t time.Time) <-chan time.Time { return time.After(time.Until(t)) }
-func (realClock) AfterFunc(t time.Time, f func()) { time.AfterFunc(time.Until(t), f) }
-
 // Config configures a Source. Account, ClientID, ClientSecret, TokenURL and
-// Storage are required.
+// Storage (or Store) are required.
 type Config struct {
 	// Account names the chain; storage keys live under restream_auth/<Account>/.
 	Account      string
@@ -64,9 +59,13 @@ type Config struct {
 	// RefreshAhead is how long before expiry the pair is renewed; it is capped
 	// at half the token's lifetime.
 	RefreshAhead time.Duration
-	// Timeout bounds one token endpoint call.
-	Timeout    time.Duration
-	Storage    Storage
+	// Timeout bounds one token endpoint call, and a request's wait for a token.
+	Timeout time.Duration
+	// Storage is a Caddy storage; the account's record and lease live in it.
+	Storage Storage
+	// Store, if set, is used instead of Storage (a backend that implements
+	// the protocol's operations natively).
+	Store      Store
 	HTTPClient *http.Client
 	Logger     *zap.Logger
 	Clock      Clock
@@ -81,54 +80,73 @@ type Config struct {
 // Status is a point-in-time view of a Source for status pages and probes.
 // It holds no secret.
 type Status struct {
-	Account       string
-	State         string // ok, refreshing, backoff, reauth_required, no_chain
-	Generation    uint64
-	AccessExpiry  time.Time
+	Account    string
+	State      string // see the State* constants
+	Generation uint64
+	// AccessExpiry is when the served access token expires.
+	AccessExpiry time.Time
+	// RefreshExpiry is when the chain's refresh token expires; zero if the
+	// endpoint did not say.
 	RefreshExpiry time.Time
 	LastRefresh   time.Time
 	LastResult    string
 	LastError     string
 	NextRefresh   time.Time
+	// Persisted is false while the served pair lives only in memory.
+	Persisted bool
 }
 
-// Source keeps the newest token of one account. It is safe for concurrent use.
+// Source keeps the newest token of one account. It is safe for concurrent
+// use. One goroutine, the refresher, runs the whole protocol (protocol.go);
+// requests only read the published token, or wait for the refresher's next
+// round.
 type Source struct {
 	cfg    Config
 	x      *exchanger
 	log    *zap.Logger
 	clock  Clock
+	store  Store
 	seedFP string
-	keys   storageKeys
+	obs    Observer
 
-	cur       atomic.Pointer[Token] // hot path: the newest published token
-	sf        singleflight.Group
-	forced    atomic.Pointer[Token] // the newest token an upstream rejected with 401
-	obs       Observer
-	changed   chan struct{} // wakes the refresher after an attempt
-	done      chan struct{}
-	stopOnce  sync.Once
-	startOnce sync.Once
-	wg        sync.WaitGroup
+	cur      atomic.Pointer[Token] // hot path: the newest published token
+	rejected atomic.Pointer[Token] // the newest token an upstream rejected with 401
+	operator atomic.Bool           // an operator asked for a refresh
+	rounds   atomic.Pointer[round] // the refresher's current round, closed when it ends
+	kick     chan struct{}         // wakes the refresher
+	done     chan struct{}         // closed by Close
+	stopOnce sync.Once
+	started  atomic.Bool
+	wg       sync.WaitGroup
+	// closeBy is the deadline of the work left at Close (I7).
+	closeBy  atomic.Pointer[time.Time]
+	closeCtx context.Context
+	cancel   context.CancelFunc
+
+	// Owned by the refresher goroutine alone.
+	act actorState
+	// jitter draws backoff jitter; onPanic sees recovered panics. The
+	// simulation replaces both.
+	jitter  func() float64
+	onPanic func(any)
 
 	mu          sync.Mutex // guards the fields below; never taken on the hot path
 	lastErr     *Error
-	nextAttempt time.Time // no new attempt before this (backoff or re-auth poll)
+	limited     *Token    // a rejected token the 401 rate limit declined to replace
+	nextAttempt time.Time // no token call before this (backoff or re-auth poll)
 	failures    int
-	deadRT      string // fingerprint of a refresh token the endpoint rejected as invalid_grant
-	lastForced  time.Time
-	closed      bool           // no attempt starts after Close
-	attempts    sync.WaitGroup // attempts in flight, awaited by Close
-	lastRecheck time.Time
 	refreshing  bool
 	lastRefresh time.Time
 	lastResult  string
-	pending     *pendingWrite // a pair persisted only in memory, retried by the refresher
+	lastLoad    time.Time
+	memoryOnly  bool        // the served pair is not in storage (I2)
+	stopStale   func() bool // cancels the current token's stale timer
 }
 
-type pendingWrite struct {
-	rec  *Record
-	base uint64
+// round is one pass of the refresher; done is closed when it ends.
+type round struct {
+	n    uint64
+	done chan struct{}
 }
 
 // New validates cfg and returns a Source. It touches neither the network nor
@@ -143,7 +161,7 @@ func New(cfg Config) (*Source, error) {
 		return nil, errors.New("client_secret is required")
 	case cfg.TokenURL == "":
 		return nil, errors.New("token_url is required")
-	case cfg.Storage == nil:
+	case cfg.Storage == nil && cfg.Store == nil:
 		return nil, errors.New("storage is required")
 	}
 	if cfg.RefreshAhead <= 0 {
@@ -165,148 +183,217 @@ func New(cfg Config) (*Source, error) {
 		cfg.Observer = nopObserver{}
 	}
 	if cfg.Owner == "" {
-		var b [8]byte
-		_, _ = crand.Read(b[:])
-		cfg.Owner = hex.EncodeToString(b[:])
+		cfg.Owner = randomID()
+	}
+	log := cfg.Logger.With(zap.String("account", cfg.Account))
+	store := cfg.Store
+	if store == nil {
+		store = NewStorageStore(cfg.Storage, cfg.Account, cfg.Keyring, cfg.Clock, log)
 	}
 	s := &Source{
-		cfg:     cfg,
-		log:     cfg.Logger.With(zap.String("account", cfg.Account)),
-		clock:   cfg.Clock,
-		obs:     cfg.Observer,
-		keys:    keysFor(cfg.Account),
-		changed: make(chan struct{}, 1),
-		done:    make(chan struct{}),
+		cfg:    cfg,
+		log:    log,
+		clock:  cfg.Clock,
+		store:  store,
+		obs:    cfg.Observer,
+		kick:   make(chan struct{}, 1),
+		jitter: rand.Float64,
+		done:   make(chan struct{}),
 		x: &exchanger{
-			client:       cfg.HTTPClient,
+			client:       noRedirects(cfg.HTTPClient),
 			tokenURL:     cfg.TokenURL,
 			clientID:     cfg.ClientID,
 			clientSecret: cfg.ClientSecret,
 			style:        cfg.AuthStyle,
 			timeout:      cfg.Timeout,
-			now:          cfg.Clock.Now,
+			clock:        cfg.Clock,
 		},
 	}
+	s.closeCtx, s.cancel = context.WithCancel(context.Background())
+	s.rounds.Store(&round{done: make(chan struct{})})
 	if cfg.Seed != "" {
 		s.seedFP = Fingerprint(cfg.Seed)
 	}
 	return s, nil
 }
 
+// noRedirects returns a copy of c that never follows a redirect: a token
+// request carries the client credentials, and a 3xx is an unusable answer.
+func noRedirects(c *http.Client) *http.Client {
+	cc := *c
+	cc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	return &cc
+}
+
 // Account returns the account name.
 func (s *Source) Account() string { return s.cfg.Account }
 
-// Start launches the background refresher: it loads the stored chain (or
-// exchanges a new seed) and renews the pair RefreshAhead before expiry.
-// Calling it again does nothing.
+// Start launches the refresher. Calling it again does nothing.
 func (s *Source) Start() {
-	s.startOnce.Do(func() {
-		s.wg.Add(1)
-		go s.run()
-	})
+	if s.started.Swap(true) {
+		return
+	}
+	s.wg.Add(1)
+	go s.run()
 }
 
-// Close stops the refresher. A refresh already in flight finishes on its own
-// (bounded by the timeouts): its refresh token may be spent, so its result
-// must still be persisted.
+// Close stops the refresher and returns within Timeout + 1s (I7). Work in
+// flight gets until then: a refresh token already sent may be spent, so its
+// answer is still stored if storage allows. No goroutine or timer of the
+// Source outlives Close.
 func (s *Source) Close() {
-	s.stopOnce.Do(func() { close(s.done) })
+	s.stopOnce.Do(func() {
+		by := s.clock.Now().Add(s.cfg.Timeout + 900*time.Millisecond)
+		s.closeBy.Store(&by)
+		close(s.done)
+		if !s.started.Load() {
+			s.cancel()
+			return
+		}
+		stop := s.clock.AfterFunc(by, s.cancel)
+		go func() { s.wg.Wait(); stop(); s.cancel() }()
+	})
 	s.wg.Wait()
 	s.mu.Lock()
-	s.closed = true
+	if s.stopStale != nil {
+		s.stopStale()
+		s.stopStale = nil
+	}
 	s.mu.Unlock()
-	s.attempts.Wait() // an in-flight refresh's pair must reach storage
-	s.cfg.HTTPClient.CloseIdleConnections()
+	s.x.client.CloseIdleConnections()
 }
 
-// startAttempt joins the refresh in flight or starts one, unless the
-// Source is closed; the channel delivers its result.
-func (s *Source) startAttempt() <-chan singleflight.Result {
-	return s.sf.DoChan("refresh", func() (any, error) {
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			return nil, &Error{Kind: Transient, Msg: s.named("token source is shutting down")}
-		}
-		s.attempts.Add(1) // under mu, so never concurrent with Close's Wait at zero
-		s.mu.Unlock()
-		defer s.attempts.Done()
-		return nil, s.attempt()
-	})
+func (s *Source) closing() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
 }
 
 // Current returns the newest published token, valid or not, or nil.
 func (s *Source) Current() *Token { return s.cur.Load() }
 
 // Token returns a valid token. While the newest token is valid this is one
-// atomic load; otherwise it waits, bounded by ctx, for the single in-flight
-// refresh. When no refresh can run now (backoff, re-authorization needed) it
-// returns an *Error at once.
+// atomic load and a flag check. Otherwise it waits for the refresher's next
+// round, at most Timeout (a request must not wait out another instance's
+// lease), and returns an *Error if no valid token came of it.
 func (s *Source) Token(ctx context.Context) (*Token, error) {
 	// No clock read here: a timer marks each token stale when its time is
 	// up (reading the clock costs more than the rest of this path).
 	if t := s.cur.Load(); t != nil && !t.stale.Load() {
 		return t, nil
 	}
-	return s.refreshAndWait(ctx)
+	return s.await(ctx, func(t *Token) bool { return true })
 }
 
-// TokenNewerThan is for a request whose token got a 401: if a newer token
-// already exists it is returned without refreshing (refreshed is false);
-// otherwise one refresh is forced (shared with every other caller) unless a
-// forced refresh ran less than ForcedRefreshInterval ago. ok is false when no
-// newer valid token could be had.
-func (s *Source) TokenNewerThan(ctx context.Context, rejected *Token) (t *Token, refreshed, ok bool, err error) {
+// ErrRejectedAgain means a token that was itself issued because of an
+// upstream 401 was rejected again within ForcedRefreshInterval: no refresh
+// is made for it, and the upstream's 401 should reach the client.
+var ErrRejectedAgain = errors.New("the upstream rejected a token that was just refreshed for the same reason")
+
+// TokenNewerThan is for a request whose token got a 401. It returns a valid
+// token that supersedes rejected: one that already exists (refreshed is
+// false), or the result of one refresh shared with every other caller. It
+// returns ErrRejectedAgain when the 401 rate limit declines to refresh, and
+// an *Error when no newer token can be had (the client should get 503).
+func (s *Source) TokenNewerThan(ctx context.Context, rejected *Token) (t *Token, refreshed bool, err error) {
 	if t := s.cur.Load(); t.ValidAt(s.clock.Now()) && t.Supersedes(rejected) {
-		return t, false, true, nil
+		return t, false, nil
 	}
 	s.markRejected(rejected)
-	t, err = s.refreshAndWait(ctx)
-	if err != nil {
-		return nil, true, false, err
-	}
-	return t, true, t.Supersedes(rejected), nil
+	t, err = s.await(ctx, func(t *Token) bool { return t.Supersedes(rejected) }, rejected)
+	return t, err == nil, err
 }
 
 // Rejected is for a 401 that cannot be replayed (a websocket handshake, a
-// streamed body): if t is still the newest token, one refresh starts in the
-// background (rate-limited like every 401-forced refresh), so the client's
+// streamed body): if t is still the newest token, the refresher considers a
+// refresh (rate-limited like every 401-forced refresh), so the client's
 // retry finds a new token. It does not wait.
 func (s *Source) Rejected(t *Token) {
-	if s.cur.Load() != t || s.backoffError() != nil {
+	if s.cur.Load() != t {
 		return
 	}
 	s.markRejected(t)
-	s.startAttempt()
+	s.wake()
 }
 
 func (s *Source) markRejected(rejected *Token) {
 	for {
-		old := s.forced.Load()
-		if (old != nil && !rejected.Supersedes(old)) || s.forced.CompareAndSwap(old, rejected) {
+		old := s.rejected.Load()
+		if (old != nil && !rejected.Supersedes(old)) || s.rejected.CompareAndSwap(old, rejected) {
 			return
 		}
 	}
 }
 
-// Refresh forces one refresh under the full protocol (lease, re-read, persist
-// before use), skipping the rate limit on 401-forced refreshes. It is for
-// operators; the backoff after failures still applies.
+// Refresh forces one refresh under the full protocol (lease, re-read,
+// persist before use), outside the 401 rate limit. It is for operators; the
+// backoff after failures still applies.
 func (s *Source) Refresh(ctx context.Context) error {
-	if t := s.cur.Load(); t != nil {
-		s.forced.Store(t)
-	}
-	s.mu.Lock()
-	s.lastForced = time.Time{}
-	s.mu.Unlock()
-	_, err := s.refreshAndWait(ctx)
+	before := s.cur.Load()
+	s.operator.Store(true)
+	_, err := s.await(ctx, func(t *Token) bool { return t.Supersedes(before) }, before)
 	return err
+}
+
+// await waits, round by round, until the published token is valid and
+// accepted by want, the refresher reports an error, or the request's wait
+// bound (Timeout) passes. rejected, if given, is a token the caller must not
+// get back.
+func (s *Source) await(ctx context.Context, want func(*Token) bool, rejected ...*Token) (*Token, error) {
+	s.Start()
+	first := s.rounds.Load().n
+	var deadline <-chan time.Time
+	for {
+		r := s.rounds.Load()
+		if t := s.cur.Load(); t != nil && !t.stale.Load() && t.ValidAt(s.clock.Now()) && want(t) {
+			return t, nil
+		}
+		if r.n > first {
+			// A round ended since this request asked: its verdict stands.
+			s.mu.Lock()
+			err, limited := s.lastErr, s.limited
+			s.mu.Unlock()
+			if err != nil {
+				return nil, err
+			}
+			if len(rejected) > 0 && limited != nil && limited == rejected[0] {
+				return nil, ErrRejectedAgain
+			}
+		}
+		if s.closing() {
+			return nil, &Error{Kind: Transient, Msg: s.named("token source is shutting down")}
+		}
+		s.wake()
+		if deadline == nil {
+			deadline = s.clock.At(s.clock.Now().Add(s.cfg.Timeout))
+		}
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-deadline:
+			return nil, &Error{Kind: Transient, Msg: s.named(fmt.Sprintf(
+				"no valid token within %s (a refresh is under way or another instance holds the refresh lease)", s.cfg.Timeout))}
+		}
+	}
+}
+
+// wake asks the refresher for a round now.
+func (s *Source) wake() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
 }
 
 // CanServe reports whether requests can get a token now: a valid token and a
 // chain that is not known to be dead.
 func (s *Source) CanServe() bool {
-	if !s.cur.Load().ValidAt(s.clock.Now()) {
+	t := s.cur.Load()
+	if t == nil || t.stale.Load() || !t.ValidAt(s.clock.Now()) {
 		return false
 	}
 	s.mu.Lock()
@@ -314,58 +401,19 @@ func (s *Source) CanServe() bool {
 	return s.lastErr == nil || s.lastErr.Kind != Terminal
 }
 
-func (s *Source) refreshAndWait(ctx context.Context) (*Token, error) {
-	if err := s.backoffError(); err != nil {
-		if err.Kind == Transient || !s.recheckStorage() {
-			return nil, err
-		}
-		if t := s.cur.Load(); t.ValidAt(s.clock.Now()) {
-			return t, nil
-		}
-		return nil, err
-	}
-	ch := s.startAttempt()
-	select {
-	case r := <-ch:
-		if t := s.cur.Load(); t.ValidAt(s.clock.Now()) {
-			return t, nil
-		}
-		if r.Err != nil {
-			return nil, r.Err
-		}
-		return nil, &Error{Kind: Transient, Msg: s.named("no valid token after refresh")}
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// backoffError returns the last failure while no new attempt may start.
-func (s *Source) backoffError() *Error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.lastErr != nil && s.clock.Now().Before(s.nextAttempt) {
-		return s.lastErr
-	}
-	return nil
-}
-
 // RetryAfter is how long a client should wait before trying again when no
 // valid token is available.
 func (s *Source) RetryAfter() time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	d := s.nextAttempt.Sub(s.clock.Now())
-	if d < time.Second {
-		d = time.Second
-	}
-	return d
+	return max(s.nextAttempt.Sub(s.clock.Now()), time.Second)
 }
 
 // Status returns a snapshot for status pages and health probes.
 func (s *Source) Status() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{Account: s.cfg.Account, LastRefresh: s.lastRefresh, LastResult: s.lastResult}
+	st := Status{Account: s.cfg.Account, LastRefresh: s.lastRefresh, LastResult: s.lastResult, Persisted: !s.memoryOnly}
 	if t := s.cur.Load(); t != nil {
 		st.Generation, st.AccessExpiry, st.RefreshExpiry = t.Generation, t.Expiry, t.RefreshExpiry
 		st.NextRefresh = s.refreshAt(t)
@@ -386,6 +434,10 @@ func (s *Source) stateLocked() string {
 		return StateReauthRequired
 	case s.lastErr != nil && s.lastErr.Kind == NoChain, s.lastErr == nil && s.cur.Load() == nil:
 		return StateNoChain
+	case s.lastErr != nil && s.lastErr.Kind == Misconfigured:
+		return StateMisconfigured
+	case s.memoryOnly:
+		return StateDegraded
 	case s.lastErr != nil:
 		return StateBackoff
 	}
@@ -399,311 +451,80 @@ func (s *Source) refreshAt(t *Token) time.Time {
 	return t.Expiry.Add(-ahead)
 }
 
+// run is the refresher: one round of the protocol, then sleep until the next
+// one is due or a request wakes it.
 func (s *Source) run() {
 	defer s.wg.Done()
 	for {
-		if wake := s.nextWake(); s.clock.Now().Before(wake) {
-			select {
-			case <-s.done:
-				return
-			case <-s.changed:
-				continue
-			case <-s.clock.At(wake):
-			}
-		}
+		wake := s.round()
 		select {
 		case <-s.done:
+			s.shutdown()
 			return
-		default:
+		case <-s.kick:
+		case <-s.clock.At(wake):
 		}
-		if s.flushPending() {
-			continue
-		}
-		<-s.startAttempt()
 	}
 }
 
-// nextWake is when the refresher should act next.
-func (s *Source) nextWake() time.Time {
-	s.mu.Lock()
-	next, pending := s.nextAttempt, s.pending != nil
-	s.mu.Unlock()
-	if !next.IsZero() {
-		return next
-	}
-	t := s.cur.Load()
-	if t == nil || pending {
-		return s.clock.Now()
-	}
-	return s.refreshAt(t)
-}
-
-func (s *Source) notify() {
-	select {
-	case s.changed <- struct{}{}:
-	default:
-	}
-}
-
-// attempt runs one refresh under the protocol: adopt a usable stored pair if
-// there is one; otherwise take the account's lease, re-read, call the token
-// endpoint, persist the new pair, and only then publish it. It is detached
-// from every caller's context: once a refresh token is sent it may be spent.
-func (s *Source) attempt() (err error) {
-	s.mu.Lock()
-	if s.lastErr != nil && s.clock.Now().Before(s.nextAttempt) {
-		// A caller checked the backoff just before an attempt failed.
-		e := s.lastErr
-		s.mu.Unlock()
-		return e
-	}
-	s.refreshing = true
-	s.mu.Unlock()
-	started := s.clock.Now()
-	result := "ok"
+// round runs one tick and tells waiters it ended. A panic, which no storage
+// content or endpoint answer should cause (I8), is logged and retried with
+// backoff instead of taking Caddy down.
+func (s *Source) round() (wake time.Time) {
 	defer func() {
-		s.finish(started, result, err)
-		s.notify()
-	}()
-
-	ctx, cancel := context.WithTimeout(context.Background(), s.attemptTimeout())
-	defer cancel()
-	forced := s.forced.Load()
-
-	// A pair held only in memory is the live one: the stored pair's refresh
-	// token is spent. It must reach storage before any refresh starts, or the
-	// refresh would read the stored pair and resend its dead refresh token.
-	if err := s.persistPending(ctx); err != nil {
-		result = "transient"
-		return &Error{Kind: Transient, Msg: fmt.Sprintf("the newest token pair is not in storage yet, so no refresh can start: %v", err)}
-	}
-
-	rec, err := s.loadRecord(ctx)
-	if err != nil && !errors.Is(err, ErrCorruptRecord) {
-		// Storage is failing: acting on a guess could resend a spent token.
-		result = "transient"
-		return &Error{Kind: Transient, Msg: err.Error()}
-	}
-	if err != nil {
-		s.log.Error("stored token record is unusable", zap.Error(err))
-		rec = nil // a configured seed can still start a chain
-	}
-	if s.adoptable(rec, forced) {
-		s.publish(rec, "adopted")
-		result = "adopted"
-		return nil
-	}
-	if e := s.deadChain(rec); e != nil {
-		result = e.Code
-		return e
-	}
-
-	lease, rec, err := s.acquireLease(ctx, func(r *Record) bool { return s.adoptable(r, forced) })
-	if err != nil {
-		result = "transient"
-		return err
-	}
-	if lease == nil { // another instance refreshed while we waited
-		s.publish(rec, "adopted")
-		result = "adopted"
-		return nil
-	}
-	// Release in the background: the storage lock may take a poll interval
-	// (a second for file_system) to get, and waiters should have the new
-	// token now. Close still waits for it (attempts counts it).
-	defer func() {
-		s.attempts.Add(1) // inside an attempt: the count is above zero
-		go func() {
-			defer s.attempts.Done()
-			s.releaseLease(lease)
-		}()
-	}()
-
-	newSeed := s.seedPending(rec)
-	if !newSeed && s.adoptable(rec, forced) {
-		s.publish(rec, "adopted")
-		result = "adopted"
-		return nil
-	}
-	if e := s.deadChain(rec); e != nil {
-		result = e.Code
-		return e
-	}
-	if !newSeed && rec == nil {
-		result = "no_chain"
-		msg := "no token chain yet: authorize the account in the browser (restream_auth_login), " +
-			"install a refresh token with `caddy restream-auth seed`, or configure refresh_token"
-		if _, lerr := s.loadRecord(ctx); lerr != nil {
-			// A record exists but cannot be used: say which and why.
-			msg = fmt.Sprintf("%v; fix or delete it, or configure refresh_token with a fresh refresh token", lerr)
-		}
-		return &Error{Kind: NoChain, Code: "no_chain", Msg: msg}
-	}
-	if !newSeed && forced != nil && !rec.token().Supersedes(forced) && !s.dueAt(rec, started) {
-		// An upstream 401 asks for a new token, but only so often.
-		s.mu.Lock()
-		limited := started.Sub(s.lastForced) < ForcedRefreshInterval
-		if !limited {
-			s.lastForced = started
-		}
-		s.mu.Unlock()
-		if limited {
-			result = "rate_limited"
-			s.publish(rec, "adopted")
-			return nil
-		}
-	}
-
-	rt, base := s.cfg.Seed, uint64(0)
-	var seeds []string
-	if rec != nil {
-		base, seeds = rec.Generation, rec.ConsumedSeeds
-	}
-	if !newSeed {
-		rt = rec.RefreshToken
-	}
-	next, err := s.x.exchange(ctx, rt)
-	if err != nil {
-		var e *Error
-		errors.As(err, &e)
-		if e.Kind == Terminal {
-			// Someone may have rotated the chain under a lost lease; prefer theirs.
-			if again, lerr := s.loadRecord(ctx); lerr == nil && again != nil && again.token().Supersedes(rec.token()) && again.token().ValidAt(s.clock.Now()) {
-				s.publish(again, "adopted")
-				result = "adopted"
-				return nil
+		if v := recover(); v != nil {
+			s.log.Error("BUG: token refresher panicked; retrying", zap.Any("panic", v))
+			s.obs.Refreshed(s.cfg.Account, "transient", 0)
+			wake = s.failed(s.clock.Now(), "transient", &Error{Kind: Transient, Msg: "internal error in the token refresher"})
+			if s.onPanic != nil {
+				s.onPanic(v)
 			}
-			s.mu.Lock()
-			s.deadRT = Fingerprint(rt)
-			s.mu.Unlock()
-			e.Msg += "; the refresh token chain is dead, re-authorize and configure a new refresh_token seed"
-			result = e.Code
-		} else {
-			result = "transient"
 		}
-		return e
-	}
-	next.Generation = base + 1
-	next.ConsumedSeeds = seeds
-	next.Chain = rec.chainOrEmpty()
-	if newSeed {
-		next.Chain = newChainID()
-		next.ConsumedSeeds = append(append([]string(nil), seeds...), s.seedFP)
-		if n := len(next.ConsumedSeeds); n > maxConsumedSeeds {
-			next.ConsumedSeeds = next.ConsumedSeeds[n-maxConsumedSeeds:]
+		s.signal()
+	}()
+	return s.tick(s.closeCtx)
+}
+
+// signal wakes every waiter: a round ended, or a token was published.
+func (s *Source) signal() {
+	for {
+		r := s.rounds.Load()
+		if s.rounds.CompareAndSwap(r, &round{n: r.n + 1, done: make(chan struct{})}) {
+			close(r.done)
+			return
 		}
 	}
-	if err := s.persist(ctx, next, base, lease); err != nil {
-		// The old pair is dead already: serving the new one from memory beats
-		// serving nothing. The refresher keeps retrying the write.
-		s.log.Error("persisting the new token pair failed; serving it from memory and retrying",
-			zap.Uint64("generation", next.Generation), zap.Error(err))
-		s.obs.PersistFailed(s.cfg.Account)
-		s.mu.Lock()
-		s.pending = &pendingWrite{rec: next, base: base}
-		s.mu.Unlock()
-	}
-	s.publish(next, "refreshed")
-	s.log.Info("refreshed token pair",
-		zap.Uint64("generation", next.Generation),
-		zap.Time("access_expires_at", next.Expiry),
-		zap.Time("refresh_expires_at", next.RefreshExpiry),
-		zap.Bool("new_seed", newSeed),
-		zap.Duration("took", s.clock.Now().Sub(started)))
-	return nil
 }
 
-func (s *Source) attemptTimeout() time.Duration {
-	return s.leaseTTL() + s.cfg.Timeout + 2*lockWait
-}
-
-func (s *Source) dueAt(rec *Record, now time.Time) bool {
-	return !now.Before(s.refreshAt(rec.token()))
-}
-
-// adoptable reports whether a stored record can be used as is: valid, not yet
-// due for renewal, newer than what an upstream rejected, and not older than
-// what this process already has.
-func (s *Source) adoptable(rec *Record, forced *Token) bool {
-	if rec == nil {
-		return false
-	}
-	if s.seedPending(rec) || s.isDeadRT(rec.RefreshToken) {
-		return false
-	}
-	now := s.clock.Now()
+// publish makes t the served token, unless it would step back within its
+// chain, and arms the timer that marks it stale.
+func (s *Source) publish(rec *Record, how string) bool {
 	t := rec.token()
-	if (forced != nil && !t.Supersedes(forced)) || s.dueAt(rec, now) || !t.ValidAt(now) {
-		return false
-	}
-	cur := s.cur.Load()
-	return cur == nil || t.Chain != cur.Chain || t.Generation >= cur.Generation
-}
-
-// seedPending reports whether the configured seed still has to be
-// exchanged: not consumed by the stored chain, and not known to be dead.
-func (s *Source) seedPending(rec *Record) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.seedPendingLocked(rec)
-}
-
-func (s *Source) seedPendingLocked(rec *Record) bool {
-	return s.seedFP != "" && (rec == nil || !rec.seedConsumed(s.seedFP)) && s.seedFP != s.deadRT
-}
-
-func (s *Source) isDeadRT(rt string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.deadRT != "" && Fingerprint(rt) == s.deadRT
-}
-
-// deadChain returns the terminal error if the chain that would be refreshed
-// is the one the endpoint already rejected, so a dead token is never resent.
-func (s *Source) deadChain(rec *Record) *Error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.deadRT == "" {
-		return nil
+	old := s.cur.Load()
+	if old != nil && old.Chain == t.Chain && old.Generation > t.Generation {
+		return false // never step back within a chain
 	}
-	var rt string
-	switch {
-	case s.seedPendingLocked(rec):
-		rt = s.seedFP
-	case rec != nil:
-		rt = Fingerprint(rec.RefreshToken)
-	default: // only a seed is left, and it is dead
-		rt = s.seedFP
+	if old != nil && old.Chain == t.Chain && old.Generation == t.Generation && old.AccessToken == t.AccessToken {
+		return false // already served
 	}
-	if rt != s.deadRT {
-		return nil
+	if s.stopStale != nil {
+		s.stopStale()
+		s.stopStale = nil
 	}
-	if s.lastErr != nil && s.lastErr.Kind == Terminal {
-		return s.lastErr
-	}
-	return &Error{Kind: Terminal, Code: "invalid_grant", Msg: "the refresh token chain is dead, re-authorize and configure a new refresh_token seed"}
-}
-
-func (s *Source) publish(rec *Record, how string) {
-	t := rec.token()
 	if !t.ValidAt(s.clock.Now()) {
 		t.stale.Store(true)
 	} else {
-		s.clock.AfterFunc(t.useUntil, func() { t.stale.Store(true) })
+		s.stopStale = s.clock.AfterFunc(t.useUntil, func() { t.stale.Store(true) })
 	}
-	for {
-		old := s.cur.Load()
-		if old != nil && old.Chain == t.Chain && old.Generation > t.Generation {
-			return // never step back within a chain
-		}
-		if s.cur.CompareAndSwap(old, t) {
-			break
-		}
-	}
+	s.cur.Store(t)
+	s.signal()
 	s.obs.Published(s.cfg.Account, t)
 	if how == "adopted" {
 		s.log.Debug("adopted stored token pair", zap.Uint64("generation", t.Generation), zap.Time("access_expires_at", t.Expiry))
 	}
+	return true
 }
 
 // named prefixes a message with the account, once: every *Error a Source
@@ -716,71 +537,66 @@ func (s *Source) named(msg string) string {
 	return prefix + msg
 }
 
-// finish records the outcome of an attempt and sets the backoff.
-func (s *Source) finish(started time.Time, result string, err error) {
+// succeeded records a round that left the account serving.
+func (s *Source) succeeded(result string) {
 	s.mu.Lock()
-	s.finishLocked(started, result, err)
+	changed := s.lastErr != nil
+	s.lastErr, s.failures, s.nextAttempt, s.limited = nil, 0, time.Time{}, nil
+	if result == "ok" {
+		s.lastRefresh = s.clock.Now()
+	}
+	if result != "" {
+		s.lastResult = result
+	}
 	state := s.stateLocked()
 	s.mu.Unlock()
-	s.obs.Refreshed(s.cfg.Account, result, s.clock.Now().Sub(started))
-	s.obs.StateChanged(s.cfg.Account, state)
+	if changed || result != "" {
+		s.obs.StateChanged(s.cfg.Account, state)
+	}
 }
 
-func (s *Source) finishLocked(started time.Time, result string, err error) {
-	s.refreshing = false
-	now := s.clock.Now()
-	if err == nil {
-		s.lastErr, s.failures, s.nextAttempt = nil, 0, time.Time{}
-		if result != "adopted" && result != "rate_limited" {
-			s.lastRefresh = now
-		}
-		s.lastResult = result
-		return
-	}
-	var e *Error
-	if !errors.As(err, &e) {
-		e = &Error{Kind: Transient, Msg: err.Error()}
-	}
+// failed records a failed round and returns when the next attempt may run.
+func (s *Source) failed(now time.Time, result string, e *Error) time.Time {
+	s.mu.Lock()
 	e.Msg = s.named(e.Msg)
 	s.lastErr, s.lastResult = e, result
+	var d time.Duration
 	switch e.Kind {
 	case Terminal, NoChain:
-		s.nextAttempt = now.Add(ReauthPollInterval)
-		if e.Kind == Terminal {
-			s.log.Error("token refresh failed permanently", zap.String("code", e.Code), zap.String("error", e.Msg))
-		} else {
-			s.log.Warn("no token chain", zap.String("error", e.Msg))
-		}
+		d = ReauthPollInterval
+	case Misconfigured:
+		s.failures++
+		d = min(minMisconfiguredBackoff<<min(s.failures-1, 4), maxMisconfiguredBackoff)
 	default:
 		s.failures++
-		d := backoff(s.failures)
+		d = backoff(s.failures, s.jitter())
 		if e.RetryAfter > d {
 			d = min(e.RetryAfter, 10*maxBackoff)
 		}
-		s.nextAttempt = now.Add(d)
-		s.log.Warn("token refresh failed; retrying", zap.String("error", e.Msg), zap.Int("status", e.Status),
-			zap.Int("failures", s.failures), zap.Duration("retry_in", d), zap.Bool("unknown_outcome", e.Unknown),
-			zap.Duration("took", now.Sub(started)))
 	}
+	s.nextAttempt = now.Add(d)
+	failures, state := s.failures, s.stateLocked()
+	s.mu.Unlock()
+	switch e.Kind {
+	case Terminal:
+		s.log.Error("token refresh failed permanently", zap.String("code", e.Code), zap.String("error", e.Msg))
+	case NoChain:
+		s.log.Warn("no token chain", zap.String("error", e.Msg))
+	case Misconfigured:
+		s.log.Error("the token endpoint refused the client credentials: check client_id and client_secret; the chain is kept",
+			zap.String("code", e.Code), zap.String("error", e.Msg), zap.Duration("retry_in", d))
+	default:
+		s.log.Warn("token refresh failed; retrying", zap.String("error", e.Msg), zap.Int("status", e.Status),
+			zap.Int("failures", failures), zap.Duration("retry_in", d), zap.Bool("unknown_outcome", e.Unknown))
+	}
+	s.obs.StateChanged(s.cfg.Account, state)
+	return s.nextAttempt
 }
 
-// backoff is 1s doubling to 1m, with ±20% jitter so replicas spread out.
-func backoff(failures int) time.Duration {
+// backoff is 1s doubling to 1m, with ±20% jitter (j in [0, 1)) so replicas
+// spread out.
+func backoff(failures int, j float64) time.Duration {
 	d := minBackoff << min(failures-1, 6)
 	d = min(d, maxBackoff)
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-}
-
-// chainOrEmpty is the record's chain, "" for no record.
-func (r *Record) chainOrEmpty() string {
-	if r == nil {
-		return ""
-	}
-	return r.Chain
-}
-
-func newChainID() string {
-	var b [8]byte
-	_, _ = crand.Read(b[:])
-	return hex.EncodeToString(b[:])
+	return time.Duration(float64(d) * (0.8 + 0.4*j))
 }

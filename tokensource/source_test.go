@@ -684,7 +684,7 @@ func TestTokenNewerThan(t *testing.T) {
 	ctx := context.Background()
 
 	// A request that carried generation 1 got a 401: generation 2 exists, use it.
-	tok, _, ok, err := s.TokenNewerThan(ctx, rej(s, 1))
+	tok, _, ok, err := tokenNewerThan(s, ctx, rej(s, 1))
 	if err != nil || !ok || tok != gen2 {
 		t.Fatalf("TokenNewerThan(1) = gen %v, %v, %v; want the existing generation 2", tok.Generation, ok, err)
 	}
@@ -701,7 +701,7 @@ func TestTokenNewerThan(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			tok, _, ok, err := s.TokenNewerThan(ctx, rej(s, 2))
+			tok, _, ok, err := tokenNewerThan(s, ctx, rej(s, 2))
 			if err != nil || !ok {
 				bad.Add(1)
 			}
@@ -726,7 +726,7 @@ func TestTokenNewerThan(t *testing.T) {
 
 	// Generation 3 rejected right away too: rate-limited, no new refresh; the
 	// current token comes back with ok=false.
-	tok, _, ok, err = s.TokenNewerThan(ctx, rej(s, 3))
+	tok, _, ok, err = tokenNewerThan(s, ctx, rej(s, 3))
 	if err != nil || ok {
 		t.Fatalf("rate-limited TokenNewerThan(3) = %v, %v", ok, err)
 	}
@@ -736,14 +736,14 @@ func TestTokenNewerThan(t *testing.T) {
 		t.Fatalf("LastResult %q", st.LastResult)
 	}
 	env.clk.Advance(ForcedRefreshInterval - time.Second)
-	if _, _, ok, _ := s.TokenNewerThan(ctx, rej(s, 3)); ok {
+	if _, _, ok, _ := tokenNewerThan(s, ctx, rej(s, 3)); ok {
 		t.Fatal("forced refresh allowed before ForcedRefreshInterval")
 	}
 	env.wantCalls(t, 3)
 
 	// Once the interval has passed, a forced refresh is allowed again.
 	env.clk.Advance(time.Second)
-	tok, _, ok, err = s.TokenNewerThan(ctx, rej(s, 3))
+	tok, _, ok, err = tokenNewerThan(s, ctx, rej(s, 3))
 	if err != nil || !ok {
 		t.Fatalf("TokenNewerThan(3) after the interval = %v, %v", ok, err)
 	}
@@ -769,12 +769,12 @@ func TestForcedRefreshAdoptsOtherReplicasPair(t *testing.T) {
 	env.wantCalls(t, 1)
 
 	// a's upstream rejected generation 1; a rotates.
-	if tok, _, ok, err := a.TokenNewerThan(context.Background(), rej(a, 1)); err != nil || !ok || tok.Generation != 2 {
+	if tok, _, ok, err := tokenNewerThan(a, context.Background(), rej(a, 1)); err != nil || !ok || tok.Generation != 2 {
 		t.Fatalf("a: %v %v", ok, err)
 	}
 	env.wantCalls(t, 2)
 	// b still holds generation 1, now dead; its 401 must not rotate again.
-	tok, _, ok, err := b.TokenNewerThan(context.Background(), rej(b, 1))
+	tok, _, ok, err := tokenNewerThan(b, context.Background(), rej(b, 1))
 	if err != nil || !ok {
 		t.Fatalf("b: %v %v", ok, err)
 	}
@@ -824,7 +824,7 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 		if _, err := s.Token(context.Background()); !IsTerminal(err) {
 			t.Fatalf("Token: %v", err)
 		}
-		if _, _, ok, err := s.TokenNewerThan(context.Background(), rej(s, 1)); ok || !IsTerminal(err) {
+		if _, _, ok, err := tokenNewerThan(s, context.Background(), rej(s, 1)); ok || !IsTerminal(err) {
 			t.Fatalf("TokenNewerThan: %v %v", ok, err)
 		}
 		env.clk.Advance(ReauthPollInterval)
@@ -882,11 +882,21 @@ func TestSpentSeedIsTerminal(t *testing.T) {
 	if fs := env.fake.Stats(); fs.RefreshCalls != 1 || fs.InvalidGrant != 1 {
 		t.Fatalf("a rejected seed was sent again: %+v", fs)
 	}
-	if rec := env.record(t); rec != nil {
-		t.Fatalf("a record was stored: %+v", rec)
+	// Only the dead seed's fingerprint is stored (I6), so a restart with the
+	// same configuration does not send it again either.
+	if rec := env.record(t); rec == nil || rec.HasPair() || !slices.Equal(rec.DeadTokens, []string{Fingerprint("rt_never_issued_by_restream")}) {
+		t.Fatalf("stored record %+v", rec)
 	}
 	if st := s.Status(); st.State != "reauth_required" {
 		t.Fatalf("State %q", st.State)
+	}
+	s.Close()
+	again := env.source(t, env.config("rt_never_issued_by_restream", "restarted"))
+	if _, err := again.Token(context.Background()); !IsTerminal(err) {
+		t.Fatalf("after a restart: %v", err)
+	}
+	if fs := env.fake.Stats(); fs.RefreshCalls != 1 {
+		t.Fatalf("a restart sent the dead seed again: %+v", fs)
 	}
 }
 
@@ -1101,44 +1111,31 @@ func TestCorruptStoredRecord(t *testing.T) {
 }
 
 // TestDeadOwnersLeaseDelaysRefresh: a lease left by a crashed process holds
-// refreshes back until it expires, then the refresh proceeds.
+// refreshes back until this process has seen it unchanged for its TTL; a
+// request does not wait with it (item 18): it gets an error after Timeout,
+// and the refresh goes on in the background.
 func TestDeadOwnersLeaseDelaysRefresh(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
 	s := env.source(t, env.config(env.fake.Seed(), "alive"))
 	mustToken(t, s)
-	env.clk.Advance(time.Hour)
-
-	leaseKey := KeyPrefix(testAccount) + "/lease.json"
-	// The seed exchange releases its lease in the background (under the
-	// storage lock); let it finish before planting a dead owner's lease.
+	leaseKey := LeaseKey(testAccount)
+	var l leaseRecord
+	var raw []byte
 	eventually(t, "the seed exchange's lease to be released", func() bool {
-		var l leaseRecord
-		raw, err := env.st.FileStorage.Load(context.Background(), leaseKey)
+		var err error
+		raw, err = env.st.FileStorage.Load(context.Background(), leaseKey)
 		return err == nil && json.Unmarshal(raw, &l) == nil && l.Owner == ""
 	})
-	lease, _ := json.Marshal(leaseRecord{Owner: "crashed", Expires: env.clk.Now().Add(30 * time.Second)})
+	lease, _ := json.Marshal(leaseRecord{Owner: "crashed", Nonce: "n", TTLMillis: 30_000})
 	if err := env.st.Store(context.Background(), leaseKey, lease); err != nil {
 		t.Fatal(err)
 	}
-	leaseLoads := make(chan struct{}, 1000)
-	env.st.setOnLoad(func(key string) {
-		if key == leaseKey {
-			select {
-			case leaseLoads <- struct{}{}:
-			default:
-			}
-		}
-	})
-	waitLeaseChecks := func(n int) {
-		t.Helper()
-		for range n {
-			select {
-			case <-leaseLoads:
-			case <-time.After(10 * time.Second):
-				t.Fatal("the refresh does not look at the lease")
-			}
-		}
+	env.clk.Advance(time.Hour) // the pair is expired now
+	sighted := env.clk.Now()
+	env.clk.waitForWaiter(t, sighted.Add(leasePoll))
+	if st := s.Status(); st.State != "refreshing" {
+		t.Fatalf("State %q while waiting for the lease", st.State)
 	}
 
 	done := make(chan error, 1)
@@ -1146,37 +1143,28 @@ func TestDeadOwnersLeaseDelaysRefresh(t *testing.T) {
 		_, err := s.Token(context.Background())
 		done <- err
 	}()
-	waitLeaseChecks(3)
-	if st := s.Status(); st.State != "refreshing" {
-		t.Fatalf("State %q while waiting for the lease", st.State)
-	}
-	env.clk.Advance(29 * time.Second)
-	waitLeaseChecks(2)
+	env.clk.waitForWaiter(t, env.clk.Now().Add(5*time.Second)) // the request's wait bound
+	env.clk.Advance(5 * time.Second)
 	select {
 	case err := <-done:
-		t.Fatalf("Token returned (%v) while a live lease is held", err)
-	default:
+		if e := asError(t, err); e.Kind != Transient || !strings.Contains(e.Msg, "refresh lease") {
+			t.Fatalf("Token while a live lease is held: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Token waited past its bound while another instance holds the lease")
 	}
 	env.wantCalls(t, 1)
 
-	env.clk.Advance(time.Second) // the crashed owner's lease runs out
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Token: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("refresh still held back after the lease expired")
-	}
-	wantGeneration(t, s.Current(), 2)
+	env.clk.AdvanceTo(sighted.Add(29 * time.Second))
+	env.clk.waitForWaiter(t, sighted.Add(29*time.Second).Add(leasePoll))
+	env.wantCalls(t, 1)
+	env.clk.AdvanceTo(sighted.Add(30 * time.Second)) // seen unchanged for its TTL
+	wantGeneration(t, mustToken(t, s), 2)
 	env.wantCalls(t, 2)
-	// The lease is released in the background, right after the refresh.
-	var raw []byte
-	eventually(t, "the lease to be released", func() bool {
+	eventually(t, "the lease to be released after the refresh", func() bool {
 		var after leaseRecord
-		var err error
-		raw, err = env.st.FileStorage.Load(context.Background(), leaseKey)
-		return err == nil && json.Unmarshal(raw, &after) == nil && after.Owner == ""
+		raw, _ = env.st.FileStorage.Load(context.Background(), leaseKey)
+		return json.Unmarshal(raw, &after) == nil && after.Owner == "" && after.Mark == ""
 	})
 }
 
@@ -1249,7 +1237,7 @@ func TestUnpersistedPairIsNeverBypassed(t *testing.T) {
 		// Storage heals, but the refresher sleeps in its backoff; an upstream
 		// rejects generation 2 meanwhile.
 		broken.Store(false)
-		tok, _, ok, err := s.TokenNewerThan(context.Background(), rej(s, 2))
+		tok, _, ok, err := tokenNewerThan(s, context.Background(), rej(s, 2))
 		if err != nil || !ok {
 			t.Fatalf("TokenNewerThan: %v %v (fake %+v)", ok, err, env.fake.Stats())
 		}
@@ -1268,9 +1256,15 @@ func TestLeaseWaiterAdoptsHoldersPair(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
 	seed := env.fake.Seed()
-	a := env.source(t, env.config(seed, "waiter"))
+	aCfg := env.config(seed, "waiter")
+	aCfg.RefreshAhead = time.Minute
+	a := env.source(t, aCfg)
 	mustToken(t, a)
-	env.clk.Advance(time.Hour)
+	eventually(t, "a to release its lease", func() bool {
+		var l leaseRecord
+		raw, err := env.st.FileStorage.Load(context.Background(), LeaseKey(testAccount))
+		return err == nil && json.Unmarshal(raw, &l) == nil && l.Owner == ""
+	})
 
 	// b shares the directory through its own storage value; its token call
 	// and the release of its lease are held until the test says so.
@@ -1279,6 +1273,7 @@ func TestLeaseWaiterAdoptsHoldersPair(t *testing.T) {
 	bCfg := env.config(seed, "holder")
 	bCfg.Storage = bStorage
 	bCfg.HTTPClient = &http.Client{Transport: gate}
+	bCfg.RefreshAhead = 10 * time.Minute
 	b := env.source(t, bCfg)
 	var stored atomic.Bool
 	bStorage.setOnStore(func(key string, _ []byte) error {
@@ -1299,60 +1294,26 @@ func TestLeaseWaiterAdoptsHoldersPair(t *testing.T) {
 	t.Cleanup(unblock)
 	t.Cleanup(openGate)
 
-	bDone := make(chan *Token, 1)
-	go func() {
-		tok, err := b.Token(context.Background())
-		if err != nil {
-			t.Errorf("b: %v", err)
-		}
-		bDone <- tok
-	}()
+	start := env.clk.Now()
+	env.clk.Advance(50 * time.Minute) // due for b, not for a
+	b.Start()
 	select {
 	case <-gate.entered: // b holds the lease and is calling the endpoint
 	case <-time.After(10 * time.Second):
 		t.Fatal("b never called the token endpoint")
 	}
-
-	leaseLoads := make(chan struct{}, 100)
-	env.st.setOnLoad(func(key string) {
-		if key == KeyPrefix(testAccount)+"/lease.json" {
-			select {
-			case leaseLoads <- struct{}{}:
-			default:
-			}
-		}
-	})
-	aDone := make(chan *Token, 1)
-	go func() {
-		tok, err := a.Token(context.Background())
-		if err != nil {
-			t.Errorf("a: %v", err)
-		}
-		aDone <- tok
-	}()
-	for range 2 { // a found the lease taken and polls
-		select {
-		case <-leaseLoads:
-		case <-time.After(10 * time.Second):
-			t.Fatal("a does not wait for the lease")
-		}
-	}
+	env.clk.AdvanceTo(start.Add(59 * time.Minute)) // now due for a
+	env.clk.waitForWaiter(t, start.Add(59*time.Minute).Add(leasePoll))
 
 	openGate() // b's refresh completes and is stored; its lease stays held
-	var aTok *Token
-	select {
-	case aTok = <-aDone:
-	case <-time.After(10 * time.Second):
-		unblock()
-		t.Fatal("a waited for the lease although the holder's pair was stored")
-	}
-	wantGeneration(t, aTok, 2)
-	// b may have returned already: it releases its lease in the background.
-	unblock()
-	bTok := <-bDone
-	if bTok == nil || bTok.AccessToken != aTok.AccessToken {
+	eventually(t, "b to store its pair", stored.Load)
+	eventually(t, "b to publish its pair", func() bool { return b.Current().Generation == 2 })
+	env.clk.Advance(leasePoll)
+	eventually(t, "a to adopt b's pair", func() bool { return a.Current().Generation == 2 })
+	if a.Current().AccessToken != b.Current().AccessToken {
 		t.Fatal("a and b do not share the new pair")
 	}
+	unblock()
 	env.wantCalls(t, 2)
 }
 
@@ -1393,20 +1354,41 @@ func (f *failingLoad) Load(ctx context.Context, key string) ([]byte, error) {
 	return f.Storage.Load(ctx, key)
 }
 
-// A lease that expires implausibly late (a skewed clock, a bad record) does
-// not block refreshes until then.
-func TestImplausibleLeaseIgnored(t *testing.T) {
+// A lease's timestamps mean nothing to other instances (I3): one that says
+// it expires in a day lapses after its TTL of observation, and one that says
+// it expired long ago is still honoured for its TTL.
+func TestLeaseExpiryIgnoresTimestamps(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
-	b, _ := json.Marshal(leaseRecord{Owner: "skewed-host", Expires: env.clk.Now().Add(24 * time.Hour)})
-	if err := env.st.Store(context.Background(), keysFor(testAccount).lease, b); err != nil {
-		t.Fatal(err)
+	for _, expires := range []time.Duration{24 * time.Hour, -24 * time.Hour} {
+		env := newTestEnv(t, fakerestream.Options{})
+		s := env.source(t, env.config(env.fake.Seed(), "o"))
+		b, _ := json.Marshal(leaseRecord{Owner: "skewed-host", Nonce: "n", TTLMillis: 20_000, ExpiresAt: env.clk.Now().Add(expires)})
+		if err := env.st.Store(context.Background(), keysFor(testAccount).lease, b); err != nil {
+			t.Fatal(err)
+		}
+		s.Start()
+		// The refresher sees the lease and polls it.
+		env.clk.waitForWaiter(t, env.clk.Now().Add(leasePoll))
+		env.wantCalls(t, 0)
+		env.clk.Advance(19 * time.Second)
+		env.clk.waitForWaiter(t, env.clk.Now().Add(leasePoll))
+		env.wantCalls(t, 0)
+		env.clk.Advance(time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if _, err := s.Token(ctx); err != nil {
+			t.Fatalf("expires_at %v: the lease did not lapse after its TTL: %v", expires, err)
+		}
+		cancel()
+		env.wantCalls(t, 1)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if _, err := s.Token(ctx); err != nil {
-		t.Fatalf("a day-long lease blocked the refresh: %v", err)
+}
+
+// tokenNewerThan is TokenNewerThan in the shape these tests were written
+// for: ok reports a newer token; the rate-limited case is (nil, false, nil).
+func tokenNewerThan(s *Source, ctx context.Context, rejected *Token) (*Token, bool, bool, error) {
+	t, refreshed, err := s.TokenNewerThan(ctx, rejected)
+	if errors.Is(err, ErrRejectedAgain) {
+		return nil, refreshed, false, nil
 	}
-	env.wantCalls(t, 1)
+	return t, refreshed, err == nil, err
 }

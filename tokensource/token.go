@@ -10,9 +10,9 @@
 package tokensource
 
 import (
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"slices"
 	"sync/atomic"
 	"time"
 )
@@ -92,13 +92,65 @@ type Record struct {
 	// exchanged, so a restart with the original configuration does not reuse a
 	// spent refresh token.
 	ConsumedSeeds []string `json:"consumed_seeds,omitempty"`
+	// DeadTokens holds fingerprints of refresh tokens the endpoint rejected
+	// (invalid_grant), so no restart, reload or other instance resends one
+	// (I6). A record may hold only this history and no pair.
+	DeadTokens []string `json:"dead_tokens,omitempty"`
+	// Cause says why this generation was issued: refresh, rejected (an
+	// upstream 401), operator, seed or install. The 401 rate limit reads it.
+	Cause string `json:"cause,omitempty"`
 }
+
+// Causes of a generation.
+const (
+	CauseRefresh  = "refresh"
+	CauseRejected = "rejected"
+	CauseOperator = "operator"
+	CauseSeed     = "seed"
+	CauseInstall  = "install"
+)
 
 // recordVersion is the current Record format.
 const recordVersion = 1
 
-// maxConsumedSeeds bounds the seed history kept in a record.
+// maxConsumedSeeds bounds the seed and dead-token histories kept in a record.
 const maxConsumedSeeds = 16
+
+// HasPair reports whether the record holds a token pair (not only history).
+func (r *Record) HasPair() bool {
+	return r != nil && r.AccessToken != "" && r.RefreshToken != "" && !r.Expiry.IsZero()
+}
+
+// version is the record's compare-and-set version; the zero Version for nil.
+func (r *Record) version() Version {
+	if r == nil {
+		return Version{}
+	}
+	return Version{Generation: r.Generation, Chain: r.Chain}
+}
+
+// spent reports whether a refresh token's fingerprint is known to be used
+// up: exchanged as a seed, or rejected by the endpoint.
+func (r *Record) spent(fp string) bool {
+	return r != nil && (slices.Contains(r.ConsumedSeeds, fp) || slices.Contains(r.DeadTokens, fp))
+}
+
+// dead reports whether the record's own refresh token was rejected.
+func (r *Record) dead() bool {
+	return r.HasPair() && slices.Contains(r.DeadTokens, Fingerprint(r.RefreshToken))
+}
+
+// appendBounded appends fp to list unless present, keeping the newest max.
+func appendBounded(list []string, fp string) []string {
+	if fp == "" || slices.Contains(list, fp) {
+		return list
+	}
+	list = append(slices.Clone(list), fp)
+	if n := len(list); n > maxConsumedSeeds {
+		list = list[n-maxConsumedSeeds:]
+	}
+	return list
+}
 
 func (r *Record) token() *Token {
 	t := &Token{
@@ -116,26 +168,8 @@ func (r *Record) token() *Token {
 	return t
 }
 
-func (r *Record) seedConsumed(fp string) bool {
-	for _, s := range r.ConsumedSeeds {
-		if s == fp {
-			return true
-		}
-	}
-	return false
-}
-
 // Fingerprint returns the hex SHA-256 of a secret, safe to store and log.
 func Fingerprint(secret string) string {
 	sum := sha256.Sum256([]byte(secret))
 	return hex.EncodeToString(sum[:])
-}
-
-// Storage is the part of certmagic.Storage a Source needs. Load must return an
-// error wrapping fs.ErrNotExist for a missing key.
-type Storage interface {
-	Lock(ctx context.Context, name string) error
-	Unlock(ctx context.Context, name string) error
-	Store(ctx context.Context, key string, value []byte) error
-	Load(ctx context.Context, key string) ([]byte, error)
 }
