@@ -241,9 +241,9 @@ func parseTokenResponse(body []byte, contentType string, now time.Time) (*Record
 	if expiry.IsZero() {
 		return nil, errors.New("token endpoint answer has no expiry (expires, expires_in)")
 	}
-	if !expiry.After(now) {
-		return nil, fmt.Errorf("token endpoint answer expires in the past (%s)", expiry.UTC().Format(time.RFC3339))
-	}
+	// An expiry in the past (a clock far off) does not make the answer
+	// unusable: the old pair is dead and this refresh token is the chain.
+	// The caller stores the pair, then treats the access token as expired.
 	scope := tr.ScopeJSON
 	if len(scope) == 0 && tr.Scope != "" {
 		scope = strings.Fields(tr.Scope)
@@ -261,9 +261,11 @@ func parseTokenResponse(body []byte, contentType string, now time.Time) (*Record
 	return rec, nil
 }
 
-// accessExpiry prefers Restream's absolute epoch but never trusts it beyond
-// now+expires_in: if the local clock runs behind Restream's, the epoch alone
-// would keep a dead token in use.
+// accessExpiry prefers the relative lifetime (expires_in), which is right on
+// this host's clock whatever its offset from Restream's: an epoch read by a
+// clock running behind would keep a dead token in use, and by a clock
+// running ahead would refresh far too early. The epoch serves when no
+// lifetime is given.
 func accessExpiry(tr *tokenResponse, now time.Time) time.Time {
 	var abs time.Time
 	switch {
@@ -278,14 +280,10 @@ func accessExpiry(tr *tokenResponse, now time.Time) time.Time {
 	if in := max(tr.ExpiresIn, tr.AccessExpiresIn); in > 0 {
 		rel = now.Add(time.Duration(in) * time.Second)
 	}
-	switch {
-	case abs.IsZero():
-		return rel
-	case rel.IsZero() || abs.Before(rel):
+	if rel.IsZero() {
 		return abs
-	default:
-		return rel
 	}
+	return rel
 }
 
 func refreshExpiry(tr *tokenResponse, now time.Time) time.Time {

@@ -310,14 +310,24 @@ func TestParseTokenResponseNamingStylesAndExpiry(t *testing.T) {
 			wantExpiry: now.Add(time.Hour), wantScope: []string{"x.read", "y.write"}, wantAccess: "at_s", wantRefToken: "rt_s",
 		},
 		{
-			name:       "expires epoch earlier than expires_in wins",
+			name:       "expires_in wins over an earlier epoch (this host's clock is ahead)",
 			fields:     map[string]any{"access_token": "a", "refresh_token": "r", "expires": epoch(100 * time.Second), "expires_in": 3600},
-			wantExpiry: now.Add(100 * time.Second), wantAccess: "a", wantRefToken: "r",
+			wantExpiry: now.Add(time.Hour), wantAccess: "a", wantRefToken: "r",
 		},
 		{
 			name:       "expires_in earlier than a skewed epoch wins",
 			fields:     map[string]any{"access_token": "a", "refresh_token": "r", "expires": epoch(2 * time.Hour), "expires_in": 3600},
 			wantExpiry: now.Add(time.Hour), wantAccess: "a", wantRefToken: "r",
+		},
+		{
+			name:       "an epoch in the past (a clock far ahead) yields to expires_in",
+			fields:     map[string]any{"access_token": "a", "refresh_token": "r", "expires": epoch(-10 * time.Minute), "expires_in": 3600},
+			wantExpiry: now.Add(time.Hour), wantAccess: "a", wantRefToken: "r",
+		},
+		{
+			name:       "only an epoch in the past: the pair is kept, expired",
+			fields:     map[string]any{"access_token": "a", "refresh_token": "r", "expires": epoch(-time.Minute)},
+			wantExpiry: now.Add(-time.Minute), wantAccess: "a", wantRefToken: "r",
 		},
 		{
 			name:       "only expires",
@@ -381,7 +391,6 @@ func TestExchangeUnusableSuccess(t *testing.T) {
 		{"token_type mac", "application/json", `{"access_token":"a","refresh_token":"r","expires_in":3600,"token_type":"mac"}`, []string{`"mac"`, "Bearer"}},
 		{"tokenType mac", "application/json", `{"accessToken":"a","refreshToken":"r","accessTokenExpiresIn":3600,"tokenType":"MAC"}`, []string{`"MAC"`}},
 		{"no expiry", "application/json", `{"access_token":"a","refresh_token":"r"}`, []string{"no expiry"}},
-		{"expiry in the past", "application/json", fmt.Sprintf(`{"access_token":"a","refresh_token":"r","expires":%d}`, clockStart.Add(-time.Minute).Unix()), []string{"in the past"}},
 		{"non-JSON", "text/plain", "access_token=" + marker, []string{"not a token", "non-JSON", "text/plain"}},
 		{"HTML page", "text/html; charset=utf-8", "<!DOCTYPE html><html><body><h1>Welcome</h1>" + marker + "</body></html>", []string{"HTML"}},
 		{"HTML page without content type", "", "<html><head><title>" + marker + "</title></head></html>", []string{"HTML"}},

@@ -81,9 +81,10 @@ type actorState struct {
 	localDead map[string]bool
 	// sighted is the stored version last seen, and when: the 401 rate limit
 	// measures a generation's age on this instance's own clock.
-	sighted   Version
-	sightedAt time.Time
-	flushAt   time.Time
+	sighted    Version
+	sightedAt  time.Time
+	flushAt    time.Time
+	renewRetry time.Time // no renewal before this, after a failed one
 }
 
 // pendingPair is a pair that lives only in memory (I2).
@@ -238,16 +239,27 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 			return s.failed(now, "transient", &Error{Kind: Transient, Msg: "taking the refresh lease: " + err.Error()})
 		}
 		a.lease = l
-		// Re-read under the lease: another instance may have stored a pair
-		// between the read above and the take.
+		// Re-read under the lease and plan again: another instance may
+		// have stored a pair, or a dead token, since the read above.
 		again, err := s.load(ctx)
-		if err != nil {
+		if err != nil && !errors.Is(err, ErrCorruptRecord) && !errors.Is(err, ErrUnreadableRecord) {
 			s.releaseLease(ctx)
 			return s.failed(now, "transient", &Error{Kind: Transient, Msg: err.Error()})
 		}
-		if again.version() != rec.version() || !sameTokens(again, rec) {
+		if err == nil {
 			s.adopt(again, now)
-			return now // replan at once, still holding the lease
+		}
+		rec, p = again, s.plan(again, err, now)
+		switch {
+		case p.err != nil:
+			s.releaseLease(ctx)
+			s.staleIfRejected()
+			return s.failed(now, p.result, p.err)
+		case p.send == "":
+			s.releaseLease(ctx)
+			s.setRefreshing(false)
+			s.succeeded(p.result)
+			return s.holdLease(p.wake)
 		}
 	}
 	l := a.lease
@@ -311,6 +323,13 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 	cancel()
 	took := s.clock.Now().Sub(started)
 	switch {
+	case err == nil && !next.token().ValidAt(s.clock.Now()):
+		// Stored, so the chain is safe, but the access token is already
+		// expired by this host's clock: back off instead of looping.
+		s.clearMark(fp)
+		s.releaseLease(ctx)
+		return s.failed(s.clock.Now(), "transient", &Error{Kind: Transient, Msg: "the token endpoint's answer expires in the past " +
+			"by this host's clock (clock skew?); the pair is stored and retried"})
 	case err == nil:
 		// Stored: publish first, so waiters need not wait for the release.
 		s.publish(next, "refreshed")
@@ -357,6 +376,11 @@ func (s *Source) exchangeFailed(ctx context.Context, rec *Record, p plan, fp str
 	}
 	now := s.clock.Now()
 	result := e.Code
+	if a.resend == fp && e.Kind != Terminal {
+		// An earlier call with this token had no answer: it may be spent
+		// whatever this one says, so the lease and the mark stay (I1).
+		e.Unknown = true
+	}
 	switch {
 	case e.Kind == Terminal:
 		a.resend = ""
@@ -369,11 +393,13 @@ func (s *Source) exchangeFailed(ctx context.Context, rec *Record, p plan, fp str
 		}
 		s.staleIfRejected()
 		e.Msg += "; the refresh token chain is dead: " + reauthHint
+	case e.Unknown:
+		a.resend = fp // keep the lease and the mark; resend under them
+		result = "transient"
 	case e.Kind == Misconfigured:
 		a.resend = ""
 		s.clearMark(fp)
 		s.releaseLease(ctx)
-	case e.Unknown:
 		a.resend = fp // keep the lease and the mark; resend under them
 		result = "transient"
 	default:
@@ -468,7 +494,7 @@ func (s *Source) sightedAt(rec *Record, now time.Time) time.Time {
 // renewIfDue renews a held lease that is near its end.
 func (s *Source) renewIfDue(ctx context.Context, now time.Time) {
 	a := &s.act
-	if a.lease == nil || a.lease.Remaining(now) >= StorageTimeout+leaseSlack {
+	if a.lease == nil || now.Before(a.renewAt()) {
 		return
 	}
 	octx, cancel := s.op(ctx)
@@ -481,18 +507,33 @@ func (s *Source) renewIfDue(ctx context.Context, now time.Time) {
 			s.log.Error("lost the refresh lease while the newest pair is only in memory")
 		}
 	case err != nil:
+		// Try again soon, but never in a loop against failing storage.
+		a.renewRetry = s.clock.Now().Add(minBackoff)
 		s.log.Warn("renewing the refresh lease failed", zap.Error(err))
 	}
 }
 
+// renewAt is when a held lease is renewed: with a storage operation and
+// some slack left, or after a failed renewal's pause.
+func (a *actorState) renewAt() time.Time {
+	return later(a.lease.validUntil.Add(-(StorageTimeout + leaseSlack)), a.renewRetry)
+}
+
 // holdLease returns wake, or earlier if a held lease needs renewing first.
 func (s *Source) holdLease(wake time.Time) time.Time {
-	if l := s.act.lease; l != nil {
-		if renew := l.validUntil.Add(-(StorageTimeout + leaseSlack)); renew.Before(wake) {
+	if s.act.lease != nil {
+		if renew := s.act.renewAt(); renew.Before(wake) {
 			return renew
 		}
 	}
 	return wake
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // clearMark drops this instance's mark of fp from the held lease: the token
@@ -568,13 +609,6 @@ func (s *Source) setMemoryOnly(v bool) {
 	state := s.stateLocked()
 	s.mu.Unlock()
 	s.obs.StateChanged(s.cfg.Account, state)
-}
-
-func sameTokens(a, b *Record) bool {
-	if a == nil || b == nil {
-		return a == b
-	}
-	return a.RefreshToken == b.RefreshToken && a.AccessToken == b.AccessToken
 }
 
 // optionalTime logs t, or nothing when it is unknown (zero).

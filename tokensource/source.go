@@ -141,6 +141,7 @@ type Source struct {
 	lastLoad    time.Time
 	memoryOnly  bool        // the served pair is not in storage (I2)
 	stopStale   func() bool // cancels the current token's stale timer
+	stopCancel  func() bool // cancels the Close deadline's timer
 }
 
 // round is one pass of the refresher; done is closed when it ends.
@@ -242,25 +243,36 @@ func (s *Source) Start() {
 // answer is still stored if storage allows. No goroutine or timer of the
 // Source outlives Close.
 func (s *Source) Close() {
+	s.beginClose()
+	s.wg.Wait()
+	s.finishClose()
+	s.x.client.CloseIdleConnections()
+}
+
+// beginClose tells the refresher to stop and sets the deadline of the work
+// left; it does not wait.
+func (s *Source) beginClose() {
 	s.stopOnce.Do(func() {
 		by := s.clock.Now().Add(s.cfg.Timeout + 900*time.Millisecond)
 		s.closeBy.Store(&by)
 		close(s.done)
-		if !s.started.Load() {
-			s.cancel()
-			return
-		}
-		stop := s.clock.AfterFunc(by, s.cancel)
-		go func() { s.wg.Wait(); stop(); s.cancel() }()
+		s.mu.Lock()
+		s.stopCancel = s.clock.AfterFunc(by, s.cancel)
+		s.mu.Unlock()
 	})
-	s.wg.Wait()
+}
+
+// finishClose runs once the refresher has stopped: no timer outlives Close.
+func (s *Source) finishClose() {
 	s.mu.Lock()
-	if s.stopStale != nil {
-		s.stopStale()
-		s.stopStale = nil
+	defer s.mu.Unlock()
+	for _, stop := range []func() bool{s.stopStale, s.stopCancel} {
+		if stop != nil {
+			stop()
+		}
 	}
-	s.mu.Unlock()
-	s.x.client.CloseIdleConnections()
+	s.stopStale, s.stopCancel = nil, nil
+	s.cancel()
 }
 
 func (s *Source) closing() bool {

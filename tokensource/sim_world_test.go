@@ -1,0 +1,716 @@
+package tokensource
+
+// The deterministic simulation's world: a scheduler that runs every
+// simulated goroutine one at a time, simulated time with a skewed clock per
+// instance, a storage with per-operation faults and latency and real lock
+// semantics, and a model of Restream's token endpoint that rotates exactly as
+// Restream does. Given a seed, a run is the same every time: goroutines only
+// switch at storage, endpoint and clock operations, and every choice is
+// drawn from one seeded source in event order.
+
+import (
+	"bytes"
+	"container/heap"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// simEvent is something that happens at a point of true time.
+type simEvent struct {
+	at   time.Time
+	seq  uint64
+	fn   func()
+	dead *bool // set to cancel
+}
+
+type simQueue []*simEvent
+
+func (q simQueue) Len() int { return len(q) }
+func (q simQueue) Less(i, j int) bool {
+	if !q[i].at.Equal(q[j].at) {
+		return q[i].at.Before(q[j].at)
+	}
+	return q[i].seq < q[j].seq
+}
+func (q simQueue) Swap(i, j int) { q[i], q[j] = q[j], q[i] }
+func (q *simQueue) Push(x any)   { *q = append(*q, x.(*simEvent)) }
+func (q *simQueue) Pop() any {
+	old := *q
+	e := old[len(old)-1]
+	*q = old[:len(old)-1]
+	return e
+}
+
+// simWorld runs one schedule.
+type simWorld struct {
+	rng    *rand.Rand
+	now    time.Time
+	seq    uint64
+	queue  simQueue
+	baton  chan struct{} // a simulated goroutine gives control back
+	kv     *simKV
+	model  *simRestream
+	faults simFaults
+	trace  func(format string, args ...any)
+	// violations found by the checks that run during the schedule.
+	violations []string
+}
+
+func newSimWorld(seed uint64) *simWorld {
+	w := &simWorld{
+		rng:   rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
+		now:   clockStart,
+		baton: make(chan struct{}),
+		trace: func(string, ...any) {},
+	}
+	w.kv = &simKV{w: w, data: map[string][]byte{}, locks: map[string]*simProc{}, waiters: map[string][]*simLockWaiter{}}
+	w.model = &simRestream{w: w, tokens: map[string]*simToken{}}
+	return w
+}
+
+func (w *simWorld) violate(format string, args ...any) {
+	msg := fmt.Sprintf("t=%s ", w.now.Sub(clockStart)) + fmt.Sprintf(format, args...)
+	w.violations = append(w.violations, msg)
+	w.trace("VIOLATION %s", msg)
+}
+
+// at schedules fn at true time t; the returned flag cancels it.
+func (w *simWorld) at(t time.Time, fn func()) *bool {
+	if t.Before(w.now) {
+		t = w.now
+	}
+	w.seq++
+	dead := new(bool)
+	heap.Push(&w.queue, &simEvent{at: t, seq: w.seq, fn: fn, dead: dead})
+	return dead
+}
+
+// run executes events until none is left or until end.
+func (w *simWorld) run(end time.Time) {
+	for w.queue.Len() > 0 {
+		e := w.queue[0]
+		if e.at.After(end) {
+			w.now = end
+			return
+		}
+		heap.Pop(&w.queue)
+		if *e.dead {
+			continue
+		}
+		w.now = e.at
+		e.fn()
+	}
+	w.now = end
+}
+
+func (w *simWorld) dur(lo, hi time.Duration) time.Duration {
+	if hi <= lo {
+		return lo
+	}
+	return lo + time.Duration(w.rng.Int64N(int64(hi-lo)))
+}
+
+func (w *simWorld) chance(p float64) bool { return p > 0 && w.rng.Float64() < p }
+
+// simProc is a simulated goroutine. It runs only while the scheduler waits
+// for it, and gives control back whenever it blocks on a simulated
+// operation or ends.
+type simProc struct {
+	w       *simWorld
+	inst    *simInstance
+	resume  chan any
+	name    string
+	exited  bool
+	exiting bool // unwinding after its instance was killed
+}
+
+// errSimKilled resumes an operation of a killed instance.
+var errSimKilled = errors.New("instance killed")
+
+// spawn starts fn as a simulated goroutine and runs it until it first blocks.
+func (w *simWorld) spawn(inst *simInstance, name string, fn func(p *simProc)) *simProc {
+	p := &simProc{w: w, inst: inst, resume: make(chan any), name: name}
+	if inst != nil {
+		inst.running = p
+		inst.procs = append(inst.procs, p)
+	}
+	go func() {
+		defer func() {
+			if v := recover(); v != nil {
+				w.violate("I8: %s panicked: %v", name, v)
+			}
+			p.exited = true
+			w.baton <- struct{}{}
+		}()
+		<-p.resume
+		fn(p)
+	}()
+	p.resume <- nil
+	<-w.baton
+	return p
+}
+
+// block gives control back until the event that calls wake; the value
+// passed to wake is returned. A killed instance's goroutine exits here.
+func (p *simProc) block() any {
+	if p.inst != nil && p.inst.killed {
+		p.exiting = true
+		runtime.Goexit()
+	}
+	p.w.baton <- struct{}{}
+	v := <-p.resume
+	if v == errSimKilled || (p.inst != nil && p.inst.killed) {
+		p.exiting = true
+		runtime.Goexit()
+	}
+	return v
+}
+
+// wake resumes p with v and waits until it blocks again or ends. It runs on
+// the scheduler.
+func (p *simProc) wake(v any) {
+	if p.exited {
+		return
+	}
+	if p.inst != nil {
+		p.inst.running = p
+	}
+	p.resume <- v
+	<-p.w.baton
+}
+
+// callAt runs f at true time t and resumes p with its result.
+func (p *simProc) callAt(t time.Time, f func() any) any {
+	if p.inst != nil && p.inst.killed {
+		if p.exiting {
+			return errSimKilled // deferred calls of a dying goroutine
+		}
+		p.exiting = true
+		runtime.Goexit()
+	}
+	p.w.at(t, func() {
+		if p.inst != nil && p.inst.killed {
+			p.wake(errSimKilled)
+			return
+		}
+		p.wake(f())
+	})
+	return p.block()
+}
+
+// simClock is one instance's clock: true time plus a fixed skew. It also
+// decides timeouts and sleeps in simulated time.
+type simClock struct {
+	w    *simWorld
+	inst *simInstance
+	skew time.Duration
+}
+
+type simDeadlineKey struct{}
+
+func (c *simClock) Now() time.Time { return c.w.now.Add(c.skew) }
+
+func (c *simClock) At(t time.Time) <-chan time.Time {
+	panic("the simulation drives the refresher itself; At is not used")
+}
+
+func (c *simClock) AfterFunc(t time.Time, f func()) func() bool {
+	var dead *bool
+	dead = c.w.at(t.Add(-c.skew), func() {
+		*dead = true // fired: no longer armed
+		if !c.inst.killed {
+			f()
+		}
+	})
+	c.inst.timers = append(c.inst.timers, dead)
+	return func() bool {
+		was := *dead
+		*dead = true
+		return !was
+	}
+}
+
+// WithTimeout records the deadline (in true time) for the simulated
+// operations to honour; no wall-clock timer is involved.
+func (c *simClock) WithTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	deadline := c.w.now.Add(d)
+	if c.inst.closeBy != nil && c.inst.closeBy.Before(deadline) {
+		deadline = *c.inst.closeBy
+	}
+	if prev, ok := ctx.Value(simDeadlineKey{}).(time.Time); ok && prev.Before(deadline) {
+		deadline = prev
+	}
+	return context.WithCancel(context.WithValue(ctx, simDeadlineKey{}, deadline))
+}
+
+func (c *simClock) Sleep(ctx context.Context, d time.Duration) error {
+	until := c.w.now.Add(d)
+	if dl, ok := simDeadline(ctx); ok && dl.Before(until) {
+		c.proc().callAt(dl, func() any { return nil })
+		return context.DeadlineExceeded
+	}
+	c.proc().callAt(until, func() any { return nil })
+	return nil
+}
+
+// proc is the simulated goroutine running now on this instance.
+func (c *simClock) proc() *simProc { return c.inst.running }
+
+func simDeadline(ctx context.Context) (time.Time, bool) {
+	t, ok := ctx.Value(simDeadlineKey{}).(time.Time)
+	return t, ok
+}
+
+// simFaults are a schedule's fault rates; zero is no fault.
+type simFaults struct {
+	loadFail, storeFail, lockFail float64 // per storage operation
+	slowStorage                   float64 // an operation takes seconds
+	hangStorage                   float64 // an operation hangs until its deadline
+	lockStuckMax                  time.Duration
+	endpoint5xx, endpoint429      float64
+	endpointLost                  float64 // rotated, answer lost (timeout)
+	endpointGarbage               float64 // rotated, unusable 200
+	endpointSlow                  float64 // the call takes close to the timeout
+	omitRefreshExpiry             bool
+}
+
+// simKV is a storage with Caddy's semantics: Load/Store of keys and named
+// locks with mutual exclusion. It checks I4 and I5 directly: a write of a
+// record or lease must follow a successful read of it in the same lock hold.
+type simKV struct {
+	w     *simWorld
+	data  map[string][]byte
+	locks map[string]*simProc
+	// readOK tracks, per lock holder, the keys read successfully since it
+	// took the lock.
+	readOK map[*simProc]map[string]bool
+	// waiters are the procs blocked in Lock, by lock name.
+	waiters map[string][]*simLockWaiter
+	// holds identifies each taking of a lock, so breaking an abandoned
+	// hold never frees a later one of the same holder.
+	holds  map[string]uint64
+	holdID uint64
+}
+
+type simLockWaiter struct {
+	p       *simProc
+	expired *bool
+}
+
+func (kv *simKV) latency() time.Duration {
+	w := kv.w
+	switch {
+	case w.chance(w.faults.slowStorage):
+		return w.dur(time.Second, 8*time.Second)
+	default:
+		return w.dur(0, 20*time.Millisecond)
+	}
+}
+
+// op runs one storage operation for the current proc of inst: after a
+// latency, unless its deadline comes first; f applies it at completion.
+func (kv *simKV) op(ctx context.Context, inst *simInstance, fail float64, f func() error) error {
+	w := kv.w
+	p := inst.running
+	done := w.now.Add(kv.latency())
+	hang := w.chance(w.faults.hangStorage)
+	dl, hasDL := simDeadline(ctx)
+	if !hasDL {
+		w.violate("storage operation without a deadline by %s", p.name)
+		dl = w.now.Add(time.Hour)
+	}
+	if hang || done.After(dl) {
+		p.callAt(dl, func() any { return nil })
+		return context.DeadlineExceeded
+	}
+	res := p.callAt(done, func() any {
+		if w.chance(fail) {
+			return errors.New("simulated storage failure")
+		}
+		return f()
+	})
+	if err, ok := res.(error); ok {
+		return err
+	}
+	return nil
+}
+
+// simStorage is one instance's view of the simKV (a Storage).
+type simStorage struct {
+	kv   *simKV
+	inst *simInstance
+}
+
+func (s *simStorage) Load(ctx context.Context, key string) ([]byte, error) {
+	var out []byte
+	p := s.inst.running
+	err := s.kv.op(ctx, s.inst, s.kv.w.faults.loadFail, func() error {
+		v, ok := s.kv.data[key]
+		s.kv.noteRead(p, key)
+		if !ok {
+			return fs.ErrNotExist
+		}
+		out = bytes.Clone(v)
+		return nil
+	})
+	return out, err
+}
+
+func (s *simStorage) Store(ctx context.Context, key string, value []byte) error {
+	p := s.inst.running
+	return s.kv.op(ctx, s.inst, s.kv.w.faults.storeFail, func() error {
+		if strings.HasSuffix(key, "/token.json") || strings.HasSuffix(key, "/lease.json") {
+			if s.kv.locks[keysFor(simAccount).lock] != p {
+				s.kv.w.violate("I5: %s wrote %s without holding the storage lock", p.name, key)
+			}
+			if !s.kv.readOK[p][key] {
+				s.kv.w.violate("I4/I5: %s wrote %s without reading it first under the lock", p.name, key)
+			}
+		}
+		s.kv.data[key] = bytes.Clone(value)
+		if strings.HasSuffix(key, "/token.json") {
+			s.kv.w.model.stored(value, s.inst)
+		}
+		return nil
+	})
+}
+
+func (kv *simKV) noteRead(p *simProc, key string) {
+	for _, holder := range kv.locks {
+		if holder == p {
+			if kv.readOK == nil {
+				kv.readOK = map[*simProc]map[string]bool{}
+			}
+			if kv.readOK[p] == nil {
+				kv.readOK[p] = map[string]bool{}
+			}
+			kv.readOK[p][key] = true
+		}
+	}
+}
+
+func (s *simStorage) Lock(ctx context.Context, name string) error {
+	kv, w := s.kv, s.kv.w
+	p := s.inst.running
+	dl, ok := simDeadline(ctx)
+	if !ok {
+		w.violate("lock without a deadline by %s", p.name)
+		dl = w.now.Add(time.Hour)
+	}
+	lat := kv.latency()
+	if w.chance(w.faults.lockFail) {
+		p.callAt(w.now.Add(lat), func() any { return nil })
+		return errors.New("simulated lock failure")
+	}
+	if w.now.Add(lat).After(dl) {
+		p.callAt(dl, func() any { return nil })
+		return context.DeadlineExceeded
+	}
+	if kv.locks[name] == nil {
+		res := p.callAt(w.now.Add(lat), func() any {
+			if kv.locks[name] != nil {
+				return errSimBusy
+			}
+			kv.take(name, p)
+			return nil
+		})
+		if res == nil {
+			return nil
+		}
+	}
+	// Wait for the holder to release, or for the deadline.
+	waiter := &simLockWaiter{p: p, expired: new(bool)}
+	if kv.waiters == nil {
+		kv.waiters = map[string][]*simLockWaiter{}
+	}
+	kv.waiters[name] = append(kv.waiters[name], waiter)
+	w.at(dl, func() {
+		if *waiter.expired {
+			return
+		}
+		*waiter.expired = true
+		p.wake(context.DeadlineExceeded)
+	})
+	res := p.block()
+	if err, ok := res.(error); ok {
+		return err
+	}
+	return nil
+}
+
+var errSimBusy = errors.New("busy")
+
+func (kv *simKV) take(name string, p *simProc) {
+	kv.locks[name] = p
+	kv.holdID++
+	if kv.holds == nil {
+		kv.holds = map[string]uint64{}
+	}
+	kv.holds[name] = kv.holdID
+	if kv.readOK != nil {
+		delete(kv.readOK, p)
+	}
+}
+
+// release frees a lock and hands it to the first live waiter.
+func (kv *simKV) release(name string) {
+	delete(kv.locks, name)
+	ws := kv.waiters[name]
+	for len(ws) > 0 {
+		wt := ws[0]
+		ws = ws[1:]
+		if *wt.expired || (wt.p.inst != nil && wt.p.inst.killed) {
+			continue
+		}
+		kv.waiters[name] = ws
+		kv.take(name, wt.p)
+		*wt.expired = true
+		kv.w.at(kv.w.now, func() { wt.p.wake(nil) })
+		return
+	}
+	kv.waiters[name] = nil
+}
+
+func (s *simStorage) Unlock(ctx context.Context, name string) error {
+	p := s.inst.running
+	err := s.kv.op(ctx, s.inst, 0, func() error {
+		if s.kv.locks[name] != p {
+			return errors.New("unlocking a lock not held")
+		}
+		s.kv.release(name)
+		return nil
+	})
+	if err != nil && s.kv.locks[name] == p {
+		// The lock stays behind, as a lock file would, until it is broken.
+		s.kv.breakLater(name, p)
+	}
+	return err
+}
+
+// breakLater frees a lock left behind by holder after a while, as a stale
+// lock file or the stuck-lock guard would.
+func (kv *simKV) breakLater(name string, holder *simProc) {
+	hold := kv.holds[name]
+	kv.w.at(kv.w.now.Add(kv.w.dur(2*time.Second, 2*time.Second+kv.w.faults.lockStuckMax)), func() {
+		if kv.locks[name] == holder && kv.holds[name] == hold {
+			kv.release(name)
+		}
+	})
+}
+
+// killLocks models a holder that died holding storage locks: the lock is
+// broken after a while (a stale lock file, the stuck-lock guard).
+func (kv *simKV) killLocks(inst *simInstance) {
+	for name, holder := range kv.locks {
+		if holder.inst == inst {
+			kv.breakLater(name, holder)
+		}
+	}
+}
+
+// simToken is the model's view of one token.
+type simToken struct {
+	chain     int
+	access    bool
+	live      bool
+	expires   time.Time
+	spentBy   *simInstance // the refresh that rotated it
+	delivered bool         // that refresh's answer reached its sender
+	rejected  bool         // an invalid_grant for it was delivered
+}
+
+// simRestream models the token endpoint: each chain has one live pair;
+// a refresh with the live refresh token rotates it; anything else is
+// invalid_grant. It checks I1 on every call.
+type simRestream struct {
+	w        *simWorld
+	tokens   map[string]*simToken
+	chains   []string // chain -> live refresh token
+	n        int
+	lifetime time.Duration
+	// invalidGrants counts invalid_grant answers; exempt is set when a run
+	// lost a chain in a way no client can survive.
+	invalidGrants int
+	exempt        []string
+	rotations     int
+	storedAT      map[string]bool
+}
+
+// authorize starts a new chain (the browser flow) and returns its pair.
+func (m *simRestream) authorize() (access, refresh string) {
+	chain := len(m.chains)
+	m.chains = append(m.chains, "")
+	return m.issue(chain)
+}
+
+func (m *simRestream) issue(chain int) (string, string) {
+	m.n++
+	at, rt := fmt.Sprintf("at_%d_%d", chain, m.n), fmt.Sprintf("rt_%d_%d", chain, m.n)
+	m.tokens[at] = &simToken{chain: chain, access: true, live: true, expires: m.w.now.Add(m.lifetime)}
+	m.tokens[rt] = &simToken{chain: chain, live: true}
+	if old := m.chains[chain]; old != "" {
+		m.tokens[old].live = false
+	}
+	for tok, st := range m.tokens {
+		if st.access && st.chain == chain && tok != at {
+			st.live = false
+		}
+	}
+	m.chains[chain] = rt
+	return at, rt
+}
+
+// stored notes a record write, for the I2 check.
+func (m *simRestream) stored(value []byte, inst *simInstance) {
+	rec, err := decodeRecord(value, "token.json", simAccount, inst.keyring)
+	if err != nil {
+		m.w.violate("a written record does not decode: %v", err)
+		return
+	}
+	if m.storedAT == nil {
+		m.storedAT = map[string]bool{}
+	}
+	if rec.AccessToken != "" {
+		m.storedAT[rec.AccessToken] = true
+	}
+}
+
+// simTransport is the token endpoint as an instance reaches it.
+type simTransport struct {
+	m    *simRestream
+	inst *simInstance
+}
+
+func (t *simTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	w, m := t.m.w, t.m
+	p := t.inst.running
+	body, _ := io.ReadAll(req.Body)
+	form, _ := url.ParseQuery(string(body))
+	rt := form.Get("refresh_token")
+	dl, ok := simDeadline(req.Context())
+	if !ok {
+		w.violate("token call without a deadline")
+		dl = w.now.Add(time.Hour)
+	}
+	f := w.faults
+	arrive := w.now.Add(w.dur(5*time.Millisecond, 200*time.Millisecond))
+	answer := w.dur(5*time.Millisecond, 200*time.Millisecond)
+	if w.chance(f.endpointSlow) {
+		answer = w.dur(time.Second, 20*time.Second)
+	}
+	if arrive.After(dl) {
+		p.callAt(dl, func() any { return nil })
+		return nil, context.DeadlineExceeded
+	}
+	var resp *simAnswer
+	p.callAt(arrive, func() any {
+		resp = m.handle(t.inst, rt)
+		return nil
+	})
+	if resp.lost || w.now.Add(answer).After(dl) {
+		if resp.rotated != nil {
+			m.exempt = append(m.exempt, fmt.Sprintf("answer to %s lost after rotation", t.inst.name))
+		}
+		p.callAt(dl, func() any { return nil })
+		return nil, context.DeadlineExceeded
+	}
+	p.callAt(w.now.Add(answer), func() any {
+		if resp.rotated != nil && !resp.garbage {
+			resp.rotated.delivered = true
+		}
+		if resp.rejected != nil {
+			resp.rejected.rejected = true
+		}
+		return nil
+	})
+	h := http.Header{"Content-Type": {"application/json"}}
+	if resp.retryAfter != "" {
+		h.Set("Retry-After", resp.retryAfter)
+	}
+	return &http.Response{StatusCode: resp.status, Header: h, Body: io.NopCloser(strings.NewReader(resp.body)), Request: req}, nil
+}
+
+type simAnswer struct {
+	status     int
+	body       string
+	retryAfter string
+	lost       bool
+	garbage    bool
+	rotated    *simToken // the refresh token this answer spent
+	rejected   *simToken
+}
+
+// handle processes one refresh request on arrival.
+func (m *simRestream) handle(inst *simInstance, rt string) *simAnswer {
+	w, f := m.w, m.w.faults
+	st := m.tokens[rt]
+	if st != nil && !st.live {
+		// I1: a refresh token that may be spent is sent only by the instance
+		// that spent it, after an answer it did not get.
+		switch {
+		case st.rejected:
+			w.violate("I1: %s sent a refresh token already answered invalid_grant", inst.name)
+		case st.spentBy != nil && st.spentBy != inst:
+			w.violate("I1: %s sent a refresh token that %s spent", inst.name, st.spentBy.name)
+		case st.spentBy != nil && st.delivered:
+			w.violate("I1: %s resent a refresh token whose new pair it had received", inst.name)
+		}
+	}
+	if holder := m.w.kv.leaseOwner(); holder != inst.owner {
+		w.violate("I3: %s sent a refresh token while the lease is %q's", inst.name, holder)
+	}
+	switch {
+	case w.chance(f.endpoint5xx):
+		return &simAnswer{status: 503, body: `{"error":"temporarily_unavailable"}`}
+	case w.chance(f.endpoint429):
+		return &simAnswer{status: 429, body: `{"error":"slow_down"}`, retryAfter: "2"}
+	}
+	if st == nil || !st.live {
+		m.invalidGrants++
+		return &simAnswer{status: 400, body: `{"error":"invalid_grant","error_description":"Invalid refresh token"}`, rejected: st}
+	}
+	at, newRT := m.issue(st.chain)
+	m.rotations++
+	st.spentBy = inst
+	ans := &simAnswer{status: 200, rotated: st}
+	switch {
+	case w.chance(f.endpointLost):
+		ans.lost = true
+		return ans
+	case w.chance(f.endpointGarbage):
+		ans.body, ans.garbage = "<html>bad gateway</html>", true
+		m.exempt = append(m.exempt, fmt.Sprintf("answer to %s unusable after rotation", inst.name))
+		return ans
+	}
+	exp := m.tokens[at].expires
+	fields := map[string]any{
+		"access_token": at, "refresh_token": newRT, "token_type": "Bearer",
+		"expires_in": int64(m.lifetime / time.Second), "expires": exp.Unix(),
+		"scope": "profile.default.read chat.default.read",
+	}
+	if !f.omitRefreshExpiry {
+		fields["refreshTokenExpiresEpoch"] = w.now.Add(365 * 24 * time.Hour).Unix()
+	}
+	b, _ := json.Marshal(fields)
+	ans.body = string(b)
+	return ans
+}
+
+// leaseOwner is the lease's owner as stored ("" if none or released).
+func (kv *simKV) leaseOwner() string {
+	var l leaseRecord
+	if b, ok := kv.data[LeaseKey(simAccount)]; ok && json.Unmarshal(b, &l) == nil {
+		return l.Owner
+	}
+	return ""
+}
