@@ -40,17 +40,21 @@ func (a *AdminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{{Pattern: "/restream_auth/", Handler: caddy.AdminHandlerFunc(a.serve)}}
 }
 
-// AccountStatus is the JSON form of an account's state.
+// AccountStatus is the JSON form of an account's state. The refresh
+// token's expiry is omitted while it is unknown (the endpoint did not say).
 type AccountStatus struct {
 	Account          string `json:"account"`
 	State            string `json:"state"`
 	Generation       uint64 `json:"generation"`
 	AccessExpiresAt  string `json:"access_expires_at"`
-	RefreshExpiresAt string `json:"refresh_expires_at"`
-	LastRefreshAt    string `json:"last_refresh_at"`
-	LastResult       string `json:"last_result"`
-	LastError        string `json:"last_error"`
-	NextRefreshAt    string `json:"next_refresh_at"`
+	RefreshExpiresAt string `json:"refresh_expires_at,omitempty"`
+	// Persisted is false while the served pair lives only in memory (state
+	// degraded: its write to storage failed and is being retried).
+	Persisted     bool   `json:"persisted"`
+	LastRefreshAt string `json:"last_refresh_at"`
+	LastResult    string `json:"last_result"`
+	LastError     string `json:"last_error"`
+	NextRefreshAt string `json:"next_refresh_at"`
 }
 
 func statusJSON(st tokensource.Status) AccountStatus {
@@ -60,6 +64,7 @@ func statusJSON(st tokensource.Status) AccountStatus {
 		Generation:       st.Generation,
 		AccessExpiresAt:  rfc3339(st.AccessExpiry),
 		RefreshExpiresAt: rfc3339(st.RefreshExpiry),
+		Persisted:        st.Persisted,
 		LastRefreshAt:    rfc3339(st.LastRefresh),
 		LastResult:       st.LastResult,
 		LastError:        st.LastError,

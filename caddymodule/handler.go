@@ -460,6 +460,10 @@ func (h *Handler) unavailable(w http.ResponseWriter, r *http.Request, err error)
 		code = "reauth_required"
 	case te != nil && te.Kind == tokensource.NoChain:
 		code = "no_chain"
+	case te != nil && te.Kind == tokensource.Misconfigured:
+		// The endpoint refuses the client credentials: a configuration
+		// error, retried slowly (Retry-After says when), not a dead chain.
+		code = "misconfigured"
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		desc = fmt.Sprintf("account %q: timed out waiting for the token refresh", h.Account)
 	}

@@ -15,6 +15,11 @@ import (
 var (
 	refreshResults = []string{"ok", "invalid_grant", "invalid_client", "transient", "adopted"}
 	replayReasons  = []string{"refreshed", "newer_token", "not_replayable", "second_401"}
+	// accountStates are the states a token source reports (tokensource.State*).
+	accountStates = []string{
+		tokensource.StateOK, tokensource.StateRefreshing, tokensource.StateBackoff, tokensource.StateDegraded,
+		tokensource.StateMisconfigured, tokensource.StateReauthRequired, tokensource.StateNoChain,
+	}
 )
 
 // metrics are package-level because Caddy creates a registry per config and
@@ -30,6 +35,7 @@ var metrics = struct {
 	replays         *prometheus.CounterVec
 	unavailable     *prometheus.CounterVec
 	reauthRequired  *prometheus.GaugeVec
+	state           *prometheus.GaugeVec
 	persistFailures *prometheus.CounterVec
 }{}
 
@@ -57,7 +63,7 @@ func initMetrics() {
 		}, account)
 		metrics.refreshExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "refresh_token_expiry_timestamp_seconds",
-			Help: "Unix time at which the current refresh token expires (0: none or unknown).",
+			Help: "Unix time at which the current refresh token expires; absent while unknown (the endpoint did not say, or no token yet).",
 		}, account)
 		metrics.replays = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "replays_total",
@@ -69,8 +75,12 @@ func initMetrics() {
 		}, account)
 		metrics.reauthRequired = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "reauth_required",
-			Help: "1 while the account's chain is dead and needs re-authorization (a new refresh_token seed).",
+			Help: "1 while the account's chain is dead and needs re-authorization (a new refresh_token seed); 0 otherwise, misconfigured included (see state).",
 		}, account)
+		metrics.state = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "state",
+			Help: "1 for the account's current state, 0 for the others: ok, refreshing, backoff, degraded (the served pair is only in memory), misconfigured (the endpoint refuses the client credentials), reauth_required, no_chain.",
+		}, []string{"account", "state"})
 		metrics.persistFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "persist_failures_total",
 			Help: "Failed writes of a new token pair to storage (the pair is then served from memory and the write retried).",
@@ -85,7 +95,7 @@ func registerMetrics(registry *prometheus.Registry, account string) error {
 	if registry != nil {
 		for _, c := range []prometheus.Collector{metrics.refreshes, metrics.refreshDuration, metrics.lockWait,
 			metrics.accessExpiry, metrics.refreshExpiry, metrics.replays, metrics.unavailable,
-			metrics.reauthRequired, metrics.persistFailures} {
+			metrics.reauthRequired, metrics.state, metrics.persistFailures} {
 			if err := registry.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 				return err
 			}
@@ -100,9 +110,13 @@ func registerMetrics(registry *prometheus.Registry, account string) error {
 	metrics.refreshDuration.WithLabelValues(account)
 	metrics.lockWait.WithLabelValues(account)
 	metrics.accessExpiry.WithLabelValues(account)
-	metrics.refreshExpiry.WithLabelValues(account)
+	// The refresh expiry has no series until it is known: 0 would read as
+	// "expired in 1970" to an alert on expiry - time().
 	metrics.unavailable.WithLabelValues(account)
 	metrics.reauthRequired.WithLabelValues(account)
+	for _, st := range accountStates {
+		metrics.state.WithLabelValues(account, st)
+	}
 	metrics.persistFailures.WithLabelValues(account)
 	return nil
 }
@@ -117,10 +131,12 @@ func (metricsObserver) Refreshed(account, result string, took time.Duration) {
 		result = "invalid_client"
 	case "ok", "invalid_grant", "invalid_client", "transient", "adopted":
 	default:
-		return // no_chain, rate_limited: no refresh happened
+		return // no_chain, rate_limited, in_doubt: no token call happened
 	}
 	metrics.refreshes.WithLabelValues(account, result).Inc()
-	metrics.refreshDuration.WithLabelValues(account).Observe(took.Seconds())
+	if result != "adopted" { // an adoption is a storage read, not an attempt
+		metrics.refreshDuration.WithLabelValues(account).Observe(took.Seconds())
+	}
 }
 
 func (metricsObserver) LockWaited(account string, d time.Duration) {
@@ -129,19 +145,34 @@ func (metricsObserver) LockWaited(account string, d time.Duration) {
 
 func (metricsObserver) Published(account string, t *tokensource.Token) {
 	metrics.accessExpiry.WithLabelValues(account).Set(unixSeconds(t.Expiry))
-	metrics.refreshExpiry.WithLabelValues(account).Set(unixSeconds(t.RefreshExpiry))
+	if t.RefreshExpiry.IsZero() {
+		// Unknown: no series rather than a zero timestamp.
+		metrics.refreshExpiry.DeleteLabelValues(account)
+	} else {
+		metrics.refreshExpiry.WithLabelValues(account).Set(unixSeconds(t.RefreshExpiry))
+	}
 }
 
 func (metricsObserver) PersistFailed(account string) {
 	metrics.persistFailures.WithLabelValues(account).Inc()
 }
 
+// StateChanged sets the state gauge. reauth_required is 1 only for a dead
+// chain: a misconfigured account (the endpoint refuses the client
+// credentials) keeps its chain, needs a configuration fix rather than a new
+// seed, and shows as state="misconfigured".
 func (metricsObserver) StateChanged(account, state string) {
-	v := 0.0
-	if state == tokensource.StateReauthRequired {
-		v = 1
+	metrics.reauthRequired.WithLabelValues(account).Set(boolGauge(state == tokensource.StateReauthRequired))
+	for _, st := range accountStates {
+		metrics.state.WithLabelValues(account, st).Set(boolGauge(st == state))
 	}
-	metrics.reauthRequired.WithLabelValues(account).Set(v)
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func unixSeconds(t time.Time) float64 {

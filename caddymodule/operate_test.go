@@ -72,7 +72,14 @@ http://127.0.0.1:%d {
 		`caddy_restream_auth_unavailable_total{account="dead"} 0`,
 		`caddy_restream_auth_persist_failures_total{account="ops"} 0`,
 		`caddy_restream_auth_refresh_duration_seconds_count{account="ops"} 1`,
-		`caddy_restream_auth_lock_wait_seconds_count{account="ops"} 1`,
+		// Lock waits are observed while another instance holds the lease;
+		// the series exists from provisioning.
+		`caddy_restream_auth_lock_wait_seconds_count{account="ops"} `,
+		`caddy_restream_auth_state{account="ops",state="ok"} 1`,
+		`caddy_restream_auth_state{account="ops",state="degraded"} 0`,
+		`caddy_restream_auth_state{account="dead",state="reauth_required"} 1`,
+		`caddy_restream_auth_state{account="dead",state="ok"} 0`,
+		`caddy_restream_auth_state{account="dead",state="misconfigured"} 0`,
 	} {
 		if !strings.Contains(scrape, want) {
 			t.Errorf("metrics lack %s", want)
@@ -80,6 +87,20 @@ http://127.0.0.1:%d {
 	}
 	if !regexp.MustCompile(`caddy_restream_auth_access_token_expiry_timestamp_seconds\{account="ops"\} 1\.\d+e\+09`).MatchString(scrape) {
 		t.Errorf("access token expiry gauge not set:\n%s", grepLines(scrape, "expiry_timestamp"))
+	}
+	if !regexp.MustCompile(`caddy_restream_auth_refresh_token_expiry_timestamp_seconds\{account="ops"\} 1\.\d+e\+09`).MatchString(scrape) {
+		t.Errorf("refresh token expiry gauge not set:\n%s", grepLines(scrape, "expiry_timestamp"))
+	}
+	// The dead account never had a token: its refresh expiry is unknown,
+	// which is no series at all rather than a timestamp of 0 (1970).
+	if strings.Contains(scrape, `caddy_restream_auth_refresh_token_expiry_timestamp_seconds{account="dead"}`) {
+		t.Errorf("refresh expiry of an account without a token is exported:\n%s", grepLines(scrape, "expiry_timestamp"))
+	}
+	if st := adminStatus(t, admin); !st["ops"].Persisted || st["ops"].RefreshExpiresAt == "" || st["dead"].RefreshExpiresAt != "" {
+		t.Errorf("admin status: ops %+v, dead %+v", st["ops"], st["dead"])
+	}
+	if _, raw, _ := do(t, http.MethodGet, admin+"/restream_auth/", nil, nil); strings.Contains(string(raw), `"refresh_expires_at":""`) {
+		t.Errorf("admin status shows an unknown refresh expiry instead of omitting it: %s", raw)
 	}
 
 	// Health: 200 for a serving account, 503 for a dead one.
@@ -136,6 +157,7 @@ type accountStatus struct {
 	Generation       uint64 `json:"generation"`
 	AccessExpiresAt  string `json:"access_expires_at"`
 	RefreshExpiresAt string `json:"refresh_expires_at"`
+	Persisted        bool   `json:"persisted"`
 	LastRefreshAt    string `json:"last_refresh_at"`
 	LastResult       string `json:"last_result"`
 	LastError        string `json:"last_error"`
