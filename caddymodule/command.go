@@ -62,8 +62,20 @@ The state is seen from storage only:
                    is refreshing it, or refreshes fail); its refresh token
                    may still work
   refresh_expired  the stored refresh token expired: seed a new chain
-  no_chain         nothing stored: seed a chain
-  unreadable       the record cannot be read (the error names the key)
+  reauth_required  the token endpoint rejected the stored refresh token
+                   (invalid_grant): seed a new chain
+  in_doubt         an instance marked the stored refresh token in the lease
+                   (it was sending it) and stopped before storing the answer:
+                   the token may be spent, so no instance sends it again;
+                   seed a new chain
+  no_chain         no pair stored (perhaps only the fingerprints of spent or
+                   rejected tokens): seed a chain
+  unreadable       the record cannot be read (the error names the key); it
+                   is never overwritten: fix or delete it
+
+The lease line shows its holder and the expiry the holder wrote (instances
+do not trust it: they take a lease over only once they have seen it
+unchanged for its TTL), and whether a refresh token is marked in it.
 
 A running instance's own view (including reauth_required after an
 invalid_grant) is at its admin endpoint, GET /restream_auth/.
@@ -218,6 +230,8 @@ const (
 	cliStateOK             = "ok"
 	cliStateAccessExpired  = "access_expired"
 	cliStateRefreshExpired = "refresh_expired"
+	cliStateReauthRequired = "reauth_required"
+	cliStateInDoubt        = "in_doubt"
 	cliStateNoChain        = "no_chain"
 	cliStateUnreadable     = "unreadable"
 )
@@ -244,16 +258,32 @@ type cliAccountStatus struct {
 	RefreshExpiresAt time.Time `json:"refresh_expires_at,omitzero"`
 	RefreshExpiresIn *int64    `json:"refresh_expires_in_seconds,omitempty"`
 	ConsumedSeeds    int       `json:"consumed_seeds"`
-	// Lease is set while an instance (or the seed command) holds the
-	// account's refresh lease.
+	// DeadTokens counts the refresh tokens the endpoint rejected.
+	DeadTokens int `json:"dead_tokens,omitempty"`
+	// Lease is set while the lease record names a holder (an instance or
+	// the seed command) or marks a refresh token.
 	Lease *cliLease `json:"lease,omitempty"`
 	// LeaseError is set when the lease record cannot be read.
 	LeaseError string `json:"lease_error,omitempty"`
 }
 
+// cliLease is the lease record as the status command shows it. ExpiresAt
+// is the holder's own reading; instances judge expiry by observation.
 type cliLease struct {
-	Owner     string    `json:"owner"`
-	ExpiresAt time.Time `json:"expires_at"`
+	// Owner holds the lease; empty once it was released.
+	Owner     string    `json:"owner,omitempty"`
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	TTLMillis int64     `json:"ttl_ms,omitempty"`
+	// Expired says the holder's expiry has passed by this host's clock.
+	// Other instances take the lease over only once they have seen it
+	// unchanged for its TTL.
+	Expired bool `json:"expired,omitempty"`
+	// Marked says a refresh token is marked: MarkedBy was sending it, or
+	// sent it without the answer reaching storage.
+	Marked   bool   `json:"marked"`
+	MarkedBy string `json:"marked_by,omitempty"`
+	// MarksStoredToken says the marked token is the stored refresh token.
+	MarksStoredToken bool `json:"marks_stored_token,omitempty"`
 }
 
 func (a cliAccountStatus) hasChain() bool {
@@ -303,13 +333,20 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 			keyring, _ = resolveKeyring(caddy.NewReplacer(), hs[0].EncryptionKey, hs[0].EncryptionKeyPrevious)
 		}
 		rec, err := tokensource.LoadRecordKeyring(ctx, cfg.storage, account, keyring)
+		storedFP := ""
 		switch {
 		case err != nil:
 			a.State, a.Error = cliStateUnreadable, err.Error()
 		case rec == nil:
 			a.State = cliStateNoChain
+		case !rec.HasPair():
+			// Only history: fingerprints of spent seeds and rejected tokens.
+			a.State = cliStateNoChain
+			a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
 		default:
-			a.Generation, a.Chain, a.ConsumedSeeds = rec.Generation, rec.Chain, len(rec.ConsumedSeeds)
+			storedFP = tokensource.Fingerprint(rec.RefreshToken)
+			a.Generation, a.Chain = rec.Generation, rec.Chain
+			a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
 			a.IssuedAt = rec.IssuedAt.UTC()
 			a.AccessExpiresAt = rec.Expiry.UTC()
 			a.AccessExpiresIn = cliPtr(int64(rec.Expiry.Sub(now) / time.Second))
@@ -318,6 +355,8 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 				a.RefreshExpiresIn = cliPtr(int64(rec.RefreshExpiry.Sub(now) / time.Second))
 			}
 			switch {
+			case slices.Contains(rec.DeadTokens, storedFP):
+				a.State = cliStateReauthRequired
 			case !rec.RefreshExpiry.IsZero() && !now.Before(rec.RefreshExpiry):
 				a.State = cliStateRefreshExpired
 			case !now.Before(rec.Expiry):
@@ -326,15 +365,22 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 				a.State = cliStateOK
 			}
 		}
-		a.Lease, a.LeaseError = cliReadLease(ctx, cfg.storage, account, now)
+		a.Lease, a.LeaseError = cliReadLease(ctx, cfg.storage, account, now, storedFP)
+		if l := a.Lease; l != nil && l.Owner == "" && l.MarksStoredToken && a.hasChain() {
+			// Released with the stored token still marked: its sender
+			// stopped before the answer reached storage.
+			a.State = cliStateInDoubt
+		}
 		st.Accounts = append(st.Accounts, a)
 	}
 	return st
 }
 
-// cliReadLease returns the account's refresh lease if it is live.
-func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time) (*cliLease, string) {
-	key := tokensource.KeyPrefix(account) + "/lease.json"
+// cliReadLease reads the account's lease record: nil if there is none, or
+// if it names no holder and marks no token. storedFP is the fingerprint of
+// the stored refresh token ("" if none).
+func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time, storedFP string) (*cliLease, string) {
+	key := tokensource.LeaseKey(account)
 	b, err := storage.Load(ctx, key)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, ""
@@ -342,15 +388,26 @@ func cliReadLease(ctx context.Context, storage certmagic.Storage, account string
 	if err != nil {
 		return nil, fmt.Sprintf("loading %s: %v", key, err)
 	}
-	var l cliLease
-	if err := json.Unmarshal(b, &l); err != nil {
+	var rec struct {
+		Owner     string    `json:"owner"`
+		TTLMillis int64     `json:"ttl_ms"`
+		Mark      string    `json:"mark"`
+		MarkedBy  string    `json:"marked_by"`
+		ExpiresAt time.Time `json:"expires_at"`
+	}
+	if err := json.Unmarshal(b, &rec); err != nil {
 		return nil, fmt.Sprintf("%s (%d bytes): not valid JSON", key, len(b))
 	}
-	if l.Owner == "" || !now.Before(l.ExpiresAt) {
+	if rec.Owner == "" && rec.Mark == "" {
 		return nil, ""
 	}
-	l.ExpiresAt = l.ExpiresAt.UTC()
-	return &l, ""
+	l := &cliLease{Owner: rec.Owner, TTLMillis: max(rec.TTLMillis, 0), Marked: rec.Mark != "", MarkedBy: rec.MarkedBy,
+		MarksStoredToken: rec.Mark != "" && rec.Mark == storedFP}
+	if rec.Owner != "" && !rec.ExpiresAt.IsZero() {
+		l.ExpiresAt = rec.ExpiresAt.UTC()
+		l.Expired = !now.Before(rec.ExpiresAt)
+	}
+	return l, ""
 }
 
 func cliWriteStatus(w io.Writer, st cliStatus) error {
@@ -363,7 +420,7 @@ func cliWriteStatus(w io.Writer, st cliStatus) error {
 		}
 		fmt.Fprintf(w, "\naccount %q: %s\n", a.Account, state)
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-		if a.State == cliStateNoChain {
+		if a.State == cliStateNoChain && a.ConsumedSeeds+a.DeadTokens == 0 {
 			fmt.Fprintf(tw, "  record\tnothing stored at %s\n", a.Key)
 		}
 		if a.Generation != 0 || a.Chain != "" {
@@ -373,14 +430,31 @@ func cliWriteStatus(w io.Writer, st cliStatus) error {
 			fmt.Fprintf(tw, "  access expires\t%s\n", cliTime(a.AccessExpiresAt, now))
 			fmt.Fprintf(tw, "  refresh expires\t%s\n", cliTime(a.RefreshExpiresAt, now))
 			fmt.Fprintf(tw, "  consumed seeds\t%d\n", a.ConsumedSeeds)
+		} else if a.ConsumedSeeds+a.DeadTokens > 0 {
+			fmt.Fprintf(tw, "  record\tno pair; %d consumed seeds, %d rejected tokens\n", a.ConsumedSeeds, a.DeadTokens)
 		}
-		switch {
-		case a.Lease != nil:
-			fmt.Fprintf(tw, "  lease\theld by %s until %s\n", a.Lease.Owner, cliTime(a.Lease.ExpiresAt, now))
+		if a.DeadTokens > 0 && (a.Generation != 0 || a.Chain != "") {
+			fmt.Fprintf(tw, "  rejected tokens\t%d\n", a.DeadTokens)
+		}
+		switch l := a.Lease; {
 		case a.LeaseError != "":
 			fmt.Fprintf(tw, "  lease\tunreadable: %s\n", a.LeaseError)
-		default:
+		case l == nil || l.Owner == "":
 			fmt.Fprintf(tw, "  lease\tfree\n")
+		case l.ExpiresAt.IsZero():
+			fmt.Fprintf(tw, "  lease\theld by %s\n", l.Owner)
+		case l.Expired:
+			fmt.Fprintf(tw, "  lease\theld by %s, expired %s by its holder's clock (instances take it over once they have seen it unchanged for its TTL%s)\n",
+				l.Owner, cliTime(l.ExpiresAt, now), cliTTL(l.TTLMillis))
+		default:
+			fmt.Fprintf(tw, "  lease\theld by %s until %s\n", l.Owner, cliTime(l.ExpiresAt, now))
+		}
+		if l := a.Lease; l != nil && l.Marked {
+			which := "an earlier refresh token"
+			if l.MarksStoredToken {
+				which = "the stored refresh token"
+			}
+			fmt.Fprintf(tw, "  marked\t%s, by %s\n", which, l.MarkedBy)
 		}
 		if err := tw.Flush(); err != nil {
 			return err
@@ -415,6 +489,13 @@ func cliDuration(d time.Duration) string {
 
 func cliPtr[T any](v T) *T { return &v }
 
+func cliTTL(ms int64) string {
+	if ms <= 0 {
+		return ""
+	}
+	return ", " + (time.Duration(ms) * time.Millisecond).String()
+}
+
 // cliMaxSeedInput bounds what the seed command reads from stdin.
 const cliMaxSeedInput = 64 << 10
 
@@ -439,6 +520,16 @@ func cliSeedCommand(fl caddycmd.Flags) (int, error) {
 	srcCfg, err := cliSourceConfig(h, cfg.storage, logger)
 	if err != nil {
 		return 1, fmt.Errorf("account %q: %w", account, err)
+	}
+	// A record that exists but cannot be read is never replaced (it may hold
+	// the only live refresh token): say so before the token is read, let
+	// alone spent.
+	lctx, lcancel := context.WithTimeout(context.Background(), tokensource.StorageTimeout)
+	_, lerr := tokensource.LoadRecordKeyring(lctx, cfg.storage, account, srcCfg.Keyring)
+	lcancel()
+	if errors.Is(lerr, tokensource.ErrCorruptRecord) || errors.Is(lerr, tokensource.ErrUnreadableRecord) {
+		return 1, fmt.Errorf("account %q: %v; it is never overwritten, as it may hold the only live refresh token: "+
+			"fix it (e.g. configure the encryption key it was written with) or delete it, then seed again; the refresh token was not read", account, lerr)
 	}
 	rt, err := cliReadRefreshToken(os.Stdin, os.Stderr)
 	if err != nil {
@@ -513,21 +604,24 @@ func cliPlaceholderError(err error) error {
 	return fmt.Errorf("%v (placeholders are resolved in this command's environment: run it with the environment Caddy runs with)", err)
 }
 
-// cliSeedError explains a failed InstallSeed.
+// cliSeedError explains a failed InstallSeed. A token source's errors name
+// the account already; others get it here, once.
 func cliSeedError(account string, err error) error {
 	var te *tokensource.Error
 	if !errors.As(err, &te) {
 		return fmt.Errorf("account %q: %w", account, err)
 	}
+	prefix := fmt.Sprintf("account %q: ", account)
+	msg := strings.TrimPrefix(te.Msg, prefix)
 	switch {
 	case te.Code == "invalid_grant":
-		return fmt.Errorf("account %q: the token endpoint refused the refresh token (%s): it is spent, expired or revoked, or was issued to another client; nothing was stored. Re-authorize to get a new one", account, te.Msg)
-	case te.Kind == tokensource.Terminal:
-		return fmt.Errorf("account %q: the token endpoint refused the request (%s); check client_id, client_secret and client_auth; nothing was stored", account, te.Msg)
+		return fmt.Errorf("%sthe token endpoint refused the refresh token (%s): it is spent, expired or revoked, or was issued to another client; nothing was stored. Re-authorize to get a new one", prefix, msg)
+	case te.Kind == tokensource.Terminal, te.Kind == tokensource.Misconfigured:
+		return fmt.Errorf("%sthe token endpoint refused the request (%s); check client_id, client_secret and client_auth; nothing was stored", prefix, msg)
 	case te.Unknown:
-		return fmt.Errorf("account %q: %s; the exchange may have reached the endpoint, in which case the refresh token is spent; nothing was stored", account, te.Msg)
+		return fmt.Errorf("%s%s; the exchange may have reached the endpoint, in which case the refresh token is spent; nothing was stored", prefix, msg)
 	}
-	return fmt.Errorf("account %q: %s; nothing was stored", account, te.Msg)
+	return fmt.Errorf("%s%s; nothing was stored", prefix, msg)
 }
 
 // cliReadRefreshToken reads one refresh token: a line typed without echo on a

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -267,8 +268,11 @@ func TestCommandStatus(t *testing.T) {
 	}
 	mustContainNone(t, "status output", res.stdout+res.stderr, fake.IssuedTokens()...)
 
-	// A live lease held by someone, and --json from the JSON config.
-	lease := fmt.Sprintf(`{"owner":"instance-42","expires_at":%q}`, time.Now().Add(time.Minute).UTC().Format(time.RFC3339Nano))
+	// A live lease held by someone, marking the stored refresh token (a
+	// refresh in flight), and --json from the JSON config.
+	storedFP := tokensource.Fingerprint(rec.RefreshToken)
+	lease := fmt.Sprintf(`{"owner":"instance-42","nonce":"n1","seq":3,"ttl_ms":60000,"mark":%q,"marked_by":"instance-42","expires_at":%q}`,
+		storedFP, time.Now().Add(time.Minute).UTC().Format(time.RFC3339Nano))
 	if err := (&certmagic.FileStorage{Path: storage}).Store(context.Background(), tokensource.KeyPrefix("default")+"/lease.json", []byte(lease)); err != nil {
 		t.Fatal(err)
 	}
@@ -289,7 +293,13 @@ func TestCommandStatus(t *testing.T) {
 			AccessExpiresIn *int64    `json:"access_expires_in_seconds"`
 			ConsumedSeeds   int       `json:"consumed_seeds"`
 			Lease           *struct {
-				Owner string `json:"owner"`
+				Owner            string    `json:"owner"`
+				ExpiresAt        time.Time `json:"expires_at"`
+				TTLMillis        int64     `json:"ttl_ms"`
+				Expired          bool      `json:"expired"`
+				Marked           bool      `json:"marked"`
+				MarkedBy         string    `json:"marked_by"`
+				MarksStoredToken bool      `json:"marks_stored_token"`
 			} `json:"lease"`
 		} `json:"accounts"`
 	}
@@ -304,8 +314,54 @@ func TestCommandStatus(t *testing.T) {
 		!d.AccessExpiresAt.Equal(rec.Expiry) || d.AccessExpiresIn == nil || *d.AccessExpiresIn <= 0 || d.ConsumedSeeds != 1 {
 		t.Errorf("status --json, account default: %+v", d)
 	}
-	if d.Lease == nil || d.Lease.Owner != "instance-42" {
-		t.Errorf("status --json does not show the live lease: %+v", d.Lease)
+	if l := d.Lease; l == nil || l.Owner != "instance-42" || l.Expired || l.TTLMillis != 60000 || time.Until(l.ExpiresAt) <= 0 ||
+		!l.Marked || l.MarkedBy != "instance-42" || !l.MarksStoredToken {
+		t.Errorf("status --json does not show the live lease and its mark: %+v", d.Lease)
+	}
+	if strings.Contains(res.stdout, storedFP) {
+		t.Errorf("status --json prints the mark's fingerprint")
+	}
+
+	// The same lease as text: holder, expiry and mark.
+	res = runCmd(t, env, "", "restream-auth", "status", "--config", cfgPath)
+	for _, want := range []string{"held by instance-42 until", "marked", "the stored refresh token, by instance-42", `account "default": ok`} {
+		if !strings.Contains(res.stdout, want) {
+			t.Errorf("status with a live marked lease lacks %q:\n%s", want, res.stdout)
+		}
+	}
+
+	// A lease whose holder's timestamp has passed is still shown (others
+	// judge it by observation, not by that timestamp).
+	lease = fmt.Sprintf(`{"owner":"instance-43","nonce":"n2","ttl_ms":30000,"expires_at":%q}`, time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano))
+	if err := (&certmagic.FileStorage{Path: storage}).Store(context.Background(), tokensource.LeaseKey("default"), []byte(lease)); err != nil {
+		t.Fatal(err)
+	}
+	res = runCmd(t, env, "", "restream-auth", "status", "--config", cfgPath)
+	if !strings.Contains(res.stdout, "held by instance-43, expired") || !strings.Contains(res.stdout, "unchanged for its TTL, 30s") ||
+		strings.Contains(res.stdout, "marked") {
+		t.Errorf("status with a lease expired by its timestamp:\n%s", res.stdout)
+	}
+
+	// A released lease that still marks the stored refresh token: its
+	// sender stopped before storing the answer; the token is in doubt.
+	lease = fmt.Sprintf(`{"owner":"","mark":%q,"marked_by":"instance-44"}`, storedFP)
+	if err := (&certmagic.FileStorage{Path: storage}).Store(context.Background(), tokensource.LeaseKey("default"), []byte(lease)); err != nil {
+		t.Fatal(err)
+	}
+	res = runCmd(t, env, "", "restream-auth", "status", "--config", cfgPath)
+	if res.code != 1 || !strings.Contains(res.stdout, `account "default": in_doubt`) || !regexp.MustCompile(`lease\s+free`).MatchString(res.stdout) ||
+		!strings.Contains(res.stdout, "the stored refresh token, by instance-44") {
+		t.Errorf("status with the stored token marked in a released lease: %s", res)
+	}
+	// A mark of an earlier token (the lease was released after a rotation
+	// the marker did store) is harmless.
+	lease = fmt.Sprintf(`{"mark":%q,"marked_by":"instance-45"}`, tokensource.Fingerprint("rt_an_earlier_token"))
+	if err := (&certmagic.FileStorage{Path: storage}).Store(context.Background(), tokensource.LeaseKey("default"), []byte(lease)); err != nil {
+		t.Fatal(err)
+	}
+	res = runCmd(t, env, "", "restream-auth", "status", "--config", cfgPath, "--json")
+	if !strings.Contains(res.stdout, `"state": "ok"`) || !strings.Contains(res.stdout, `"marked_by": "instance-45"`) || strings.Contains(res.stdout, `"marks_stored_token"`) {
+		t.Errorf("status --json with an earlier token marked: %s", res)
 	}
 	if o.Account != "other" || o.State != "no_chain" || o.Lease != nil {
 		t.Errorf("status --json, account other: %+v", o)
@@ -322,9 +378,27 @@ func TestCommandStatus(t *testing.T) {
 	if res.code != 1 || !strings.Contains(res.stdout, `account "other": unreadable: corrupt stored record restream_auth/other/token.json`) {
 		t.Errorf("status with a corrupt record: %s", res)
 	}
+	// It is never overwritten, not even by the seed command, which says so
+	// before reading (let alone spending) the token.
+	calls := fake.Stats().RefreshCalls
+	otherSeed := fake.Seed()
+	res = runCmd(t, env, otherSeed, "restream-auth", "seed", "--config", cfgPath, "--account", "other")
+	if res.code != 1 || !strings.Contains(res.errText(), "corrupt stored record restream_auth/other/token.json") ||
+		!strings.Contains(res.errText(), "fix it") || !strings.Contains(res.errText(), "delete it") ||
+		strings.Count(res.errText(), `account "other"`) != 1 {
+		t.Errorf("seed over a corrupt record: %s", res)
+	}
+	if got := recordBytes(t, storage, "other"); string(got) != "{garbage" || fake.Stats().RefreshCalls != calls {
+		t.Errorf("seed over a corrupt record changed it (%q) or spent the token (%d token calls)", got, fake.Stats().RefreshCalls-calls)
+	}
+	// Deleted by the operator, the account can be seeded (with the very
+	// same token: it was not spent).
+	if err := os.Remove(filepath.Join(storage, "restream_auth", "other", "token.json")); err != nil {
+		t.Fatal(err)
+	}
 
 	// Every account with a chain: exit 0.
-	if res := runCmd(t, env, fake.Seed(), "restream-auth", "seed", "--config", cfgPath, "--account", "other"); res.code != 0 {
+	if res := runCmd(t, env, otherSeed, "restream-auth", "seed", "--config", cfgPath, "--account", "other"); res.code != 0 {
 		t.Fatalf("seed other: %s", res)
 	}
 	res = runCmd(t, env, "", "restream-auth", "status", "--config", cfgPath)
@@ -333,6 +407,27 @@ func TestCommandStatus(t *testing.T) {
 	}
 	mustContainNone(t, "status output", res.stdout+res.stderr, fake.IssuedTokens()...)
 	noRestreamAuthUnder(t, env.home)
+
+	// A record holding only history (the fingerprint of a rejected seed) has
+	// no chain; one whose refresh token was rejected needs a new seed.
+	for _, tc := range []struct {
+		rec   tokensource.Record
+		state string
+	}{
+		{tokensource.Record{Version: 1, DeadTokens: []string{tokensource.Fingerprint("rt_rejected")}}, "no_chain"},
+		{tokensource.Record{Version: 1, Generation: 4, Chain: "deadbeef", AccessToken: "at_dead", RefreshToken: "rt_dead", TokenType: "Bearer",
+			Expiry: time.Now().Add(time.Hour), IssuedAt: time.Now(), DeadTokens: []string{tokensource.Fingerprint("rt_dead")}}, "reauth_required"},
+	} {
+		b, _ := json.Marshal(tc.rec)
+		if err := (&certmagic.FileStorage{Path: storage}).Store(context.Background(), tokensource.RecordKey("other"), b); err != nil {
+			t.Fatal(err)
+		}
+		res = runCmd(t, env, "", "restream-auth", "status", "--config", cfgPath)
+		if res.code != 1 || !strings.Contains(res.stdout, `account "other": `+tc.state) || !strings.Contains(res.stdout, "rejected tokens") {
+			t.Errorf("status with a record %+v: want exit 1 and %s: %s", tc.rec.DeadTokens, tc.state, res)
+		}
+		mustContainNone(t, "status output", res.stdout+res.stderr, "at_dead", "rt_dead", "rt_rejected")
+	}
 
 	// Expiry as storage sees it: an expired access token still has a chain,
 	// an expired refresh token has none.

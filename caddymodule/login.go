@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/rand"
@@ -85,6 +86,7 @@ type Login struct {
 	secure     bool
 	stateKey   []byte
 	own        *tokensource.Source // exchanges codes; installs when no restream_auth of the account runs
+	storage    tokensource.Storage
 	logger     *zap.Logger
 	now        func() time.Time
 }
@@ -143,13 +145,14 @@ func (l *Login) Provision(ctx caddy.Context) error {
 	if l.stateKey, err = loginStateKey(l.clientSecret, l.clientID, l.Account); err != nil {
 		return fmt.Errorf("deriving the state key: %v", err)
 	}
+	l.storage = guardStorage(ctx.Storage(), l.logger)
 	l.own, err = tokensource.New(tokensource.Config{
 		Account:      l.Account,
 		ClientID:     l.clientID,
 		ClientSecret: l.clientSecret,
 		TokenURL:     l.TokenURL,
 		AuthStyle:    style,
-		Storage:      guardStorage(ctx.Storage(), l.logger),
+		Storage:      l.storage,
 		HTTPClient:   &http.Client{Transport: tokenTransport()},
 		Logger:       l.logger.Named("tokensource"),
 		Keyring:      l.keyring,
@@ -287,6 +290,9 @@ func (l *Login) callback(w http.ResponseWriter, r *http.Request) error {
 	if f := l.checkCallback(r, code, state, oauthErr); f != nil {
 		return l.fail(w, r, f)
 	}
+	if f := l.checkStoredRecord(r.Context()); f != nil {
+		return l.fail(w, r, f)
+	}
 	rec, err := l.own.ExchangeCode(r.Context(), code, l.RedirectURI)
 	if err != nil {
 		return l.fail(w, r, exchangeFailure(err, l.redact(err.Error(), code, state)))
@@ -376,6 +382,26 @@ func (l *Login) checkCallback(r *http.Request, code, state, oauthErr string) *ca
 				"(an old or forged link, or a flow started in another tab). Nothing was changed.", again}}
 	}
 	return nil
+}
+
+// checkStoredRecord refuses, before the code is spent, to replace a stored
+// record that exists but cannot be read: it is never overwritten, as it may
+// hold the only live refresh token.
+func (l *Login) checkStoredRecord(ctx context.Context) *callbackFailure {
+	ctx, cancel := context.WithTimeout(ctx, tokensource.StorageTimeout)
+	defer cancel()
+	_, err := tokensource.LoadRecordKeyring(ctx, l.storage, l.Account, l.keyring)
+	if !errors.Is(err, tokensource.ErrCorruptRecord) && !errors.Is(err, tokensource.ErrUnreadableRecord) {
+		return nil // a transient read error is the install's to report
+	}
+	return &callbackFailure{
+		status: http.StatusConflict, reason: "stored record unreadable",
+		title: "The stored token record cannot be read",
+		text: []string{"The account's stored token record exists but cannot be read with this configuration. It is never " +
+			"overwritten, as it may hold the only live refresh token: fix it (for example, configure the encryption key it " +
+			"was written with) or delete it, then start again. The authorization code was not used."},
+		detail: err.Error(),
+	}
 }
 
 // exchangeFailure describes a failed code exchange.
