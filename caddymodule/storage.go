@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
@@ -18,9 +19,14 @@ import (
 
 // Bounds of the file_system lock guard.
 const (
-	// lockProbeInterval is how long one Lock attempt waits before the guard
-	// looks at the lock file.
+	// lockProbeInterval is how often a waiting Lock looks at the lock file
+	// to see whether it is stuck.
 	lockProbeInterval = 5 * time.Second
+	// lockPollInterval is how often a waiting Lock tries again: the holder
+	// (restream_auth) keeps it for milliseconds. certmagic's own Lock polls
+	// once a second, which would keep a token source's single refresher
+	// from adopting a pair another instance stored meanwhile.
+	lockPollInterval = 25 * time.Millisecond
 	// maxLockHold is far longer than any section restream_auth holds a storage
 	// lock for (a read and a write of small records). A lock file seen for
 	// this long is stuck, whatever its freshness timestamp says.
@@ -61,17 +67,49 @@ func guardStorage(s certmagic.Storage, logger *zap.Logger) certmagic.Storage {
 	return s
 }
 
-// Lock obtains the lock, breaking it if it is stuck.
+// Lock obtains the lock, trying every lockPollInterval (with jitter) and
+// breaking the lock if it is stuck.
 func (g *fileLockGuard) Lock(ctx context.Context, name string) error {
+	probeAt := time.Now().Add(g.probe)
 	for {
-		pctx, cancel := context.WithTimeout(ctx, g.probe)
-		err := g.FileStorage.Lock(pctx, name)
-		cancel()
-		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
+		ok, err := g.tryLock(ctx, name)
+		switch {
+		case ok:
+			return nil
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case err != nil:
 			return err
 		}
-		g.breakIfStuck(name)
+		if now := time.Now(); !now.Before(probeAt) {
+			g.breakIfStuck(name)
+			probeAt = now.Add(g.probe)
+		}
+		wait := time.NewTimer(time.Duration(float64(lockPollInterval) * (0.5 + mrand.Float64())))
+		select {
+		case <-wait.C:
+		case <-ctx.Done():
+			wait.Stop()
+			return ctx.Err()
+		}
 	}
+}
+
+// tryLock makes one attempt at the lock. certmagic's Lock waits a second
+// between attempts unless its context ends; a context that ends at once
+// leaves one attempt (and certmagic's own handling of stale and empty lock
+// files).
+func (g *fileLockGuard) tryLock(ctx context.Context, name string) (bool, error) {
+	actx, cancel := context.WithCancel(ctx)
+	cancel()
+	err := g.FileStorage.Lock(actx, name)
+	if err == nil {
+		return true, nil
+	}
+	if errors.Is(err, context.Canceled) {
+		return false, nil // held by someone else
+	}
+	return false, err
 }
 
 // stuckFor reports how long this process has seen the same lock file.
