@@ -268,16 +268,22 @@ func TestRestartStaleSeedAndNewSeed(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// A new seed (the user re-authorized): a new chain, generations keep growing.
+	// A new seed (the user re-authorized): a new chain, generations keep
+	// growing. The refresher exchanges the seed in the background; until
+	// then the stored pair, still valid, is served.
 	cfg.Seed = fake.Seed()
 	loadInProcess(t, cfg.Caddyfile())
 	defer caddy.Stop()
 	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
 		t.Fatalf("after new seed: status %d %s", status, body)
 	}
-	rec2, err := tokensource.LoadRecord(context.Background(), st, "default")
-	if err != nil {
-		t.Fatal(err)
+	var rec2 *tokensource.Record
+	waitFor(t, 10*time.Second, "the new seed's chain in storage", func() bool {
+		rec2, err = tokensource.LoadRecord(context.Background(), st, "default")
+		return err == nil && rec2 != nil && rec2.Chain != rec1.Chain
+	})
+	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
+		t.Fatalf("on the new chain: status %d %s", status, body)
 	}
 	if rec2.Generation <= rec1.Generation || len(rec2.ConsumedSeeds) != 2 || rec2.ConsumedSeeds[1] != tokensource.Fingerprint(cfg.Seed) {
 		t.Fatalf("new seed did not start a new chain: generation %d -> %d, consumed seeds %d", rec1.Generation, rec2.Generation, len(rec2.ConsumedSeeds))
