@@ -276,11 +276,14 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 			"spent by another instance that stopped before storing the answer, so it is not sent again: " + reauthHint})
 	}
 	if l.Mark != fp || l.MarkedBy != s.cfg.Owner || l.Remaining(s.clock.Now()) < s.sendBudget() {
+		prevMark, prevBy := l.Mark, l.MarkedBy
 		l.Mark, l.MarkedBy = fp, s.cfg.Owner
 		octx, cancel := s.op(ctx)
 		err := s.store.RenewLease(octx, l)
 		cancel()
 		if err != nil {
+			// The mark is not known to be stored: the next try writes it again.
+			l.Mark, l.MarkedBy = prevMark, prevBy
 			if errors.Is(err, ErrLeaseLost) {
 				a.lease = nil
 			}

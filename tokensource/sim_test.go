@@ -213,11 +213,11 @@ func (r *simRun) start(i int) {
 	inst.src = src
 	r.slots[i] = inst
 	w.trace("start %s (skew %s, timeout %s)", inst.name, inst.clock.skew, inst.timeout)
-	inst.actor = w.spawn(inst, inst.name+"/refresher", inst.actorLoop)
+	inst.actor = w.spawn(inst, inst.name+"/refresher", func(p *simProc) { inst.actorLoop(r, p) })
 }
 
 // actorLoop is Source.run, driven by the simulation.
-func (inst *simInstance) actorLoop(p *simProc) {
+func (inst *simInstance) actorLoop(r *simRun, p *simProc) {
 	s, w := inst.src, inst.w
 	var last time.Time
 	spins := 0
@@ -235,6 +235,12 @@ func (inst *simInstance) actorLoop(p *simProc) {
 		}
 		wake := s.round()
 		if s.closing() {
+			if s.act.pending != nil || s.act.resend != "" {
+				r.window = append(r.window, fmt.Sprintf("%s closed with a pair in memory or an unknown outcome", inst.name))
+			}
+			if l := r.lease(); l != nil && l.MarkedBy == inst.owner && l.Mark != "" {
+				r.window = append(r.window, fmt.Sprintf("%s closed with its mark on the lease", inst.name))
+			}
 			s.shutdown()
 			s.finishClose()
 			inst.closedAt = w.now
@@ -318,6 +324,22 @@ func (r *simRun) killAll() {
 	}
 }
 
+// markedBy reports whether the lease carries inst's mark on the refresh
+// token anyone would send next: the stored one, or the seed if none is.
+func (r *simRun) markedBy(inst *simInstance) bool {
+	l := r.lease()
+	if l == nil || l.MarkedBy != inst.owner || l.Mark == "" {
+		return false
+	}
+	next := r.seed
+	if b, ok := r.w.kv.data[RecordKey(simAccount)]; ok {
+		if rec, err := decodeRecord(b, "token.json", simAccount, r.key); err == nil && rec.HasPair() {
+			next = rec.RefreshToken
+		}
+	}
+	return l.Mark == Fingerprint(next)
+}
+
 func (r *simRun) lease() *leaseRecord {
 	var l leaseRecord
 	if b, ok := r.w.kv.data[LeaseKey(simAccount)]; ok && json.Unmarshal(b, &l) == nil {
@@ -359,6 +381,13 @@ func (r *simRun) scheduleChaos(end time.Time) {
 				by := inst.clock.closeDeadline()
 				inst.closeBy = &by
 				inst.kickClosing()
+				// At the deadline the Source's context is cancelled: what is
+				// still waiting on storage or the endpoint ends.
+				w.at(by, func() {
+					for _, p := range inst.procs {
+						p.interrupt(context.Canceled)
+					}
+				})
 				// A reload starts the new configuration's source right away.
 				r.slots[slot] = nil
 				r.start(slot)
@@ -459,8 +488,12 @@ func (r *simRun) request(inst *simInstance) {
 		w.violate("%s served an expired access token (expired %s ago)", inst.name, w.now.Sub(st.expires))
 	}
 	if !m.storedAT[t.AccessToken] {
+		// The memory-only fallback: the pair is pending, the status says so,
+		// and the stale stored refresh token is held by the lease or by this
+		// instance's mark, so nobody refreshes from it.
 		p := inst.src.act.pending
-		if p == nil || p.rec.AccessToken != t.AccessToken || inst.src.Status().State != StateDegraded || inst.src.act.lease == nil {
+		if p == nil || p.rec.AccessToken != t.AccessToken || inst.src.Status().State != StateDegraded ||
+			(inst.src.act.lease == nil && !r.markedBy(inst)) {
 			w.violate("I2: %s served a pair that is not in storage (pending %v, state %s)", inst.name, p != nil, inst.src.Status().State)
 		}
 	}

@@ -131,7 +131,8 @@ type simProc struct {
 	resume  chan any
 	name    string
 	exited  bool
-	exiting bool // unwinding after its instance was killed
+	exiting bool        // unwinding after its instance was killed
+	cancel  func() bool // cancels the pending operation's completion
 }
 
 // errSimKilled resumes an operation of a killed instance.
@@ -198,14 +199,34 @@ func (p *simProc) callAt(t time.Time, f func() any) any {
 		p.exiting = true
 		runtime.Goexit()
 	}
-	p.w.at(t, func() {
+	ev := p.w.at(t, func() {
+		p.cancel = nil
 		if p.inst != nil && p.inst.killed {
 			p.wake(errSimKilled)
 			return
 		}
 		p.wake(f())
 	})
+	p.cancel = func() bool {
+		if *ev {
+			return false
+		}
+		*ev = true
+		return true
+	}
 	return p.block()
+}
+
+// interrupt ends p's pending operation with err, as a cancelled context
+// would; it reports whether p was waiting on one.
+func (p *simProc) interrupt(err error) bool {
+	c := p.cancel
+	if c == nil || p.exited || !c() {
+		return false
+	}
+	p.cancel = nil
+	p.wake(err)
+	return true
 }
 
 // simClock is one instance's clock: true time plus a fixed skew. It also
@@ -271,6 +292,16 @@ func simDeadline(ctx context.Context) (time.Time, bool) {
 	return t, ok
 }
 
+// opDeadline is when an operation of inst gives up: its own deadline, or the
+// end of Close's grace, when the Source's context is cancelled.
+func opDeadline(ctx context.Context, inst *simInstance) (time.Time, bool) {
+	t, ok := simDeadline(ctx)
+	if ok && inst.closeBy != nil && inst.closeBy.Before(t) {
+		t = *inst.closeBy
+	}
+	return t, ok
+}
+
 // simFaults are a schedule's fault rates; zero is no fault.
 type simFaults struct {
 	loadFail, storeFail, lockFail float64 // per storage operation
@@ -324,13 +355,15 @@ func (kv *simKV) op(ctx context.Context, inst *simInstance, fail float64, f func
 	p := inst.running
 	done := w.now.Add(kv.latency())
 	hang := w.chance(w.faults.hangStorage)
-	dl, hasDL := simDeadline(ctx)
+	dl, hasDL := opDeadline(ctx, inst)
 	if !hasDL {
 		w.violate("storage operation without a deadline by %s", p.name)
 		dl = w.now.Add(time.Hour)
 	}
 	if hang || done.After(dl) {
-		p.callAt(dl, func() any { return nil })
+		if err, ok := p.callAt(dl, func() any { return nil }).(error); ok {
+			return err
+		}
 		return context.DeadlineExceeded
 	}
 	res := p.callAt(done, func() any {
@@ -402,7 +435,7 @@ func (kv *simKV) noteRead(p *simProc, key string) {
 func (s *simStorage) Lock(ctx context.Context, name string) error {
 	kv, w := s.kv, s.kv.w
 	p := s.inst.running
-	dl, ok := simDeadline(ctx)
+	dl, ok := opDeadline(ctx, s.inst)
 	if !ok {
 		w.violate("lock without a deadline by %s", p.name)
 		dl = w.now.Add(time.Hour)
@@ -427,6 +460,9 @@ func (s *simStorage) Lock(ctx context.Context, name string) error {
 		if res == nil {
 			return nil
 		}
+		if err, ok := res.(error); ok && err != errSimBusy {
+			return err
+		}
 	}
 	// Wait for the holder to release, or for the deadline.
 	waiter := &simLockWaiter{p: p, expired: new(bool)}
@@ -439,9 +475,18 @@ func (s *simStorage) Lock(ctx context.Context, name string) error {
 			return
 		}
 		*waiter.expired = true
+		p.cancel = nil
 		p.wake(context.DeadlineExceeded)
 	})
+	p.cancel = func() bool {
+		if *waiter.expired {
+			return false
+		}
+		*waiter.expired = true
+		return true
+	}
 	res := p.block()
+	p.cancel = nil
 	if err, ok := res.(error); ok {
 		return err
 	}
@@ -475,6 +520,7 @@ func (kv *simKV) release(name string) {
 		kv.waiters[name] = ws
 		kv.take(name, wt.p)
 		*wt.expired = true
+		wt.p.cancel = nil
 		kv.w.at(kv.w.now, func() { wt.p.wake(nil) })
 		return
 	}
@@ -597,7 +643,7 @@ func (t *simTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	body, _ := io.ReadAll(req.Body)
 	form, _ := url.ParseQuery(string(body))
 	rt := form.Get("refresh_token")
-	dl, ok := simDeadline(req.Context())
+	dl, ok := opDeadline(req.Context(), t.inst)
 	if !ok {
 		w.violate("token call without a deadline")
 		dl = w.now.Add(time.Hour)
@@ -613,18 +659,25 @@ func (t *simTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, context.DeadlineExceeded
 	}
 	var resp *simAnswer
-	p.callAt(arrive, func() any {
+	if err, ok := p.callAt(arrive, func() any {
 		resp = m.handle(t.inst, rt)
 		return nil
-	})
-	if resp.lost || w.now.Add(answer).After(dl) {
+	}).(error); ok {
+		return nil, err // cancelled before it reached the server
+	}
+	lost := func() {
 		if resp.rotated != nil {
 			m.exempt = append(m.exempt, fmt.Sprintf("answer to %s lost after rotation", t.inst.name))
 		}
-		p.callAt(dl, func() any { return nil })
+	}
+	if resp.lost || w.now.Add(answer).After(dl) {
+		lost()
+		if err, ok := p.callAt(dl, func() any { return nil }).(error); ok {
+			return nil, err
+		}
 		return nil, context.DeadlineExceeded
 	}
-	p.callAt(w.now.Add(answer), func() any {
+	if err, ok := p.callAt(w.now.Add(answer), func() any {
 		if resp.rotated != nil && !resp.garbage {
 			resp.rotated.delivered = true
 		}
@@ -632,7 +685,10 @@ func (t *simTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			resp.rejected.rejected = true
 		}
 		return nil
-	})
+	}).(error); ok {
+		lost()
+		return nil, err
+	}
 	h := http.Header{"Content-Type": {"application/json"}}
 	if resp.retryAfter != "" {
 		h.Set("Retry-After", resp.retryAfter)
