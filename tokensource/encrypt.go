@@ -1,6 +1,7 @@
 package tokensource
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -97,6 +98,9 @@ func (kr *Keyring) seal(account string, plain []byte) ([]byte, error) {
 var errNotSealed = errors.New("not an encrypted record")
 
 func openEnvelope(b []byte) (*envelope, error) {
+	if !bytes.Contains(b, []byte(`"encryption"`)) {
+		return nil, errNotSealed // a plain record: skip a second parse
+	}
 	var env envelope
 	if json.Unmarshal(b, &env) != nil || env.Encryption == "" {
 		return nil, errNotSealed

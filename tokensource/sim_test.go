@@ -15,7 +15,8 @@ package tokensource
 //	RESTREAM_SIM_SEED=<seed> RESTREAM_SIM_TRACE=1 go test ./tokensource -run TestSimulation -v
 //
 // RESTREAM_SIM_SCHEDULES sets how many schedules run (default 20000; 2000
-// with -short).
+// with -short, 500 under the race detector), RESTREAM_SIM_BASE the first
+// seed (default 1).
 
 import (
 	"context"
@@ -459,7 +460,7 @@ func (r *simRun) requests(slot int, until time.Time) {
 			return
 		}
 		r.request(inst)
-		w.at(w.now.Add(w.dur(500*time.Millisecond, 2500*time.Millisecond)), next)
+		w.at(w.now.Add(w.dur(time.Second, 4*time.Second)), next)
 	}
 	w.at(w.now.Add(w.dur(0, time.Second)), next)
 }
@@ -598,9 +599,9 @@ func TestSimulation(t *testing.T) {
 		}
 		return
 	}
-	n := 20000
+	n := simDefaultSchedules
 	if testing.Short() {
-		n = 2000
+		n = min(n, 2000)
 	}
 	if s := os.Getenv("RESTREAM_SIM_SCHEDULES"); s != "" {
 		var err error

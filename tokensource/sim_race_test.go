@@ -1,0 +1,8 @@
+//go:build race
+
+package tokensource
+
+// Under the race detector the simulation runs fewer schedules by default:
+// it is there to check the harness for data races, and CI runs the full
+// count without the detector.
+const simDefaultSchedules = 500
