@@ -164,33 +164,45 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
-// TestMain removes the Caddy binary built for the tests.
+// TestMain removes the Caddy binaries built for the tests.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if caddyBinaryDir != "" {
-		_ = os.RemoveAll(caddyBinaryDir)
+	for _, dir := range []string{caddyBinaryDir, faultsBinaryDir} {
+		if dir != "" {
+			_ = os.RemoveAll(dir)
+		}
 	}
 	os.Exit(code)
 }
 
-var caddyBinaryDir string
+var caddyBinaryDir, faultsBinaryDir string
 
 // caddyBinary builds cmd/caddy once per test binary.
 var caddyBinary = sync.OnceValues(func() (string, error) {
-	dir, err := os.MkdirTemp("", "restream-auth-caddy-")
+	return buildCaddy(&caddyBinaryDir, "caddy", "../cmd/caddy")
+})
+
+// caddyFaultsBinary builds internal/faultstorage/cmd/caddy-faults (cmd/caddy
+// plus the test-only storage module restream_test_faults) once per test binary.
+var caddyFaultsBinary = sync.OnceValues(func() (string, error) {
+	return buildCaddy(&faultsBinaryDir, "caddy-faults", "../internal/faultstorage/cmd/caddy-faults")
+})
+
+func buildCaddy(dirVar *string, name, pkg string) (string, error) {
+	dir, err := os.MkdirTemp("", "restream-auth-"+name+"-")
 	if err != nil {
 		return "", err
 	}
-	caddyBinaryDir = dir
-	bin := filepath.Join(dir, "caddy")
-	cmd := exec.Command("go", "build", "-o", bin, "../cmd/caddy")
+	*dirVar = dir
+	bin := filepath.Join(dir, name)
+	cmd := exec.Command("go", "build", "-o", bin, pkg)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("go build: %v\n%s", err, out.String())
+		return "", fmt.Errorf("go build %s: %v\n%s", pkg, err, out.String())
 	}
 	return bin, nil
-})
+}
 
 // caddyProc is a Caddy process started from the built binary.
 type caddyProc struct {
@@ -219,6 +231,12 @@ func startProcess(t *testing.T, caddyfileText string, args ...string) *caddyProc
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startProcessBin(t, bin, caddyfileText, args...)
+}
+
+// startProcessBin is startProcess with another Caddy binary.
+func startProcessBin(t *testing.T, bin, caddyfileText string, args ...string) *caddyProc {
+	t.Helper()
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgPath, []byte(caddyfileText), 0o600); err != nil {

@@ -1,0 +1,613 @@
+package caddymodule_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/faultstorage"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+// Regression tests of the storage side of the refresh protocol, through
+// real Caddy processes sharing one storage directory. Most run
+// cmd/caddy-faults, whose storage module restream_test_faults wraps
+// file_system and fails, delays or hangs chosen operations as a control
+// file says (internal/faultstorage).
+
+// procSite is the Caddyfile of one sidecar process: an admin endpoint, a
+// health route, and file_system storage at Root, or the fault storage over
+// the same root when Control is set.
+type procSite struct {
+	Port, AdminPort int
+	Root            string
+	Control         string
+	Journal         string
+	Fake            *fakerestream.Server
+	Seed            string
+	Extra           string // more restream_auth subdirectives
+}
+
+func newProcSite(t *testing.T, fake *fakerestream.Server, root, seed, extra string) procSite {
+	return procSite{Port: freePort(t), AdminPort: freePort(t), Root: root, Fake: fake, Seed: seed, Extra: extra}
+}
+
+// withFaults makes the site use the fault storage with control and journal.
+func (c procSite) withFaults(control, journal string) procSite {
+	c.Control, c.Journal = control, journal
+	return c
+}
+
+func (c procSite) Caddyfile() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "{\n\tadmin 127.0.0.1:%d\n\tauto_https off\n\tpersist_config off\n", c.AdminPort)
+	if c.Control != "" {
+		fmt.Fprintf(&b, "\tstorage restream_test_faults {\n\t\troot %s\n\t\tcontrol %s\n\t\tjournal %s\n\t}\n", c.Root, c.Control, c.Journal)
+	} else {
+		fmt.Fprintf(&b, "\tstorage file_system %s\n", c.Root)
+	}
+	fmt.Fprintf(&b, "}\n\nhttp://127.0.0.1:%d {\n\thandle /healthz {\n\t\trestream_auth_health\n\t}\n\thandle {\n", c.Port)
+	b.WriteString("\t\trestream_auth {\n\t\t\tclient_id test-client\n\t\t\tclient_secret test-secret\n")
+	if c.Seed != "" {
+		fmt.Fprintf(&b, "\t\t\trefresh_token %s\n", c.Seed)
+	}
+	fmt.Fprintf(&b, "\t\t\ttoken_url %s\n", c.Fake.TokenURL())
+	for line := range strings.SplitSeq(c.Extra, "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			b.WriteString("\t\t\t" + line + "\n")
+		}
+	}
+	fmt.Fprintf(&b, "\t\t}\n\t\treverse_proxy %s\n\t}\n}\n", c.Fake.URL())
+	return b.String()
+}
+
+func (c procSite) url() string   { return fmt.Sprintf("http://127.0.0.1:%d/v2/user/profile", c.Port) }
+func (c procSite) admin() string { return fmt.Sprintf("http://127.0.0.1:%d", c.AdminPort) }
+
+// start runs the site with bin and waits until it answers.
+func (c procSite) start(t *testing.T, bin string) *caddyProc {
+	t.Helper()
+	p := startProcessBin(t, bin, c.Caddyfile())
+	waitReady(t, c.url(), p)
+	return p
+}
+
+func (c procSite) status(t *testing.T) accountStatus { return adminStatus(t, c.admin())["default"] }
+
+// health returns the health route's status code and state.
+func (c procSite) health(t *testing.T) (int, string) {
+	t.Helper()
+	status, body, _ := do(t, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/healthz", c.Port), nil, nil)
+	var h struct {
+		State string `json:"state"`
+	}
+	_ = json.Unmarshal(body, &h)
+	return status, h.State
+}
+
+// forceRefresh asks the admin API for a refresh and returns its answer.
+func (c procSite) forceRefresh(t *testing.T) (int, accountStatus, string) {
+	t.Helper()
+	status, body, _ := do(t, http.MethodPost, c.admin()+"/restream_auth/default/refresh", nil, nil)
+	var st accountStatus
+	_ = json.Unmarshal(body, &st)
+	return status, st, strings.TrimSpace(string(body))
+}
+
+func faultsBin(t *testing.T) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds and runs Caddy processes")
+	}
+	bin, err := caddyFaultsBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// faultFiles returns a storage root, a control file and a journal in a
+// fresh directory.
+func faultFiles(t *testing.T) (root, control, journal string) {
+	dir := t.TempDir()
+	return filepath.Join(dir, "storage"), filepath.Join(dir, "faults.json"), filepath.Join(dir, "faults.jsonl")
+}
+
+// leaseFile is lease.json as tokensource writes it.
+type leaseFile struct {
+	Owner     string    `json:"owner"`
+	Nonce     string    `json:"nonce,omitempty"`
+	Seq       uint64    `json:"seq,omitempty"`
+	TTLMillis int64     `json:"ttl_ms,omitempty"`
+	Mark      string    `json:"mark,omitempty"`
+	MarkedBy  string    `json:"marked_by,omitempty"`
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+}
+
+// readLease reads root's lease.json; the zero leaseFile if there is none.
+func readLease(t *testing.T, root string) (leaseFile, []byte) {
+	t.Helper()
+	path := filepath.Join(root, filepath.FromSlash(tokensource.LeaseKey("default")))
+	var l leaseFile
+	for range 50 { // a file being replaced may read empty for a moment
+		b, err := os.ReadFile(path)
+		if os.IsNotExist(err) {
+			return l, nil
+		}
+		if err == nil && json.Unmarshal(b, &l) == nil {
+			return l, b
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("%s stays unreadable", path)
+	return l, nil
+}
+
+// plantLease writes lease.json as another instance would: under the
+// account's storage lock, and only while no instance holds the lease (so no
+// token call is in flight). It returns what it wrote, and when.
+func plantLease(t *testing.T, root string, l leaseFile) ([]byte, time.Time) {
+	t.Helper()
+	return writeLease(t, root, l, true)
+}
+
+// releasePlanted releases a planted lease, as its holder would.
+func releasePlanted(t *testing.T, root string) {
+	t.Helper()
+	writeLease(t, root, leaseFile{}, false)
+}
+
+func writeLease(t *testing.T, root string, l leaseFile, onlyIfFree bool) ([]byte, time.Time) {
+	t.Helper()
+	st := &certmagic.FileStorage{Path: root}
+	ctx := context.Background()
+	name := tokensource.KeyPrefix("default") + "/lease"
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no moment with the storage lock free and the lease released in 30 s")
+		}
+		// One attempt at the lock: certmagic waits a second between
+		// attempts unless the context has ended.
+		done, cancel := context.WithCancel(ctx)
+		cancel()
+		if st.Lock(done, name) != nil {
+			continue
+		}
+		if cur, _ := readLease(t, root); cur.Owner == "" || !onlyIfFree {
+			break
+		}
+		_ = st.Unlock(ctx, name)
+	}
+	defer func() { _ = st.Unlock(ctx, name) }()
+	if l.ExpiresAt.IsZero() && l.Owner != "" {
+		l.ExpiresAt = time.Now().Add(time.Duration(l.TTLMillis) * time.Millisecond)
+	}
+	b, _ := json.Marshal(l)
+	at := time.Now()
+	if err := st.Store(ctx, tokensource.LeaseKey("default"), b); err != nil {
+		t.Fatal(err)
+	}
+	return b, at
+}
+
+func storedGeneration(t *testing.T, root string) uint64 {
+	t.Helper()
+	g, err := loadGeneration(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+// loadGeneration is the stored record's generation (usable off the test goroutine).
+func loadGeneration(root string) (uint64, error) {
+	rec, err := tokensource.LoadRecord(context.Background(), &certmagic.FileStorage{Path: root}, "default")
+	if err != nil || rec == nil {
+		return 0, fmt.Errorf("stored record: %v %v", rec, err)
+	}
+	return rec.Generation, nil
+}
+
+// injected counts the journal's faults of op on a key ending in suffix by pid.
+func injected(t *testing.T, journal, op, suffix, action string, pid int) int {
+	t.Helper()
+	entries, err := faultstorage.ReadJournal(journal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if e.Op == op && strings.HasSuffix(e.Key, suffix) && e.Action == action && e.PID == pid {
+			n++
+		}
+	}
+	return n
+}
+
+// timedGet is one GET and how long it took.
+type timedAnswer struct {
+	status int
+	body   []byte
+	hdr    http.Header
+	took   time.Duration
+}
+
+func timedGet(t *testing.T, url string) timedAnswer {
+	t.Helper()
+	start := time.Now()
+	status, body, hdr := do(t, http.MethodGet, url, nil, nil)
+	return timedAnswer{status, body, hdr, time.Since(start)}
+}
+
+func (a timedAnswer) key() string { return answerKey(a.status, a.body) }
+
+// is503 reports a 503 with the error code and a Retry-After in seconds.
+func (a timedAnswer) is503(code string) bool {
+	ra, err := strconv.Atoi(a.hdr.Get("Retry-After"))
+	return a.status == http.StatusServiceUnavailable && strings.Contains(string(a.body), `"error":"`+code+`"`) && err == nil && ra >= 1
+}
+
+func (a timedAnswer) String() string {
+	return fmt.Sprintf("%d %s (Retry-After %q, %s)", a.status, strings.TrimSpace(string(a.body)), a.hdr.Get("Retry-After"), a.took.Round(time.Millisecond))
+}
+
+func quiet(string, ...any) {}
+
+// Item 1: the new pair cannot be written (every store of token.json fails).
+// The instance that refreshed serves the pair from memory and keeps the
+// lease while it retries the write (status, health and admin say
+// degraded); a second process sharing the storage holds only the spent
+// pair and never sends its refresh token (its clients get 503 with
+// Retry-After meanwhile); once writes work again the pair reaches storage,
+// the lease is released and the second process adopts the pair.
+func TestItem01FailedWriteKeepsLease(t *testing.T) {
+	bin := faultsBin(t)
+	const timeout = 2 * time.Second
+	fake := newFake(t, fakerestream.Options{Logf: quiet})
+	root, control, journal := faultFiles(t)
+	seed := fake.Seed()
+	a := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
+	b := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
+	pa := a.start(t, bin)
+	if got := timedGet(t, a.url()); got.status != http.StatusOK {
+		t.Fatalf("A warm-up: %s", got)
+	}
+	b.start(t, bin)
+	if got := timedGet(t, b.url()); got.status != http.StatusOK {
+		t.Fatalf("B warm-up: %s", got)
+	}
+	before := fake.Stats()
+
+	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/token.json", Action: faultstorage.ActionFail}); err != nil {
+		t.Fatal(err)
+	}
+	status, st, raw := a.forceRefresh(t)
+	if status != http.StatusOK || st.State != "degraded" || st.Persisted || st.Generation != 2 {
+		t.Fatalf("A's forced refresh with failing writes: %d %s", status, raw)
+	}
+	if got := fake.Stats().RefreshOK; got != before.RefreshOK+1 {
+		t.Fatalf("rotations %d -> %d, want one", before.RefreshOK, got)
+	}
+	lease, _ := readLease(t, root)
+	if lease.Owner == "" {
+		t.Fatalf("A released the lease with its pair only in memory: %+v", lease)
+	}
+	got := timedGet(t, a.url())
+	if got.status != http.StatusOK || !fake.ValidAccessToken(strings.TrimPrefix(decodeEcho(t, got.body).Authorization, "Bearer ")) {
+		t.Fatalf("A does not serve the new pair from memory: %s", got)
+	}
+	if code, state := a.health(t); code != http.StatusOK || state != "degraded" {
+		t.Errorf("A's health while degraded: %d %s", code, state)
+	}
+
+	// B holds only the spent pair. For 5 s (several write retries by A) its
+	// requests meet the dead access token and wait for A's lease.
+	var bAnswers, bGood int
+	var slowest time.Duration
+	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); {
+		got := timedGet(t, b.url())
+		bAnswers++
+		slowest = max(slowest, got.took)
+		if got.is503("temporarily_unavailable") && got.took <= timeout+time.Second {
+			bGood++
+		} else {
+			t.Errorf("B while A's pair is only in memory: %s, want 503 temporarily_unavailable within %s", got, timeout+time.Second)
+		}
+		if l, _ := readLease(t, root); l.Owner != lease.Owner {
+			t.Fatalf("the lease changed hands while A's pair is only in memory: %+v, was %+v", l, lease)
+		}
+		if st := a.status(t); st.State != "degraded" || st.Persisted {
+			t.Fatalf("A's status while its writes fail: %+v", st)
+		}
+		if g := storedGeneration(t, root); g != 1 {
+			t.Fatalf("stored generation %d while every write fails", g)
+		}
+	}
+	fails := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionFail, pa.cmd.Process.Pid)
+	if fails < 2 {
+		t.Errorf("%d failed writes of token.json by A, want the first and at least one retry", fails)
+	}
+	if st := fake.Stats(); st.InvalidGrant != 0 || st.RefreshCalls != before.RefreshCalls+1 {
+		t.Fatalf("while A's pair was only in memory: token calls %d (want 1), invalid_grant %d", st.RefreshCalls-before.RefreshCalls, st.InvalidGrant)
+	}
+
+	// Writes work again.
+	if err := faultstorage.SetRules(control); err != nil {
+		t.Fatal(err)
+	}
+	recovered := time.Now()
+	waitFor(t, 10*time.Second, "the pair in storage and A persisted", func() bool {
+		st := a.status(t)
+		return storedGeneration(t, root) == 2 && st.State == "ok" && st.Persisted
+	})
+	waitFor(t, 5*time.Second, "A to release the lease", func() bool { l, _ := readLease(t, root); return l.Owner == "" })
+	waitFor(t, 5*time.Second, "B to adopt the stored pair", func() bool { return timedGet(t, b.url()).status == http.StatusOK })
+	took := time.Since(recovered)
+	if got := timedGet(t, a.url()); got.status != http.StatusOK {
+		t.Errorf("A after the write: %s", got)
+	}
+	end := fake.Stats()
+	t.Logf("item 1: %d failed writes by A; B answered %d requests with 503+Retry-After (slowest %s); stored and adopted %s after writes worked again; fake: token calls %d, invalid_grant %d, max concurrent %d",
+		fails, bGood, slowest.Round(time.Millisecond), took.Round(time.Millisecond), end.RefreshCalls-before.RefreshCalls, end.InvalidGrant, end.MaxConcurrentRefresh)
+	if end.InvalidGrant != 0 || end.RefreshCalls != before.RefreshCalls+1 || end.MaxConcurrentRefresh != 1 {
+		t.Errorf("fake: token calls %d (want 1), invalid_grant %d, max concurrent %d", end.RefreshCalls-before.RefreshCalls, end.InvalidGrant, end.MaxConcurrentRefresh)
+	}
+}
+
+// Item 3: the write after the token call is slow: each store of token.json
+// waits 13 s (the storage operation gives up after 10 s), twice. From the
+// token call until the pair is stored takes longer than the old lease TTL
+// (timeout + 10 s); the refresher keeps and renews its lease throughout, so
+// the second process never takes it and never sends the spent token.
+func TestItem03SlowWriteKeepsLease(t *testing.T) {
+	bin := faultsBin(t)
+	fake := newFake(t, fakerestream.Options{Logf: quiet})
+	root, control, journal := faultFiles(t)
+	seed := fake.Seed()
+	a := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
+	b := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
+	pa := a.start(t, bin)
+	if got := timedGet(t, a.url()); got.status != http.StatusOK {
+		t.Fatalf("A warm-up: %s", got)
+	}
+	b.start(t, bin)
+	if got := timedGet(t, b.url()); got.status != http.StatusOK {
+		t.Fatalf("B warm-up: %s", got)
+	}
+	before := fake.Stats()
+	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/token.json",
+		Action: faultstorage.ActionDelay, Delay: faultstorage.Duration(13 * time.Second), Count: 2}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	// The pair is not published before it is stored: the admin call gives
+	// up after timeout; the refresh goes on.
+	if status, _, raw := a.forceRefresh(t); status == http.StatusOK {
+		t.Fatalf("A's forced refresh succeeded before its slow write: %s", raw)
+	}
+	if got := fake.Stats().RefreshOK; got != before.RefreshOK+1 {
+		t.Fatalf("rotations %d -> %d, want one", before.RefreshOK, got)
+	}
+	lease, _ := readLease(t, root)
+	if lease.Owner == "" {
+		t.Fatalf("no lease held during A's write")
+	}
+	// Until the pair is stored, B must neither take the lease nor send; its
+	// clients get 503 (a 200 is right only once the pair is stored).
+	var bAnswers, b503 atomic.Int64
+	var bBad atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			got := timedGet(t, b.url())
+			bAnswers.Add(1)
+			switch {
+			case got.is503("temporarily_unavailable"):
+				b503.Add(1)
+			case got.status == http.StatusOK && func() bool { g, _ := loadGeneration(root); return g == 2 }():
+			default:
+				bBad.CompareAndSwap(nil, got.String())
+			}
+		}
+	})
+	var stored time.Duration
+	for deadline := start.Add(40 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if storedGeneration(t, root) == 2 {
+			stored = time.Since(start)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the pair never reached storage")
+		}
+		if l, _ := readLease(t, root); l.Owner != lease.Owner {
+			t.Fatalf("the lease changed hands before the pair was stored (%s after the token call): %+v, was %+v", time.Since(start), l, lease)
+		}
+		if st := fake.Stats(); st.RefreshCalls != before.RefreshCalls+1 {
+			t.Fatalf("a second token call before the pair was stored (invalid_grant %d)", st.InvalidGrant)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, pa.cmd.Process.Pid)
+	waitFor(t, 10*time.Second, "B to adopt the stored pair", func() bool { return timedGet(t, b.url()).status == http.StatusOK })
+	end := fake.Stats()
+	t.Logf("item 3: pair stored %s after the token call (old lease TTL 12 s) after %d slow writes by A; B: %d answers, %d of them 503 temporarily_unavailable; fake: token calls %d, invalid_grant %d",
+		stored.Round(time.Millisecond), delays, bAnswers.Load(), b503.Load(), end.RefreshCalls-before.RefreshCalls, end.InvalidGrant)
+	if stored < 12*time.Second || delays != 2 {
+		t.Errorf("the write took %s after %d delays; the test wants longer than the old lease TTL (12 s) and 2 delays", stored, delays)
+	}
+	if end.InvalidGrant != 0 || end.RefreshCalls != before.RefreshCalls+1 {
+		t.Errorf("fake: token calls %d (want 1), invalid_grant %d", end.RefreshCalls-before.RefreshCalls, end.InvalidGrant)
+	}
+	if b503.Load() == 0 || bBad.Load() != nil {
+		t.Errorf("B answered %d requests, %d of them 503 temporarily_unavailable; first other answer before the pair was stored: %v", bAnswers.Load(), b503.Load(), bBad.Load())
+	}
+}
+
+// Item 4: two processes whose timeouts differ (1 s and 5 s) under load with
+// 2-second tokens, after another instance left a lease that looks expired
+// by its timestamp (an hour ago) but carries a fresh TTL of 4 s. Nobody
+// takes that lease before seeing it unchanged for 4 s, and leases carry
+// their own TTL, so the two never refresh at once (the fake's maximum of
+// concurrent token calls is 1) and no refresh token is sent twice
+// (invalid_grant 0). Lease writes are slowed by 200 ms (fault storage) to
+// widen every take-over race.
+func TestItem04DifferentTimeoutsOneRefresher(t *testing.T) {
+	bin := faultsBin(t)
+	const ghostTTL = 4 * time.Second
+	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 100 * time.Millisecond, LatencyJitter: 200 * time.Millisecond, Logf: quiet})
+	root, control, journal := faultFiles(t)
+	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/lease.json",
+		Action: faultstorage.ActionDelay, Delay: faultstorage.Duration(200 * time.Millisecond)}); err != nil {
+		t.Fatal(err)
+	}
+	seed := fake.Seed()
+	a := newProcSite(t, fake, root, seed, "timeout 1s\nrefresh_ahead 1s").withFaults(control, journal)
+	b := newProcSite(t, fake, root, seed, "timeout 5s\nrefresh_ahead 1s").withFaults(control, journal)
+	a.start(t, bin)
+	waitFor(t, 10*time.Second, "A serving", func() bool { return timedGet(t, a.url()).status == http.StatusOK })
+	b.start(t, bin)
+	waitFor(t, 10*time.Second, "B serving", func() bool { return timedGet(t, b.url()).status == http.StatusOK })
+
+	// The ghost's lease, planted while no instance holds the lease.
+	_, planted := plantLease(t, root, leaseFile{Owner: "ghost-instance", Nonce: "g", Seq: 7, TTLMillis: ghostTTL.Milliseconds(), ExpiresAt: time.Now().Add(-time.Hour)})
+	before := fake.Stats()
+
+	// Load on both for 12 s; note when the first token call after the plant starts.
+	var firstCall atomic.Int64
+	stop := make(chan struct{})
+	var watch sync.WaitGroup
+	watch.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			if n, _, _ := fake.TokenActivity(); n > 0 && firstCall.Load() == 0 {
+				firstCall.Store(time.Now().UnixNano())
+			}
+		}
+	})
+	var ok, unavailable, other atomic.Int64
+	var firstOther atomic.Value
+	var wg sync.WaitGroup
+	until := time.Now().Add(12 * time.Second)
+	for w := range 4 {
+		site := []procSite{a, b}[w%2]
+		wg.Go(func() {
+			for time.Now().Before(until) {
+				got := timedGet(t, site.url())
+				switch {
+				case got.status == http.StatusOK:
+					ok.Add(1)
+				case got.is503("temporarily_unavailable"):
+					unavailable.Add(1)
+				default:
+					other.Add(1)
+					firstOther.CompareAndSwap(nil, got.String())
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	watch.Wait()
+	st := fake.Stats()
+	wait := time.Duration(firstCall.Load() - planted.UnixNano())
+	t.Logf("item 4: first token call %s after the ghost lease (TTL %s, expires_at an hour ago); requests: %d x 200, %d x 503 temporarily_unavailable, %d other; fake: token calls %d, rotations %d, max concurrent %d, invalid_grant %d",
+		wait.Round(time.Millisecond), ghostTTL, ok.Load(), unavailable.Load(), other.Load(), st.RefreshCalls-before.RefreshCalls, st.RefreshOK-before.RefreshOK, st.MaxConcurrentRefresh, st.InvalidGrant)
+	if firstCall.Load() == 0 || wait < ghostTTL {
+		t.Errorf("the first token call came %s after the ghost's lease, before its TTL (%s) was observed", wait, ghostTTL)
+	}
+	if st.MaxConcurrentRefresh != 1 || st.InvalidGrant != 0 {
+		t.Errorf("max concurrent token calls %d, invalid_grant %d: want 1 and 0", st.MaxConcurrentRefresh, st.InvalidGrant)
+	}
+	if other.Load() != 0 {
+		t.Errorf("%d answers neither 200 nor 503 temporarily_unavailable; first: %v", other.Load(), firstOther.Load())
+	}
+	if st.RefreshOK-before.RefreshOK < 3 {
+		t.Errorf("only %d rotations in the 8 s after the ghost's lease lapsed", st.RefreshOK-before.RefreshOK)
+	}
+	for _, s := range []procSite{a, b} {
+		waitFor(t, 10*time.Second, "both instances serving at the end", func() bool { return timedGet(t, s.url()).status == http.StatusOK })
+	}
+}
+
+// Item 5: reads of lease.json fail. The instance needs a refresh (its
+// access token was revoked) while another instance's lease, with a TTL of
+// 2 s, sits in storage: it neither takes that lease over nor calls the
+// token endpoint while it cannot read the lease, for twice the lease's TTL;
+// lease.json stays as it was; clients get 503 with Retry-After. Once reads
+// work, it sees the lease, waits out its TTL, takes it and refreshes.
+func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
+	bin := faultsBin(t)
+	const timeout, foreignTTL = 2 * time.Second, 2 * time.Second
+	fake := newFake(t, fakerestream.Options{Logf: quiet})
+	root, control, journal := faultFiles(t)
+	a := newProcSite(t, fake, root, fake.Seed(), "timeout 2s").withFaults(control, journal)
+	pa := a.start(t, bin)
+	if got := timedGet(t, a.url()); got.status != http.StatusOK {
+		t.Fatalf("warm-up: %s", got)
+	}
+	planted, _ := plantLease(t, root, leaseFile{Owner: "another-instance", Nonce: "x", Seq: 1, TTLMillis: foreignTTL.Milliseconds()})
+	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpLoad, KeySuffix: "/lease.json", Action: faultstorage.ActionFail}); err != nil {
+		t.Fatal(err)
+	}
+	before := fake.Stats()
+	fake.RevokeAccessTokens()
+
+	var answers int
+	for end := time.Now().Add(2 * foreignTTL); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		got := timedGet(t, a.url())
+		answers++
+		if !got.is503("temporarily_unavailable") || got.took > timeout+time.Second {
+			t.Errorf("while lease.json cannot be read: %s, want 503 temporarily_unavailable within %s", got, timeout+time.Second)
+		}
+		if _, raw := readLease(t, root); string(raw) != string(planted) {
+			t.Fatalf("lease.json changed while it could not be read: %s", raw)
+		}
+		if st := fake.Stats(); st.RefreshCalls != before.RefreshCalls {
+			t.Fatalf("a token call while the lease could not be read")
+		}
+	}
+	fails := injected(t, journal, faultstorage.OpLoad, "/lease.json", faultstorage.ActionFail, pa.cmd.Process.Pid)
+	st := a.status(t)
+	if fails == 0 || st.State != "backoff" || !strings.Contains(st.LastError, "lease.json") {
+		t.Errorf("after %d failed reads of lease.json: status %+v", fails, st)
+	}
+
+	if err := faultstorage.SetRules(control); err != nil {
+		t.Fatal(err)
+	}
+	readable := time.Now()
+	waitFor(t, 20*time.Second, "a 200 once lease.json can be read", func() bool { return timedGet(t, a.url()).status == http.StatusOK })
+	took := time.Since(readable)
+	end := fake.Stats()
+	t.Logf("item 5: %d failed reads of lease.json, %d answers of 503 while failing, 0 token calls; a 200 %s after reads worked (the foreign lease's TTL is %s); fake: token calls %d, invalid_grant %d",
+		fails, answers, took.Round(time.Millisecond), foreignTTL, end.RefreshCalls-before.RefreshCalls, end.InvalidGrant)
+	if took < foreignTTL {
+		t.Errorf("took the foreign lease over %s after it became readable, before seeing it unchanged for its TTL (%s)", took, foreignTTL)
+	}
+	if end.RefreshCalls != before.RefreshCalls+1 || end.InvalidGrant != 0 {
+		t.Errorf("fake: token calls %d (want 1), invalid_grant %d", end.RefreshCalls-before.RefreshCalls, end.InvalidGrant)
+	}
+}
