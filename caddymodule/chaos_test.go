@@ -764,8 +764,15 @@ func TestReloadReplacingSourceClosesTokenConnections(t *testing.T) {
 			// source sees it.)
 			before := fake.Stats().RefreshCalls
 			adminURL := fmt.Sprintf("http://127.0.0.1:%d/restream_auth/default/refresh", cfg.AdminPort)
-			if status, body, _ := do(t, http.MethodPost, adminURL, nil, nil); status != http.StatusOK || fake.Stats().RefreshCalls != before+1 {
-				t.Fatalf("forced refresh after reload %d: %d %s (token calls %d -> %d)", i, status, body, before, fake.Stats().RefreshCalls)
+			// Each load restarts the admin server: no kept-alive connection.
+			resp, err := noKeepAlive.Post(adminURL, "", nil)
+			if err != nil {
+				t.Fatalf("forced refresh after reload %d: %v", i, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK || fake.Stats().RefreshCalls != before+1 {
+				t.Fatalf("forced refresh after reload %d: %d %s (token calls %d -> %d)", i, resp.StatusCode, body, before, fake.Stats().RefreshCalls)
 			}
 		}
 		if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {

@@ -128,6 +128,10 @@ type echo struct {
 
 var client = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 
+// noKeepAlive is for Caddy's admin endpoint in tests that load configs:
+// every load restarts the admin server, closing kept-alive connections.
+var noKeepAlive = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
 func do(t testing.TB, method, url string, body []byte, hdr map[string]string) (int, []byte, http.Header) {
 	t.Helper()
 	var rd io.Reader

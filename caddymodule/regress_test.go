@@ -49,7 +49,7 @@ func TestItem12ReloadWithForeignLeaseIsQuick(t *testing.T) {
 	req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/load", cfg.AdminPort), strings.NewReader(cfg.Caddyfile()))
 	req.Header.Set("Content-Type", "text/caddyfile")
 	start := time.Now()
-	resp, err := client.Do(req)
+	resp, err := noKeepAlive.Do(req)
 	reload := time.Since(start)
 	if err != nil {
 		t.Fatalf("reload: %v", err)

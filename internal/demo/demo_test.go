@@ -62,7 +62,11 @@ func TestRunRotates(t *testing.T) {
 	if res.Bogus == 0 || res.BogusReplaced != res.Bogus || !strings.Contains(text, "instead: replaced") {
 		t.Fatalf("bogus Authorization not shown replaced (result %+v)", res)
 	}
-	if res.Fake.InvalidGrant != 0 || res.Fake.API401 != 0 || res.Fake.MaxConcurrentRefresh != 1 {
+	// A request sent while a rotation is in flight meets a 401 (Restream
+	// kills the old token before the sidecar has stored and published the
+	// new one) and is replayed: the client still gets 200 (res.Success).
+	// The demo sends one request at a time, so at most one per rotation.
+	if res.Fake.InvalidGrant != 0 || res.Fake.API401 > res.Fake.RefreshOK-1 || res.Fake.MaxConcurrentRefresh != 1 {
 		t.Fatalf("fake saw trouble: %+v", res.Fake)
 	}
 	for _, want := range []string{"restream_auth demo {", "Summary", "PASS"} {
