@@ -290,7 +290,8 @@ func TestChaosKillRestart(t *testing.T) {
 		in.down = append(in.down, downtime{from: time.Now()})
 		in.mu.Unlock()
 		if err := p.cmd.Process.Kill(); err != nil {
-			driverErr = fmt.Errorf("kill instance %d (pid %d): %v", in.idx, p.cmd.Process.Pid, err)
+			// Exited by itself: show why (a crash, or the host out of memory).
+			driverErr = fmt.Errorf("kill instance %d (pid %d): %v; its output ends:\n%s", in.idx, p.cmd.Process.Pid, err, tailString(p.Output(), 30))
 			break
 		}
 		<-p.exited
