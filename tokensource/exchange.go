@@ -187,6 +187,9 @@ func (x *exchanger) grant(ctx context.Context, form url.Values, secret string) (
 	if x.style == AuthBasic {
 		req.SetBasicAuth(x.clientID, x.clientSecret)
 	}
+	// Lifetimes count from the moment the request left: the pair was issued
+	// after it, so however long the answer takes, the expiry is not late.
+	sentAt := x.clock.Now()
 	sent := time.Now()
 	resp, err := x.client.Do(req)
 	if err != nil {
@@ -209,7 +212,7 @@ func (x *exchanger) grant(ctx context.Context, form url.Values, secret string) (
 	if resp.StatusCode != http.StatusOK {
 		return nil, x.errorFromResponse(resp, body, secret)
 	}
-	rec, err := parseTokenResponse(body, resp.Header.Get("Content-Type"), x.clock.Now())
+	rec, err := parseTokenResponse(body, resp.Header.Get("Content-Type"), sentAt)
 	if err != nil {
 		// The endpoint said 200: the old pair is probably dead, but the answer
 		// is unusable. Nothing better than retrying with the same token exists.

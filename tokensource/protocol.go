@@ -180,7 +180,7 @@ func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 		return plan{result: "no_chain", err: &Error{Kind: NoChain, Code: "no_chain", Msg: fmt.Sprintf(
 			"%v; fix or delete it (it is never overwritten: it may hold the only live refresh token)", bad)}}
 	}
-	if s.seedFP != "" && !rec.spent(s.seedFP) && !a.localDead[s.seedFP] {
+	if s.seedPending(rec) {
 		return plan{send: s.cfg.Seed, newSeed: true, cause: CauseSeed}
 	}
 	if !rec.HasPair() {
@@ -215,6 +215,12 @@ func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 		return plan{wake: s.refreshAt(t)}
 	}
 	return plan{send: rec.RefreshToken, cause: cause}
+}
+
+// seedPending reports whether the configured seed is still to be
+// exchanged: neither spent nor dead, in storage or in this instance's memory.
+func (s *Source) seedPending(rec *Record) bool {
+	return s.seedFP != "" && !rec.spent(s.seedFP) && !s.act.localDead[s.seedFP]
 }
 
 const (
@@ -471,10 +477,11 @@ func (s *Source) load(ctx context.Context) (*Record, error) {
 }
 
 // adopt serves the stored pair if it is valid and newer than the served
-// one, even when it is due for renewal (it is still valid). It reports
-// whether it published anything.
+// one, even when it is due for renewal (it is still valid). A configured
+// seed not yet exchanged says which chain to serve, so the stored one is not
+// adopted until the seed is spent. It reports whether it published anything.
 func (s *Source) adopt(rec *Record, now time.Time) bool {
-	if !rec.HasPair() {
+	if !rec.HasPair() || s.seedPending(rec) {
 		return false
 	}
 	s.sightedAt(rec, now)

@@ -72,7 +72,10 @@ type simSchedule struct {
 	closes    bool
 	installs  bool
 	operator  bool
-	faults    simFaults
+	// deadSeed configures a refresh token that was spent elsewhere: every
+	// instance starts on empty storage with it, and installs race them.
+	deadSeed bool
+	faults   simFaults
 }
 
 func newSimSchedule(seed uint64, w *simWorld) simSchedule {
@@ -94,6 +97,7 @@ func newSimSchedule(seed uint64, w *simWorld) simSchedule {
 	}
 	sc.closes = r.IntN(4) == 0
 	sc.installs = r.IntN(4) == 0
+	sc.deadSeed = r.IntN(8) == 0
 	sc.operator = r.IntN(4) == 0
 	f := &sc.faults
 	switch r.IntN(6) {
@@ -126,21 +130,21 @@ func (sc simSchedule) skewed() bool {
 }
 
 func (sc simSchedule) String() string {
-	return fmt.Sprintf("seed %d: %d instances, tokens %s, timeouts %v, skews %v, encrypted %v, kills every %s, closes %v, installs %v, operator %v, faults %+v",
-		sc.seed, sc.instances, sc.lifetime, sc.timeouts, sc.skews, sc.encrypted, sc.killEvery, sc.closes, sc.installs, sc.operator, sc.faults)
+	return fmt.Sprintf("seed %d: %d instances, tokens %s, timeouts %v, skews %v, encrypted %v, kills every %s, closes %v, installs %v, operator %v, spent seed %v, faults %+v",
+		sc.seed, sc.instances, sc.lifetime, sc.timeouts, sc.skews, sc.encrypted, sc.killEvery, sc.closes, sc.installs, sc.operator, sc.deadSeed, sc.faults)
 }
 
 // simRun is one schedule being run.
 type simRun struct {
-	w       *simWorld
-	sc      simSchedule
-	seed    string // the configured refresh_token
-	slots   []*simInstance
-	n       int
-	key     *Keyring
-	log     func() *zap.Logger
-	window  []string // kills inside the window no client survives
-	faulted bool
+	w         *simWorld
+	sc        simSchedule
+	seed      string // the configured refresh_token
+	slots     []*simInstance
+	n         int
+	key       *Keyring
+	log       func() *zap.Logger
+	window    []string // kills inside the window no client survives
+	installed bool     // an install succeeded
 }
 
 // runSimulation runs one seed and returns the violations found.
@@ -154,6 +158,10 @@ func runSimulation(seed uint64, logger func() *zap.Logger, trace func(string, ..
 	w.model.lifetime = sc.lifetime
 	w.model.chains = nil
 	_, r.seed = w.model.authorize()
+	if sc.deadSeed {
+		w.model.issue(0) // spent by someone else before any instance starts
+		w.model.allowedInvalid = 1
+	}
 	if sc.encrypted {
 		key := make([]byte, 32)
 		for i := range key {
@@ -401,9 +409,12 @@ func (r *simRun) scheduleChaos(end time.Time) {
 			})
 		}
 	}
-	if sc.installs {
-		for range 1 + w.rng.IntN(2) {
+	if sc.installs || sc.deadSeed {
+		for i := range 1 + w.rng.IntN(2) {
 			t, slot := clockStart.Add(w.dur(0, end.Sub(clockStart))), w.rng.IntN(sc.instances)
+			if sc.deadSeed && i == 0 {
+				t = clockStart.Add(w.dur(0, 10*time.Second)) // racing the first refreshes
+			}
 			w.at(t, func() {
 				inst := r.slots[slot]
 				if inst == nil || inst.killed || inst.closeBy != nil {
@@ -420,6 +431,9 @@ func (r *simRun) scheduleChaos(end time.Time) {
 				w.spawn(inst, inst.name+"/install", func(p *simProc) {
 					_, err := inst.src.InstallPair(context.Background(), rec)
 					w.trace("%s installed chain %s: %v", inst.name, rt, err)
+					if err == nil {
+						r.installed = true
+					}
 				})
 			})
 		}
@@ -532,9 +546,12 @@ func (r *simRun) finalChecks() {
 		w.trace("survival not checked: %v %v", m.exempt, r.window)
 		return
 	}
-	if m.invalidGrants > 0 {
+	if m.invalidGrants > m.allowedInvalid {
 		w.violate("the chain was lost: %d invalid_grant answers without a kill in the window or a lost answer", m.invalidGrants)
 		return
+	}
+	if r.sc.deadSeed && !r.installed {
+		return // no chain was ever alive
 	}
 	b, ok := w.kv.data[RecordKey(simAccount)]
 	if !ok {
@@ -654,11 +671,14 @@ func TestSimulation(t *testing.T) {
 }
 
 type simStats struct {
-	runs, instances, killed, faulted, lost, closes, installs int
+	runs, instances, killed, faulted, lost, closes, installs, deadSeeds int
 }
 
 func (s *simStats) add(sc simSchedule) {
 	s.runs++
+	if sc.deadSeed {
+		s.deadSeeds++
+	}
 	s.instances += sc.instances
 	if sc.killEvery > 0 {
 		s.killed++
@@ -678,6 +698,6 @@ func (s *simStats) add(sc simSchedule) {
 }
 
 func (s simStats) String() string {
-	return fmt.Sprintf("%d instances in all; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs",
-		s.instances, s.killed, s.faulted, s.lost, s.closes, s.installs)
+	return fmt.Sprintf("%d instances in all; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed",
+		s.instances, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds)
 }

@@ -586,10 +586,12 @@ type simRestream struct {
 	lifetime time.Duration
 	// invalidGrants counts invalid_grant answers; exempt is set when a run
 	// lost a chain in a way no client can survive.
-	invalidGrants int
-	exempt        []string
-	rotations     int
-	storedAT      map[string]bool
+	invalidGrants  int             // distinct refresh tokens answered invalid_grant
+	invalidTokens  map[string]bool // those tokens
+	allowedInvalid int             // a spent seed is answered invalid_grant
+	exempt         []string
+	rotations      int
+	storedAT       map[string]bool
 }
 
 // authorize starts a new chain (the browser flow) and returns its pair.
@@ -732,7 +734,12 @@ func (m *simRestream) handle(inst *simInstance, rt string) *simAnswer {
 		return &simAnswer{status: 429, body: `{"error":"slow_down"}`, retryAfter: "2"}
 	}
 	if st == nil || !st.live {
-		m.invalidGrants++
+		if m.invalidTokens == nil {
+			m.invalidTokens = map[string]bool{}
+		}
+		m.invalidTokens[rt] = true // a resend after a lost answer is the same loss
+		m.invalidGrants = len(m.invalidTokens)
+		w.trace("token endpoint: %s sent a dead refresh token: invalid_grant", inst.name)
 		return &simAnswer{status: 400, body: `{"error":"invalid_grant","error_description":"Invalid refresh token"}`, rejected: st}
 	}
 	at, newRT := m.issue(st.chain)
