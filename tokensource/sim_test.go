@@ -145,16 +145,34 @@ type simRun struct {
 	log       func() *zap.Logger
 	window    []string // kills inside the window no client survives
 	installed bool     // an install succeeded
+	obs       *simObserver
 }
 
 // runSimulation runs one seed and returns the violations found.
 func runSimulation(seed uint64, logger func() *zap.Logger, trace func(string, ...any)) (sc simSchedule, violations []string) {
+	sc, res := runScenario(seed, nil, logger, trace)
+	return sc, res.violations
+}
+
+// simResult is what one schedule did.
+type simResult struct {
+	violations []string
+	events     map[string]int // observer results and PersistFailed, summed over instances
+	installed  bool
+}
+
+// runScenario runs one seed; shape, if not nil, adjusts the schedule the
+// seed chose (the named item tests below use it to aim at one defect).
+func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logger, trace func(string, ...any)) (sc simSchedule, res simResult) {
 	w := newSimWorld(seed)
 	if trace != nil {
 		w.trace = trace
 	}
 	sc = newSimSchedule(seed, w)
-	r := &simRun{w: w, sc: sc, log: logger}
+	if shape != nil {
+		shape(&sc)
+	}
+	r := &simRun{w: w, sc: sc, log: logger, obs: &simObserver{events: map[string]int{}}}
 	w.model.lifetime = sc.lifetime
 	w.model.chains = nil
 	_, r.seed = w.model.authorize()
@@ -169,6 +187,12 @@ func runSimulation(seed uint64, logger func() *zap.Logger, trace func(string, ..
 		}
 		r.key, _ = NewKeyring(key)
 	}
+	for len(sc.timeouts) < sc.instances { // a shape may add instances
+		sc.timeouts = append(sc.timeouts, 5*time.Second)
+		sc.skews = append(sc.skews, 0)
+		sc.ahead = append(sc.ahead, sc.lifetime/3)
+	}
+	r.sc = sc
 	r.slots = make([]*simInstance, sc.instances)
 	for i := range sc.instances {
 		r.start(i)
@@ -194,8 +218,17 @@ func runSimulation(seed uint64, logger func() *zap.Logger, trace func(string, ..
 	w.run(end.Add(3 * sc.lifetime))
 	r.settle()
 	r.finalChecks()
-	return sc, w.violations
+	return sc, simResult{violations: w.violations, events: r.obs.events, installed: r.installed}
 }
+
+// simObserver counts a run's events (one goroutine runs at a time).
+type simObserver struct{ events map[string]int }
+
+func (o *simObserver) Refreshed(_, result string, _ time.Duration) { o.events[result]++ }
+func (o *simObserver) LockWaited(string, time.Duration)            {}
+func (o *simObserver) Published(string, *Token)                    {}
+func (o *simObserver) PersistFailed(string)                        { o.events["persist_failed"]++ }
+func (o *simObserver) StateChanged(_, state string)                { o.events["state_"+state]++ }
 
 // start boots a new incarnation of slot i, configured with the original
 // seed (stale after the first rotation).
@@ -212,7 +245,7 @@ func (r *simRun) start(i int) {
 		Account: simAccount, ClientID: "client", ClientSecret: "secret", TokenURL: "http://restream.invalid/oauth/token",
 		Seed: r.seed, RefreshAhead: sc.ahead[i], Timeout: sc.timeouts[i],
 		Storage: &simStorage{kv: w.kv, inst: inst}, HTTPClient: &http.Client{Transport: &simTransport{m: w.model, inst: inst}},
-		Logger: logger, Clock: inst.clock, Owner: inst.owner, Keyring: r.key,
+		Logger: logger, Clock: inst.clock, Owner: inst.owner, Keyring: r.key, Observer: r.obs,
 	})
 	if err != nil {
 		panic(err)
