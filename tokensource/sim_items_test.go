@@ -13,7 +13,11 @@ import (
 // nothing). Each of these failed with its defect put back.
 func TestSimulationItems(t *testing.T) {
 	t.Parallel()
-	noFaults := func(sc *simSchedule) { sc.faults = simFaults{}; sc.killEvery = 0; sc.closes, sc.installs, sc.deadSeed = false, false, false }
+	noFaults := func(sc *simSchedule) {
+		sc.faults = simFaults{}
+		sc.killEvery = 0
+		sc.closes, sc.installs, sc.deadSeed = false, false, false
+	}
 	items := []struct {
 		name  string
 		shape func(*simSchedule)

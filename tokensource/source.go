@@ -531,6 +531,7 @@ func (s *Source) publish(rec *Record, how string) bool {
 		s.stopStale = s.clock.AfterFunc(t.useUntil, func() { t.stale.Store(true) })
 	}
 	s.cur.Store(t)
+	s.limited = nil // the rate limit's verdict was about an older token
 	s.signal()
 	s.obs.Published(s.cfg.Account, t)
 	if how == "adopted" {
@@ -553,7 +554,7 @@ func (s *Source) named(msg string) string {
 func (s *Source) succeeded(result string) {
 	s.mu.Lock()
 	changed := s.lastErr != nil
-	s.lastErr, s.failures, s.nextAttempt, s.limited = nil, 0, time.Time{}, nil
+	s.lastErr, s.failures, s.nextAttempt = nil, 0, time.Time{}
 	if result == "ok" {
 		s.lastRefresh = s.clock.Now()
 	}

@@ -1384,11 +1384,11 @@ func TestLeaseExpiryIgnoresTimestamps(t *testing.T) {
 }
 
 // tokenNewerThan is TokenNewerThan in the shape these tests were written
-// for: ok reports a newer token; the rate-limited case is (nil, false, nil).
+// for: ok reports a newer token; the rate-limited case is (current, false, nil).
 func tokenNewerThan(s *Source, ctx context.Context, rejected *Token) (*Token, bool, bool, error) {
 	t, refreshed, err := s.TokenNewerThan(ctx, rejected)
 	if errors.Is(err, ErrRejectedAgain) {
-		return nil, refreshed, false, nil
+		return s.Current(), refreshed, false, nil
 	}
 	return t, refreshed, err == nil, err
 }

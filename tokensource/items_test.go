@@ -1,0 +1,198 @@
+package tokensource
+
+// Regression tests, through the Source and the strict fake, for the defects
+// of the previous protocol that are about one instance's behaviour (items 8,
+// 10, 11, 15, 16 and 17). The cross-instance items are in
+// sim_items_test.go; the Caddy-level ones in caddymodule.
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+)
+
+// Item 8: a new source (a restart, a reload adding a seed) serves a stored
+// token that is due for renewal but still valid, even while the token
+// endpoint is down.
+func TestDueButValidStoredTokenServedDuringOutage(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	seed := env.fake.Seed()
+	a := env.source(t, env.config(seed, "a"))
+	first := mustToken(t, a)
+	a.Close()
+	env.clk.Advance(57 * time.Minute) // due (refresh_ahead 5m), valid for 3 more minutes
+	env.fake.SetFault(fakerestream.Fault500)
+
+	b := env.source(t, env.config(seed, "b"))
+	tok, err := b.Token(context.Background())
+	if err != nil || tok.AccessToken != first.AccessToken {
+		t.Fatalf("a due but valid stored token was not served during an outage: %v", err)
+	}
+}
+
+// Item 10: invalid_client is a configuration error of this instance: the
+// chain is kept (no dead token stored), the state says misconfigured, and an
+// instance with the right secret goes on with the same chain.
+func TestInvalidClientKeepsChain(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	seed := env.fake.Seed()
+	good := env.source(t, env.config(seed, "good"))
+	mustToken(t, good)
+	good.Close()
+	env.clk.Advance(time.Hour)
+
+	badCfg := env.config(seed, "bad")
+	badCfg.ClientSecret = "wrong-secret"
+	bad := env.source(t, badCfg)
+	_, err := bad.Token(context.Background())
+	if e := asError(t, err); e.Kind != Misconfigured || e.Code != "invalid_client" {
+		t.Fatalf("kind %v code %q", e.Kind, e.Code)
+	}
+	if st := bad.Status(); st.State != StateMisconfigured || bad.RetryAfter() < time.Minute {
+		t.Fatalf("state %q, retry after %s", st.State, bad.RetryAfter())
+	}
+	if rec := env.record(t); len(rec.DeadTokens) != 0 || rec.Generation != 1 {
+		t.Fatalf("the chain was marked dead by a wrong secret: %+v", rec.DeadTokens)
+	}
+	bad.Close()
+	again := env.source(t, env.config(seed, "fixed"))
+	wantGeneration(t, mustToken(t, again), 2)
+	if st := env.fake.Stats(); st.InvalidGrant != 0 {
+		t.Fatalf("fake %+v", st)
+	}
+}
+
+// Item 11: an upstream that keeps rejecting the token costs no storage
+// writes and no timers: the 401 rate limit is decided before any lease.
+func TestSteadyRejectionDoesNotChurn(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	first := mustToken(t, s)
+	second, refreshed, err := s.TokenNewerThan(context.Background(), first)
+	if err != nil || !refreshed {
+		t.Fatalf("first 401: %v", err)
+	}
+	eventually(t, "the refresh's lease to be released", func() bool {
+		b, err := env.st.FileStorage.Load(context.Background(), LeaseKey(testAccount))
+		return err == nil && strings.Contains(string(b), `"owner":""`)
+	})
+	var stores atomic.Int64
+	env.st.setOnStore(func(string, []byte) error { stores.Add(1); return nil })
+	timers := env.clk.pendingFuncs()
+	for range 50 {
+		if _, _, err := s.TokenNewerThan(context.Background(), second); !errors.Is(err, ErrRejectedAgain) {
+			t.Fatalf("a just-refreshed token rejected again: %v", err)
+		}
+	}
+	if n := stores.Load(); n != 0 {
+		t.Fatalf("%d storage writes for rate-limited 401s", n)
+	}
+	if n := env.clk.pendingFuncs(); n != timers {
+		t.Fatalf("armed timers grew from %d to %d", timers, n)
+	}
+	env.wantCalls(t, 2)
+}
+
+// Item 15: the 401 rate limit is per account (it reads the record, so
+// another instance honours it), and an operator's refresh does not use it up.
+func TestRejectionRateLimitPerAccount(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	seed := env.fake.Seed()
+	a := env.source(t, env.config(seed, "a"))
+	b := env.source(t, env.config(seed, "b"))
+	first := mustToken(t, a)
+	second, _, err := a.TokenNewerThan(context.Background(), first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// b never forced a refresh, but the generation was issued for a 401.
+	if got, _, err := b.TokenNewerThan(context.Background(), first); err != nil || got.AccessToken != second.AccessToken {
+		t.Fatalf("b did not adopt a's pair: %v", err)
+	}
+	if _, _, err := b.TokenNewerThan(context.Background(), second); !errors.Is(err, ErrRejectedAgain) {
+		t.Fatalf("b refreshed again within the interval: %v", err)
+	}
+	env.clk.Advance(ForcedRefreshInterval)
+	// An operator refresh, then a revocation noticed right after it.
+	if err := a.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	third := a.Current()
+	wantGeneration(t, third, 3)
+	fourth, refreshed, err := a.TokenNewerThan(context.Background(), third)
+	if err != nil || !refreshed {
+		t.Fatalf("a 401 right after an operator refresh was rate-limited: %v", err)
+	}
+	wantGeneration(t, fourth, 4)
+	env.wantCalls(t, 4)
+}
+
+// Item 16: while the served pair lives only in memory, the status says so.
+func TestMemoryOnlyPairIsDegraded(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	mustToken(t, s)
+	var broken atomic.Bool
+	broken.Store(true)
+	env.st.setOnStore(func(key string, _ []byte) error {
+		if key == RecordKey(testAccount) && broken.Load() {
+			return errors.New("disk full")
+		}
+		return nil
+	})
+	env.clk.Advance(time.Hour)
+	tok := mustToken(t, s)
+	wantGeneration(t, tok, 2)
+	if st := s.Status(); st.State != StateDegraded || st.Persisted {
+		t.Fatalf("a memory-only pair shows state %q, persisted %v", st.State, st.Persisted)
+	}
+	broken.Store(false)
+	env.clk.Advance(2 * time.Second) // the write's retry
+	eventually(t, "the pair to reach storage", func() bool { return s.Status().Persisted })
+	if st := s.Status(); st.State != StateOK || env.record(t).AccessToken != tok.AccessToken {
+		t.Fatalf("after the write: state %q", st.State)
+	}
+}
+
+// Item 17: an answer without a refresh-token expiry leaves it unknown: no
+// zero time in logs or status.
+func TestUnknownRefreshExpiry(t *testing.T) {
+	t.Parallel()
+	endpoint := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"access_token":"at_plain_oauth","refresh_token":"rt_plain_oauth_next","token_type":"Bearer","expires_in":3600}`))
+	}))
+	t.Cleanup(endpoint.Close)
+	env := newTestEnv(t, fakerestream.Options{})
+	core, logs := observer.New(zapcore.DebugLevel)
+	cfg := env.config("rt_plain_oauth", "o")
+	cfg.TokenURL, cfg.Logger = endpoint.URL, zap.New(core)
+	s := env.source(t, cfg)
+	mustToken(t, s)
+	if st := s.Status(); !st.RefreshExpiry.IsZero() {
+		t.Fatalf("status refresh expiry %v", st.RefreshExpiry)
+	}
+	entries := logs.FilterMessage("refreshed token pair").All()
+	if len(entries) != 1 {
+		t.Fatalf("%d refresh log lines", len(entries))
+	}
+	if _, ok := entries[0].ContextMap()["refresh_expires_at"]; ok {
+		t.Fatalf("an unknown refresh expiry is logged: %v", entries[0].ContextMap())
+	}
+}
