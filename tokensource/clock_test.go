@@ -124,6 +124,28 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.funcs = keptFuncs
 }
 
+// runRealtime makes the clock follow the wall clock (in 25 ms steps) until
+// the test ends, for tests where instances wait on each other's leases while
+// a real-latency token call is in flight.
+func (c *fakeClock) runRealtime(t testing.TB) {
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(25 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				c.Advance(25 * time.Millisecond)
+			}
+		}
+	}()
+	t.Cleanup(func() { close(stop); <-done })
+}
+
 // AdvanceTo moves the clock to t (which must not be in the past).
 func (c *fakeClock) AdvanceTo(t time.Time) {
 	c.Advance(t.Sub(c.Now()))

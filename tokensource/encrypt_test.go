@@ -41,7 +41,8 @@ func TestEncryptedRecordAcrossRestartAndKeyRotation(t *testing.T) {
 	seed := env.fake.Seed()
 	cfg := env.config(seed, "a")
 	cfg.Keyring = keyring(t, oldKey)
-	first := mustToken(t, env.source(t, cfg))
+	a := env.source(t, cfg)
+	first := mustToken(t, a)
 
 	raw, err := env.st.Load(context.Background(), RecordKey(testAccount))
 	if err != nil {
@@ -57,20 +58,25 @@ func TestEncryptedRecordAcrossRestartAndKeyRotation(t *testing.T) {
 	}
 
 	// Restart with the same key: adopts, no refresh.
-	again := mustToken(t, env.source(t, cfg))
+	a.Close() // one refresher per key configuration below
+	restarted := env.source(t, cfg)
+	again := mustToken(t, restarted)
 	if again.AccessToken != first.AccessToken {
 		t.Fatal("restart did not adopt the encrypted chain")
 	}
+	restarted.Close()
 	env.wantCalls(t, 1)
 
 	// Wrong key, and no key: clear errors naming the key, no endpoint call.
 	for name, kr := range map[string]*Keyring{"wrong key": keyring(t, randomKey(t)), "no key": nil} {
 		c := env.config(seed, "b")
 		c.Keyring = kr
-		_, err := env.source(t, c).Token(context.Background())
+		bad := env.source(t, c)
+		_, err := bad.Token(context.Background())
 		if err == nil || !strings.Contains(err.Error(), RecordKey(testAccount)) {
 			t.Fatalf("%s: %v", name, err)
 		}
+		bad.Close()
 		if _, lerr := LoadRecordKeyring(context.Background(), env.st, testAccount, kr); !errors.Is(lerr, ErrUnreadableRecord) {
 			t.Fatalf("%s: LoadRecordKeyring error %v", name, lerr)
 		}

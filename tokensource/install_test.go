@@ -61,6 +61,7 @@ func TestInstallSeedReplacesChain(t *testing.T) {
 	env := newTestEnv(t, fakerestream.Options{})
 	s := env.source(t, env.config(env.fake.Seed(), "o"))
 	first := mustToken(t, s)
+	env.clk.runRealtime(t) // the install polls s's lease on the clock until s releases it
 	cli := env.source(t, env.config("", "cli"))
 	seed := env.fake.Seed()
 	tok, err := cli.InstallSeed(context.Background(), seed)

@@ -83,7 +83,8 @@ type actorState struct {
 	// measures a generation's age on this instance's own clock.
 	sighted    Version
 	sightedAt  time.Time
-	flushAt    time.Time
+	flushAt    time.Time // the next retry of a failed write
+	lastFlush  time.Time
 	renewRetry time.Time // no renewal before this, after a failed one
 }
 
@@ -110,11 +111,16 @@ func (s *Source) tick(ctx context.Context) time.Time {
 	a := &s.act
 	s.renewIfDue(ctx, now)
 	if a.pending != nil {
-		if now.Before(a.flushAt) {
+		// Retry the write when due, or sooner when a request woke the
+		// refresher: at once for a rejected token, else once a second.
+		if now.Before(a.flushAt) && now.Sub(a.lastFlush) < recheckInterval && s.rejected.Load() == nil {
 			return s.holdLease(a.flushAt)
 		}
+		a.lastFlush = now
 		if err := s.flush(ctx); err != nil {
-			a.flushAt = now.Add(backoff(1, s.jitter()))
+			// Waiters get the verdict; status still says degraded.
+			a.flushAt = s.failed(now, "transient", &Error{Kind: Transient,
+				Msg: "the newest token pair is not in storage yet, so no refresh can start: " + err.Error()})
 			return s.holdLease(a.flushAt)
 		}
 	}
@@ -134,6 +140,9 @@ func (s *Source) tick(ctx context.Context) time.Time {
 			return s.holdLease(nextAttempt)
 		}
 		return s.holdLease(s.failed(now, "transient", &Error{Kind: Transient, Msg: err.Error()}))
+	}
+	if err != nil {
+		s.log.Error("stored token record is unusable", zap.Error(err))
 	}
 	adopted := err == nil && s.adopt(rec, now)
 	p := s.plan(rec, err, now)
@@ -296,7 +305,12 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 			return s.failed(now, "transient", &Error{Kind: Transient, Msg: "marking the refresh lease: " + err.Error()})
 		}
 	}
-	if s.closing() || l.Remaining(s.clock.Now()) < s.cfg.Timeout+StorageTimeout {
+	if s.closing() {
+		s.clearMark(fp)
+		s.releaseLease(ctx)
+		return now.Add(time.Hour)
+	}
+	if l.Remaining(s.clock.Now()) < s.cfg.Timeout+StorageTimeout {
 		s.clearMark(fp)
 		s.releaseLease(ctx)
 		return s.failed(now, "transient", &Error{Kind: Transient, Msg: "storage is too slow to keep the refresh lease"})
@@ -462,6 +476,7 @@ func (s *Source) flush(ctx context.Context) error {
 		a.lease.Mark = "" // the stored refresh token is no longer the marked one
 	}
 	s.setMemoryOnly(false)
+	s.succeeded("") // the write's backoff is over
 	s.releaseLease(ctx)
 	return nil
 }

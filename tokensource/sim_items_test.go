@@ -8,7 +8,8 @@ import (
 
 // TestSimulationItems aims the simulation at each defect the protocol was
 // rebuilt to remove: every item runs 300 schedules shaped to provoke it,
-// asserts I1–I8 and chain survival as TestSimulation does, and asserts that
+// (60 under the race detector) asserts I1–I8 and chain survival as
+// TestSimulation does, and asserts that
 // the situation really arose (a test that never meets its defect proves
 // nothing). Each of these failed with its defect put back.
 func TestSimulationItems(t *testing.T) {
@@ -33,7 +34,7 @@ func TestSimulationItems(t *testing.T) {
 				sc.instances = 2 + int(sc.seed%3)
 				sc.faults.storeFail = 0.3
 			},
-			arose: atLeast("persist_failed", 50),
+			arose: atLeast("persist_failed", simItemSchedules/6),
 		},
 		{
 			// 2: a terminal answer for a seed while a record appears (a
@@ -44,7 +45,7 @@ func TestSimulationItems(t *testing.T) {
 				sc.deadSeed, sc.instances = true, 2+int(sc.seed%3)
 			},
 			arose: func(ev map[string]int, installs int) error {
-				if ev["invalid_grant"] == 0 || installs < 100 {
+				if ev["invalid_grant"] == 0 || installs < simItemSchedules/3 {
 					return fmt.Errorf("%d terminal answers, %d installs", ev["invalid_grant"], installs)
 				}
 				return nil
@@ -58,7 +59,7 @@ func TestSimulationItems(t *testing.T) {
 				sc.instances = 3
 				sc.faults.slowStorage, sc.faults.endpointSlow = 0.2, 0.2
 			},
-			arose: atLeast("ok", 1000),
+			arose: atLeast("ok", 3*simItemSchedules),
 		},
 		{
 			// 4: skewed clocks and different timeouts must not let two
@@ -72,7 +73,7 @@ func TestSimulationItems(t *testing.T) {
 				sc.ahead = []time.Duration{sc.lifetime / 3, sc.lifetime / 4, sc.lifetime / 3, sc.lifetime / 5}
 				sc.killEvery = sc.lifetime / 2
 			},
-			arose: atLeast("ok", 1000),
+			arose: atLeast("ok", 3*simItemSchedules),
 		},
 		{
 			// 5: a failed lease read is never "no lease".
@@ -82,7 +83,7 @@ func TestSimulationItems(t *testing.T) {
 				sc.instances = 3
 				sc.faults.loadFail = 0.25
 			},
-			arose: atLeast("state_backoff", 1000),
+			arose: atLeast("state_backoff", 3*simItemSchedules),
 		},
 		{
 			// 6: a record that could not be read is never overwritten.
@@ -93,7 +94,7 @@ func TestSimulationItems(t *testing.T) {
 				sc.faults.loadFail, sc.faults.storeFail = 0.2, 0.1
 				sc.installs = true
 			},
-			arose: atLeast("state_backoff", 1000),
+			arose: atLeast("state_backoff", 3*simItemSchedules),
 		},
 		{
 			// 7: an instance in backoff adopts a good pair another stored.
@@ -103,7 +104,7 @@ func TestSimulationItems(t *testing.T) {
 				sc.instances = 3
 				sc.faults.endpoint5xx = 0.4
 			},
-			arose: atLeast("adopted", 500),
+			arose: atLeast("adopted", simItemSchedules),
 		},
 		{
 			// 9: dead refresh tokens are remembered in storage: restarts with
@@ -113,7 +114,7 @@ func TestSimulationItems(t *testing.T) {
 				noFaults(sc)
 				sc.deadSeed, sc.instances, sc.killEvery = true, 3, sc.lifetime/3
 			},
-			arose: atLeast("invalid_grant", 100),
+			arose: atLeast("invalid_grant", simItemSchedules/3),
 		},
 	}
 	for _, it := range items {
@@ -121,7 +122,7 @@ func TestSimulationItems(t *testing.T) {
 			t.Parallel()
 			events := map[string]int{}
 			installs := 0
-			for seed := uint64(1); seed <= 300; seed++ {
+			for seed := uint64(1); seed <= simItemSchedules; seed++ {
 				sc, res := runScenario(seed, it.shape, nil, nil)
 				for k, v := range res.events {
 					events[k] += v

@@ -146,17 +146,19 @@ type simRun struct {
 	window    []string // kills inside the window no client survives
 	installed bool     // an install succeeded
 	obs       *simObserver
+	kills     int
 }
 
 // runSimulation runs one seed and returns the violations found.
-func runSimulation(seed uint64, logger func() *zap.Logger, trace func(string, ...any)) (sc simSchedule, violations []string) {
-	sc, res := runScenario(seed, nil, logger, trace)
-	return sc, res.violations
+func runSimulation(seed uint64, logger func() *zap.Logger, trace func(string, ...any)) (simSchedule, simResult) {
+	return runScenario(seed, nil, logger, trace)
 }
 
 // simResult is what one schedule did.
 type simResult struct {
 	violations []string
+	injected   int // faults that struck, kills included
+	kills      int
 	events     map[string]int // observer results and PersistFailed, summed over instances
 	installed  bool
 }
@@ -218,7 +220,7 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 	w.run(end.Add(3 * sc.lifetime))
 	r.settle()
 	r.finalChecks()
-	return sc, simResult{violations: w.violations, events: r.obs.events, installed: r.installed}
+	return sc, simResult{violations: w.violations, events: r.obs.events, installed: r.installed, injected: w.injected, kills: r.kills}
 }
 
 // simObserver counts a run's events (one goroutine runs at a time).
@@ -345,6 +347,10 @@ func (r *simRun) kill(inst *simInstance, why string) {
 		}
 	}
 	w.trace("%s %s", why, inst.name)
+	if why == "kill" {
+		w.injected++
+		r.kills++
+	}
 	inst.killed = true
 	for _, t := range inst.timers {
 		*t = true
@@ -642,9 +648,9 @@ func TestSimulation(t *testing.T) {
 			logger = func() *zap.Logger { return zaptest.NewLogger(t) }
 			trace = func(f string, a ...any) { t.Logf(f, a...) }
 		}
-		sc, v := runSimulation(seed, logger, trace)
+		sc, res := runSimulation(seed, logger, trace)
 		t.Logf("%s", sc)
-		for _, msg := range v {
+		for _, msg := range res.violations {
 			t.Error(msg)
 		}
 		return
@@ -685,10 +691,10 @@ func TestSimulation(t *testing.T) {
 					return
 				}
 				seed := base + i
-				sc, v := runSimulation(seed, nil, nil)
+				sc, res := runSimulation(seed, nil, nil)
 				mu.Lock()
-				stats.add(sc)
-				if len(v) > 0 {
+				stats.add(sc, res)
+				if v := res.violations; len(v) > 0 {
 					failed = append(failed, fmt.Sprintf("%s\n  %s\n  replay: RESTREAM_SIM_SEED=%d RESTREAM_SIM_TRACE=1 go test ./tokensource -run 'TestSimulation$' -v",
 						sc, strings.Join(v, "\n  "), seed))
 				}
@@ -705,10 +711,14 @@ func TestSimulation(t *testing.T) {
 
 type simStats struct {
 	runs, instances, killed, faulted, lost, closes, installs, deadSeeds int
+	injected, kills, violations                                         int
 }
 
-func (s *simStats) add(sc simSchedule) {
+func (s *simStats) add(sc simSchedule, res simResult) {
 	s.runs++
+	s.injected += res.injected
+	s.kills += res.kills
+	s.violations += len(res.violations)
 	if sc.deadSeed {
 		s.deadSeeds++
 	}
@@ -731,6 +741,6 @@ func (s *simStats) add(sc simSchedule) {
 }
 
 func (s simStats) String() string {
-	return fmt.Sprintf("%d instances in all; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed",
-		s.instances, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds)
+	return fmt.Sprintf("%d instances in all; %d faults injected (%d kills); %d invariant violations; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed",
+		s.instances, s.injected, s.kills, s.violations, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds)
 }

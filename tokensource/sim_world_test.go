@@ -62,6 +62,8 @@ type simWorld struct {
 	model  *simRestream
 	faults simFaults
 	trace  func(format string, args ...any)
+	// injected counts the faults that struck.
+	injected int
 	// violations found by the checks that run during the schedule.
 	violations []string
 }
@@ -121,6 +123,15 @@ func (w *simWorld) dur(lo, hi time.Duration) time.Duration {
 }
 
 func (w *simWorld) chance(p float64) bool { return p > 0 && w.rng.Float64() < p }
+
+// fault draws a fault of probability p and counts it when it strikes.
+func (w *simWorld) fault(p float64) bool {
+	if w.chance(p) {
+		w.injected++
+		return true
+	}
+	return false
+}
 
 // simProc is a simulated goroutine. It runs only while the scheduler waits
 // for it, and gives control back whenever it blocks on a simulated
@@ -341,7 +352,7 @@ type simLockWaiter struct {
 func (kv *simKV) latency() time.Duration {
 	w := kv.w
 	switch {
-	case w.chance(w.faults.slowStorage):
+	case w.fault(w.faults.slowStorage):
 		return w.dur(time.Second, 8*time.Second)
 	default:
 		return w.dur(0, 20*time.Millisecond)
@@ -354,7 +365,7 @@ func (kv *simKV) op(ctx context.Context, inst *simInstance, fail float64, f func
 	w := kv.w
 	p := inst.running
 	done := w.now.Add(kv.latency())
-	hang := w.chance(w.faults.hangStorage)
+	hang := w.fault(w.faults.hangStorage)
 	dl, hasDL := opDeadline(ctx, inst)
 	if !hasDL {
 		w.violate("storage operation without a deadline by %s", p.name)
@@ -367,7 +378,7 @@ func (kv *simKV) op(ctx context.Context, inst *simInstance, fail float64, f func
 		return context.DeadlineExceeded
 	}
 	res := p.callAt(done, func() any {
-		if w.chance(fail) {
+		if w.fault(fail) {
 			return errors.New("simulated storage failure")
 		}
 		return f()
@@ -441,7 +452,7 @@ func (s *simStorage) Lock(ctx context.Context, name string) error {
 		dl = w.now.Add(time.Hour)
 	}
 	lat := kv.latency()
-	if w.chance(w.faults.lockFail) {
+	if w.fault(w.faults.lockFail) {
 		p.callAt(w.now.Add(lat), func() any { return nil })
 		return errors.New("simulated lock failure")
 	}
@@ -653,7 +664,7 @@ func (t *simTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	f := w.faults
 	arrive := w.now.Add(w.dur(5*time.Millisecond, 200*time.Millisecond))
 	answer := w.dur(5*time.Millisecond, 200*time.Millisecond)
-	if w.chance(f.endpointSlow) {
+	if w.fault(f.endpointSlow) {
 		answer = w.dur(time.Second, 20*time.Second)
 	}
 	if arrive.After(dl) {
@@ -728,9 +739,9 @@ func (m *simRestream) handle(inst *simInstance, rt string) *simAnswer {
 		w.violate("I3: %s sent a refresh token while the lease is %q's", inst.name, holder)
 	}
 	switch {
-	case w.chance(f.endpoint5xx):
+	case w.fault(f.endpoint5xx):
 		return &simAnswer{status: 503, body: `{"error":"temporarily_unavailable"}`}
-	case w.chance(f.endpoint429):
+	case w.fault(f.endpoint429):
 		return &simAnswer{status: 429, body: `{"error":"slow_down"}`, retryAfter: "2"}
 	}
 	if st == nil || !st.live {
@@ -747,10 +758,10 @@ func (m *simRestream) handle(inst *simInstance, rt string) *simAnswer {
 	st.spentBy = inst
 	ans := &simAnswer{status: 200, rotated: st}
 	switch {
-	case w.chance(f.endpointLost):
+	case w.fault(f.endpointLost):
 		ans.lost = true
 		return ans
-	case w.chance(f.endpointGarbage):
+	case w.fault(f.endpointGarbage):
 		ans.body, ans.garbage = "<html>bad gateway</html>", true
 		m.exempt = append(m.exempt, fmt.Sprintf("answer to %s unusable after rotation", inst.name))
 		return ans

@@ -378,8 +378,11 @@ func (s *Source) await(ctx context.Context, want func(*Token) bool, rejected ...
 		if s.closing() {
 			return nil, &Error{Kind: Transient, Msg: s.named("token source is shutting down")}
 		}
-		s.wake()
 		if deadline == nil {
+			// Wake the refresher once; after that it paces its own rounds
+			// (a waiter that kicked every round would spin it against
+			// storage while another instance holds the lease).
+			s.wake()
 			deadline = s.clock.At(s.clock.Now().Add(s.cfg.Timeout))
 		}
 		select {
@@ -572,7 +575,7 @@ func (s *Source) succeeded(result string) {
 func (s *Source) failed(now time.Time, result string, e *Error) time.Time {
 	s.mu.Lock()
 	e.Msg = s.named(e.Msg)
-	s.lastErr, s.lastResult = e, result
+	s.lastErr, s.lastResult, s.refreshing = e, result, false
 	var d time.Duration
 	switch e.Kind {
 	case Terminal, NoChain:
