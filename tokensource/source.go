@@ -460,10 +460,15 @@ func (s *Source) stateLocked() string {
 }
 
 // refreshAt is when t should be renewed: RefreshAhead before expiry, but never
-// earlier than half-way through its lifetime.
+// earlier than half-way through its lifetime, and no later than the moment
+// it stops being served (its expiry margin).
 func (s *Source) refreshAt(t *Token) time.Time {
 	ahead := min(s.cfg.RefreshAhead, t.Expiry.Sub(t.IssuedAt)/2)
-	return t.Expiry.Add(-ahead)
+	at := t.Expiry.Add(-ahead)
+	if !t.useUntil.IsZero() && t.useUntil.Before(at) {
+		return t.useUntil
+	}
+	return at
 }
 
 // run is the refresher: one round of the protocol, then sleep until the next

@@ -285,13 +285,21 @@ func TestSeedExchangedOnFirstAttempt(t *testing.T) {
 func TestTokenHotPathDoesNotCallEndpoint(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	// The refresher is told to renew only at expiry, so that every read
+	// counted below is the caller's.
+	cfg := env.config(env.fake.Seed(), "o")
+	cfg.RefreshAhead = time.Nanosecond
+	s := env.source(t, cfg)
 	first := mustToken(t, s)
+	eventually(t, "the seed exchange's lease to be released", func() bool {
+		b, err := env.st.FileStorage.Load(context.Background(), LeaseKey(testAccount))
+		return err == nil && strings.Contains(string(b), `"owner":""`)
+	})
 	var loads atomic.Int64
 	env.st.setOnLoad(func(string) { loads.Add(1) })
 
-	// Valid until the expiry margin (5s for an hour-long token), even past the
-	// proactive refresh time: renewing is the refresher's job, not the caller's.
+	// Valid until the expiry margin (5s for an hour-long token): the caller
+	// never renews, that is the refresher's job.
 	for _, at := range []time.Duration{0, 30 * time.Minute, 56 * time.Minute, time.Hour - 5*time.Second - time.Nanosecond} {
 		env.clk.AdvanceTo(clockStart.Add(at))
 		for range 1000 {
