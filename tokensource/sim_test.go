@@ -201,11 +201,11 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 	}
 	defer r.killAll()
 
-	end := clockStart.Add(6 * sc.lifetime)
+	end := clockStart.Add(5 * sc.lifetime)
 	w.faults = sc.faults
 	r.scheduleChaos(end)
 	for i := range r.slots {
-		r.requests(i, end.Add(4*sc.lifetime))
+		r.requests(i, end.Add(3*sc.lifetime))
 	}
 	w.run(end)
 
@@ -214,10 +214,10 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 	for i, inst := range r.slots {
 		if inst == nil || inst.killed || inst.closedAt != (time.Time{}) {
 			r.start(i)
-			r.requests(i, end.Add(4*sc.lifetime))
+			r.requests(i, end.Add(3*sc.lifetime))
 		}
 	}
-	w.run(end.Add(3 * sc.lifetime))
+	w.run(end.Add(2 * sc.lifetime))
 	r.settle()
 	r.finalChecks()
 	return sc, simResult{violations: w.violations, events: r.obs.events, installed: r.installed, injected: w.injected, kills: r.kills}
@@ -409,7 +409,7 @@ func (r *simRun) scheduleChaos(end time.Time) {
 					w.at(w.now.Add(restart), func() {
 						if w.now.Before(end) && r.slots[slot] == inst {
 							r.start(slot)
-							r.requests(slot, end.Add(4*sc.lifetime))
+							r.requests(slot, end.Add(3*sc.lifetime))
 						}
 					})
 				}
@@ -439,7 +439,7 @@ func (r *simRun) scheduleChaos(end time.Time) {
 				// A reload starts the new configuration's source right away.
 				r.slots[slot] = nil
 				r.start(slot)
-				r.requests(slot, end.Add(4*sc.lifetime))
+				r.requests(slot, end.Add(3*sc.lifetime))
 				w.at(w.now.Add(inst.timeout+2*time.Second), func() {
 					if inst.closedAt == (time.Time{}) && !inst.killed {
 						w.violate("I7: %s did not finish closing within timeout + 1s", inst.name)
