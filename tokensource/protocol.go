@@ -41,7 +41,8 @@ package tokensource
 //	   marks), and again only after an outcome that left it unspent or
 //	   unknown. Spent and dead tokens are never sent (plan).
 //	I2 No pair is served before it is stored, except the memory-only
-//	   fallback after a failed write; then the lease is kept and renewed, so
+//	   fallback after a failed write; then the lease is kept and renewed (and
+//	   should it lapse, the holder's mark still guards the stale token), so
 //	   nobody refreshes from the stale stored pair, and Status says degraded.
 //	I3 Leases need neither synchronized clocks nor equal configs: a lease
 //	   carries its TTL; its holder counts from before its write on its own
