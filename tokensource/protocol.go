@@ -145,6 +145,9 @@ func (s *Source) tick(ctx context.Context) time.Time {
 	if err != nil {
 		s.log.Error("stored token record is unusable", zap.Error(err))
 	}
+	if err == nil {
+		s.dropStaleResend(rec)
+	}
 	adopted := err == nil && s.adopt(rec, now)
 	p := s.plan(rec, err, now)
 	if adopted && p.result == "" {
@@ -225,6 +228,27 @@ func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 		return plan{wake: s.refreshAt(t)}
 	}
 	return plan{send: rec.RefreshToken, cause: cause}
+}
+
+// dropStaleResend forgets a token awaiting a resend once storage says it is
+// no longer the one to send (a newer pair or another chain is stored, or it
+// is recorded as spent), so the lease kept for the resend is released. Its
+// mark stays on the lease: the token may still be spent.
+func (s *Source) dropStaleResend(rec *Record) {
+	a := &s.act
+	if a.resend == "" {
+		return
+	}
+	next := ""
+	switch {
+	case s.seedPending(rec):
+		next = s.seedFP
+	case rec.HasPair():
+		next = Fingerprint(rec.RefreshToken)
+	}
+	if next != a.resend || rec.spent(a.resend) {
+		a.resend = ""
+	}
 }
 
 // seedPending reports whether the configured seed is still to be

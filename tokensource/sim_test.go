@@ -219,6 +219,15 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 	}
 	w.run(end.Add(2 * sc.lifetime))
 	r.settle()
+	if l := r.lease(); l != nil && l.Owner != "" {
+		// Nothing is pending once faults healed: a live instance still
+		// holding the lease never gives it back (a dead one's lapses).
+		for _, inst := range r.slots {
+			if inst != nil && !inst.killed && strings.HasPrefix(l.Owner, inst.owner) && inst.src.act.lease != nil {
+				w.violate("%s still holds the lease after the run settled", inst.name)
+			}
+		}
+	}
 	r.finalChecks()
 	return sc, simResult{violations: w.violations, events: r.obs.events, installed: r.installed, injected: w.injected, kills: r.kills}
 }

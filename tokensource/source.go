@@ -229,10 +229,11 @@ func noRedirects(c *http.Client) *http.Client {
 // Account returns the account name.
 func (s *Source) Account() string { return s.cfg.Account }
 
-// Start launches the refresher. Calling it again does nothing.
+// Start launches the refresher. Calling it again, or after Close, does
+// nothing.
 func (s *Source) Start() {
-	if s.started.Swap(true) {
-		return
+	if s.closing() || s.started.Swap(true) {
+		return // a closed Source stays closed
 	}
 	s.wg.Add(1)
 	go s.run()
