@@ -94,6 +94,8 @@ type Status struct {
 	NextRefresh   time.Time
 	// Persisted is false while the served pair lives only in memory.
 	Persisted bool
+	// User is the Restream account the chain acts as; nil while unknown.
+	User *User
 }
 
 // Source keeps the newest token of one account. It is safe for concurrent

@@ -99,6 +99,19 @@ type Record struct {
 	// Cause says why this generation was issued: refresh, rejected (an
 	// upstream 401), operator, seed or install. The 401 rate limit reads it.
 	Cause string `json:"cause,omitempty"`
+	// User is the Restream account the chain acts as, read from the profile
+	// endpoint with the chain's first access token. Nil while unknown. It is
+	// carried from generation to generation: a chain never changes account.
+	User *User `json:"user,omitempty"`
+}
+
+// User identifies a Restream account. It is not secret: status pages, the
+// CLI and the admin API show it so operators can see which account a chain
+// acts as.
+type User struct {
+	// ID is Restream's numeric user id, kept as its decimal string.
+	ID       string `json:"id"`
+	Username string `json:"username,omitempty"`
 }
 
 // Causes of a generation.
