@@ -128,6 +128,19 @@ func (kr *Keyring) open(account string, env *envelope) ([]byte, error) {
 	return nil, fmt.Errorf("encrypted with key %s, which is neither encryption_key nor encryption_key_previous", env.KeyID)
 }
 
+// EncodeRecord is the stored form of rec under key: JSON, sealed when kr is
+// not nil. Store implementations other than the Caddy-storage one (Redis)
+// use it and DecodeRecord so every backend stores records the same way.
+func EncodeRecord(rec *Record, key, account string, kr *Keyring) ([]byte, error) {
+	return encodeRecord(rec, account, kr)
+}
+
+// DecodeRecord parses the stored form of a record read from key. It never
+// panics, whatever b holds; a record it cannot trust is an ErrCorruptRecord.
+func DecodeRecord(b []byte, key, account string, kr *Keyring) (*Record, error) {
+	return decodeRecord(b, key, account, kr)
+}
+
 // encodeRecord marshals rec, sealed when kr is not nil.
 func encodeRecord(rec *Record, account string, kr *Keyring) ([]byte, error) {
 	b, err := json.Marshal(rec)
