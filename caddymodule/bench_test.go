@@ -1,7 +1,10 @@
 package caddymodule
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"io"
 	"net/http"
 	"testing"
 
@@ -94,4 +97,55 @@ func BenchmarkTokenParallel(b *testing.B) {
 			}
 		}
 	})
+}
+
+// rewindBody is a request body the benchmark rewinds between iterations
+// without allocating.
+type rewindBody struct {
+	data []byte
+	off  int
+}
+
+func (b *rewindBody) Read(p []byte) (int, error) {
+	if b.off == len(b.data) {
+		return 0, io.EOF
+	}
+	n := copy(p, b.data[b.off:])
+	b.off += n
+	return n, nil
+}
+
+func (b *rewindBody) Close() error { return nil }
+
+// BenchmarkReplayBody measures a request whose body is kept for a replay
+// (the default), by body size.
+//
+//	go test -run '^$' -bench ReplayBody -benchmem ./caddymodule/
+func BenchmarkReplayBody(b *testing.B) {
+	for _, size := range []int{1 << 10, 64 << 10} {
+		b.Run(fmt.Sprintf("%dKiB", size>>10), func(b *testing.B) {
+			h := benchHandler(b, true)
+			body := &rewindBody{data: bytes.Repeat([]byte("x"), size)}
+			req, _ := http.NewRequest(http.MethodPost, "http://sidecar/v2/user/channel/1", nil)
+			req.ContentLength = int64(size)
+			w := &discardWriter{h: http.Header{"Server": {"Caddy"}}}
+			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				if _, err := io.Copy(io.Discard, r.Body); err != nil {
+					return err
+				}
+				w.WriteHeader(http.StatusOK)
+				return nil
+			})
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				body.off = 0
+				req.Body = body
+				if err := h.ServeHTTP(w, req, next); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
