@@ -390,7 +390,7 @@ func (r *simRun) markedBy(inst *simInstance) bool {
 	}
 	next := r.seed
 	if b, ok := r.w.kv.data[RecordKey(simAccount)]; ok {
-		if rec, err := decodeRecord(b, "token.json", simAccount, r.key); err == nil && rec.HasPair() {
+		if rec, err := decodeRecord(b, RecordKey(simAccount), simAccount, r.key); err == nil && rec.HasPair() {
 			next = rec.RefreshToken
 		}
 	}
@@ -606,7 +606,7 @@ func (r *simRun) finalChecks() {
 		w.violate("no record stored at the end")
 		return
 	}
-	rec, err := decodeRecord(b, "token.json", simAccount, r.key)
+	rec, err := decodeRecord(b, RecordKey(simAccount), simAccount, r.key)
 	if err != nil || !rec.HasPair() {
 		w.violate("the stored record is unusable at the end: %v", err)
 		return

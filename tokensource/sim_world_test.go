@@ -631,7 +631,7 @@ func (m *simRestream) issue(chain int) (string, string) {
 
 // stored notes a record write, for the I2 check.
 func (m *simRestream) stored(value []byte, inst *simInstance) {
-	rec, err := decodeRecord(value, "token.json", simAccount, inst.keyring)
+	rec, err := decodeRecord(value, RecordKey(simAccount), simAccount, inst.keyring)
 	if err != nil {
 		m.w.violate("a written record does not decode: %v", err)
 		return

@@ -181,7 +181,7 @@ func (s *storageStore) Load(ctx context.Context) (*Record, error) {
 }
 
 func (s *storageStore) CompareAndStore(ctx context.Context, rec *Record, base Version) error {
-	b, err := encodeRecord(rec, s.account, s.kr)
+	b, err := EncodeRecord(rec, s.keys.record, s.account, s.kr)
 	if err != nil {
 		return err
 	}
@@ -350,8 +350,10 @@ func LoadRecordKeyring(ctx context.Context, st Storage, account string, kr *Keyr
 }
 
 // decodeRecord parses a stored record. It never panics, whatever b holds (I8).
+// With a keyring it returns only records that keyring could have written:
+// sealed, in a current envelope, for this account and key.
 func decodeRecord(b []byte, key, account string, kr *Keyring) (*Record, error) {
-	b, err := decodeRecordBytes(b, key, account, kr)
+	b, sealing, err := unsealRecord(b, key, account, kr)
 	if err != nil {
 		return nil, err
 	}
@@ -364,6 +366,9 @@ func decodeRecord(b []byte, key, account string, kr *Keyring) (*Record, error) {
 		return nil, fmt.Errorf("%w %s: unsupported version %d", ErrCorruptRecord, key, rec.Version)
 	case !rec.HasPair() && (rec.RefreshToken != "" || rec.AccessToken != "" || rec.Generation > 0):
 		return nil, fmt.Errorf("%w %s: incomplete (missing tokens or expiry)", ErrCorruptRecord, key)
+	}
+	if err := refuseSealing(sealing, key, account, kr); err != nil {
+		return nil, err
 	}
 	return &rec, nil
 }
