@@ -86,6 +86,11 @@ type Lease struct {
 // Remaining is how long the holder may still act under the lease.
 func (l *Lease) Remaining(now time.Time) time.Duration { return l.validUntil.Sub(now) }
 
+// Held is for Store implementations outside this package: the write that
+// took or renewed l was sent at start (a clock reading taken before it), so
+// its holder may act under it until start + TTL (I3).
+func (l *Lease) Held(start time.Time) { l.validUntil = start.Add(l.TTL) }
+
 // maxLeaseTTL caps a TTL read from storage, so a bad record cannot block an
 // account for longer.
 const maxLeaseTTL = time.Hour
