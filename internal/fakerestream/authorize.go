@@ -14,7 +14,8 @@ import (
 //
 // It checks the request strictly (GET, response_type=code, this Server's
 // client_id, an absolute http(s) redirect_uri) and answers 400 otherwise.
-// Then it "approves": 302 to redirect_uri?code=<IssueCode(redirect_uri)>&scope=<comma-separated>&state=<state>,
+// Then it "approves" as the signed-in user (Options.User, SetUser): 302 to
+// redirect_uri?code=<IssueCode(redirect_uri)>&scope=<comma-separated>&state=<state>,
 // as Restream does. With deny=1 in the query it "denies" instead: 302 to
 // redirect_uri with no parameters at all, which is how Restream reports
 // refused consent.

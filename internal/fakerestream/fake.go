@@ -17,6 +17,12 @@
 // that SetFault(FaultRefuse) can take that port down (connection refused)
 // while the API on URL() stays up. SetFault injects the other failures a real
 // token endpoint or the proxies in front of it produce.
+//
+// Every chain belongs to a User (the one signed in when it was seeded or
+// authorized, see SetUser). GET /v2/user/profile answers with that user's
+// id, username and email, on URL() and on the token listener, so a client
+// that derives the profile URL from the token URL finds it; SetProfileFault
+// and SetProfileRedirect make it fail.
 package fakerestream
 
 import (
@@ -42,6 +48,18 @@ import (
 // Scope is the space-separated scope string returned with every token pair.
 const Scope = "profile.default.read channels.read chat.default.read stream.default.read"
 
+// User is a Restream account of the fake. Every chain belongs to the user
+// who authorized it; GET /v2/user/profile answers with that user.
+type User struct {
+	ID       int64
+	Username string
+	Email    string
+}
+
+// DefaultUser is the user signed in at the fake unless Options.User or
+// SetUser says otherwise.
+var DefaultUser = User{ID: 1001, Username: "fake-streamer", Email: "fake-streamer@example.com"}
+
 // Options configure a Server. Zero values get the defaults noted.
 type Options struct {
 	ClientID     string // default "test-client"
@@ -49,6 +67,11 @@ type Options struct {
 
 	AccessTTL  time.Duration // default 1h
 	RefreshTTL time.Duration // default 365*24h
+
+	// User is the user signed in at the fake: seeds, codes and the consent
+	// page start chains of this user until SetUser changes it. Default
+	// DefaultUser.
+	User User
 
 	// Latency is a fixed extra delay on each /oauth/token call, plus a random
 	// 0..LatencyJitter. The delay happens before the request is processed and
@@ -102,6 +125,8 @@ type Stats struct {
 	// kept-alive ones included); OpenTokenConns the same for TokenURL().
 	OpenAPIConns   int64
 	OpenTokenConns int64
+	// ProfileCalls counts GET /v2/user/profile requests, answered or not.
+	ProfileCalls int64
 }
 
 // Fault is a failure mode of the token endpoint, applied to /oauth/token
@@ -151,6 +176,26 @@ func (f Fault) String() string {
 	return "Fault(" + strconv.Itoa(int(f)) + ")"
 }
 
+// ProfileFault is a failure mode of GET /v2/user/profile, applied to calls
+// with a valid access token (a bad token gets 401 as always).
+type ProfileFault int
+
+const (
+	// ProfileNone: the profile endpoint answers with the chain's user.
+	ProfileNone ProfileFault = iota
+	// ProfileForbidden answers 403 insufficient_scope, as Restream does for
+	// a token whose application lacks the profile scope.
+	ProfileForbidden
+	// Profile500 answers 500 with Restream's JSON error shape.
+	Profile500
+	// ProfileGarbage answers 200 with an HTML page.
+	ProfileGarbage
+	// ProfileHuge answers 200 with a JSON body of HugeBodyBytes.
+	ProfileHuge
+	// ProfileRedirect answers 302 to the URL given to SetProfileRedirect.
+	ProfileRedirect
+)
+
 // HugeBodyBytes is the size of the FaultHuge answer.
 const HugeBodyBytes = 2 << 20
 
@@ -163,6 +208,7 @@ type Server struct {
 	down      atomic.Int64 // status to answer on /oauth/token, 0 = healthy
 
 	fault      atomic.Int64 // current Fault
+	profFault  atomic.Int64 // current ProfileFault
 	retryAfter atomic.Int64 // seconds, for Fault429
 	tokenMux   *http.ServeMux
 	tokenAddr  string         // host:port of the token listener, fixed for the Server's life
@@ -173,16 +219,19 @@ type Server struct {
 	tokenSrv *tokenServer  // nil while refused or after Close
 	isClosed bool
 
-	mu     sync.Mutex
-	pairs  map[string]*pair  // keyed by BOTH tokens of every live (not rotated/revoked) pair
-	codes  map[string]string // unused authorization code -> redirect_uri
-	chains int
-	issued []string // every token ever issued, for leak checks
+	mu         sync.Mutex
+	pairs      map[string]*pair    // keyed by BOTH tokens of every live (not rotated/revoked) pair
+	codes      map[string]authCode // unused authorization codes
+	chains     int
+	chainUsers map[int]User // the user of every chain
+	user       User         // signed in: new seeds and codes are this user's
+	profileTo  string       // where ProfileRedirect sends the caller
+	issued     []string     // every token ever issued, for leak checks
 
 	inflight                                                     atomic.Int64
 	refreshCalls, refreshOK, codeCalls, invalidGrant, invalidCli atomic.Int64
 	maxConc, apiCalls, api401                                    atomic.Int64
-	faulted, hangs, hanging, lost, dropped                       atomic.Int64
+	faulted, hangs, hanging, lost, dropped, profileCalls         atomic.Int64
 	lastTokenEnd                                                 atomic.Int64 // unix nanos
 	apiConns, tokenConns                                         atomic.Int64
 
@@ -198,6 +247,13 @@ type tokenServer struct {
 }
 
 type tokenServerKey struct{}
+
+// authCode is an unused authorization code: the redirect_uri it was issued for
+// and the user who approved.
+type authCode struct {
+	redirectURI string
+	user        User
+}
 
 // pair is one access+refresh pair; a chain is the sequence of pairs created by
 // rotating from one authorization.
@@ -225,13 +281,18 @@ func New(opts Options) *Server {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.User == (User{}) {
+		opts.User = DefaultUser
+	}
 	s := &Server{
-		opts:     opts,
-		closed:   make(chan struct{}),
-		pairs:    make(map[string]*pair),
-		codes:    make(map[string]string),
-		released: make(chan struct{}),
-		calls:    make(map[*http.Request]time.Time),
+		opts:       opts,
+		closed:     make(chan struct{}),
+		pairs:      make(map[string]*pair),
+		codes:      make(map[string]authCode),
+		chainUsers: make(map[int]User),
+		user:       opts.User,
+		released:   make(chan struct{}),
+		calls:      make(map[*http.Request]time.Time),
 	}
 	s.retryAfter.Store(2)
 	s.lastTokenEnd.Store(time.Now().UnixNano())
@@ -242,6 +303,9 @@ func New(opts Options) *Server {
 	s.tokenMux = http.NewServeMux()
 	s.tokenMux.HandleFunc("/oauth/token", s.handleToken)
 	s.tokenMux.HandleFunc("/oauth/revoke", s.handleRevoke)
+	// The profile also answers on the token listener: clients derive its
+	// URL from the token URL (same scheme and host, as at api.restream.io).
+	s.tokenMux.HandleFunc("/v2/user/profile", s.handleAPI)
 
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -376,8 +440,9 @@ func (s *Server) relistenLocked() {
 	panic(fmt.Sprintf("fakerestream: listening again on %s: %v", s.tokenAddr, err))
 }
 
-// Seed issues a brand-new pair as an authorization would, starting a new chain,
-// and returns its refresh token. Existing chains are untouched.
+// Seed issues a brand-new pair as an authorization would, starting a new chain
+// of the signed-in user, and returns its refresh token. Existing chains are
+// untouched.
 func (s *Server) Seed() string {
 	_, rt := s.SeedPair()
 	return rt
@@ -386,20 +451,74 @@ func (s *Server) Seed() string {
 // SeedPair is like Seed but returns both tokens of the new pair.
 func (s *Server) SeedPair() (access, refresh string) {
 	s.mu.Lock()
-	p := s.newChainLocked()
+	p := s.newChainLocked(s.user)
 	s.mu.Unlock()
 	return p.access, p.refresh
 }
 
-// IssueCode returns a single-use authorization code bound to redirectURI.
-// Any exchange attempt consumes it, even one that fails (e.g. wrong
-// redirect_uri), as RFC 6749 recommends for suspected replay.
-func (s *Server) IssueCode(redirectURI string) string {
-	code := randToken("code_")
+// SeedFor is Seed for a chain of user u.
+func (s *Server) SeedFor(u User) string {
 	s.mu.Lock()
-	s.codes[code] = redirectURI
+	p := s.newChainLocked(u)
 	s.mu.Unlock()
-	return code
+	return p.refresh
+}
+
+// SetUser signs u in: later seeds, codes and consents start chains of u.
+// Existing chains keep their user.
+func (s *Server) SetUser(u User) {
+	s.mu.Lock()
+	s.user = u
+	s.mu.Unlock()
+}
+
+// IssueCode returns a single-use authorization code bound to redirectURI,
+// approved by the signed-in user. Any exchange attempt consumes it, even one
+// that fails (e.g. wrong redirect_uri), as RFC 6749 recommends for suspected
+// replay.
+func (s *Server) IssueCode(redirectURI string) string {
+	s.mu.Lock()
+	u := s.user
+	s.mu.Unlock()
+	return s.IssueCodeFor(redirectURI, u)
+}
+
+// IssueCodeFor is IssueCode for a code approved by user u.
+func (s *Server) IssueCodeFor(redirectURI string, u User) string {
+	c := randToken("code_")
+	s.mu.Lock()
+	s.codes[c] = authCode{redirectURI: redirectURI, user: u}
+	s.mu.Unlock()
+	return c
+}
+
+// UserOf returns the user of the chain that access token tok belongs to,
+// if tok is live.
+func (s *Server) UserOf(tok string) (User, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.pairs[tok]
+	if p == nil {
+		return User{}, false
+	}
+	return s.chainUsers[p.chain], true
+}
+
+// SetProfileFault makes GET /v2/user/profile fail as f describes, for
+// valid tokens, until the next call; ProfileNone restores it.
+func (s *Server) SetProfileFault(f ProfileFault) { s.profFault.Store(int64(f)) }
+
+// SetProfileRedirect makes GET /v2/user/profile answer 302 to target (the
+// ProfileRedirect fault); "" restores it.
+func (s *Server) SetProfileRedirect(target string) {
+	s.mu.Lock()
+	s.profileTo = target
+	s.mu.Unlock()
+	if target == "" {
+		s.profFault.Store(int64(ProfileNone))
+		return
+	}
+	s.profFault.Store(int64(ProfileRedirect))
 }
 
 // RevokeAccessTokens invalidates every access token issued so far, leaving
@@ -452,6 +571,7 @@ func (s *Server) Stats() Stats {
 		DroppedCalls:         s.dropped.Load(),
 		OpenAPIConns:         s.apiConns.Load(),
 		OpenTokenConns:       s.tokenConns.Load(),
+		ProfileCalls:         s.profileCalls.Load(),
 	}
 }
 
@@ -499,10 +619,11 @@ func (s *Server) accessValidLocked(tok string, now time.Time) bool {
 	return p != nil && p.access == tok && !p.accessRevoked && now.Before(p.accessExp)
 }
 
-func (s *Server) newChainLocked() *pair {
+func (s *Server) newChainLocked(u User) *pair {
 	s.chains++
+	s.chainUsers[s.chains] = u
 	p := s.issueLocked(s.chains)
-	s.logf("fakerestream: chain %d started: %s / %s", p.chain, short(p.access), short(p.refresh))
+	s.logf("fakerestream: chain %d of user %d started: %s / %s", p.chain, u.ID, short(p.access), short(p.refresh))
 	return p
 }
 
@@ -636,8 +757,8 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 		want, ok := s.codes[code]
 		delete(s.codes, code)
 		var p *pair
-		if ok && want == redirect {
-			p = s.newChainLocked()
+		if ok && want.redirectURI == redirect {
+			p = s.newChainLocked(want.user)
 		}
 		s.mu.Unlock()
 		if p == nil {
@@ -878,16 +999,17 @@ func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
 			tok = strings.TrimSpace(t)
 		}
 	}
+	profile := r.URL.Path == "/v2/user/profile" && r.Method == http.MethodGet
+	if profile {
+		s.profileCalls.Add(1)
+	}
 	if tok == "" || !s.ValidAccessToken(tok) {
 		s.api401.Add(1)
-		writeJSON(w, http.StatusUnauthorized, map[string]any{"error": map[string]any{
-			"statusCode": 401, "status": 401, "code": 401,
-			"message": "Invalid token: access token is invalid", "name": "invalid_token",
-		}})
+		writeAPIError(w, http.StatusUnauthorized, "invalid_token", "Invalid token: access token is invalid")
 		return
 	}
 	sum := sha256.Sum256(body)
-	writeJSON(w, http.StatusOK, map[string]any{
+	echo := map[string]any{
 		"method":             r.Method,
 		"path":               r.URL.Path,
 		"query":              r.URL.RawQuery,
@@ -895,7 +1017,51 @@ func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
 		"body_len":           len(body),
 		"authorization":      authz,
 		"access_token_query": queryTok,
-	})
+	}
+	if profile && s.writeProfileFault(w, r) {
+		return
+	}
+	if profile {
+		// Restream's profile: id (a number), username, email. The echo
+		// fields stay, for tests that check what a proxy sent.
+		u, _ := s.UserOf(tok)
+		echo["id"], echo["username"], echo["email"] = u.ID, u.Username, u.Email
+	}
+	writeJSON(w, http.StatusOK, echo)
+}
+
+// writeProfileFault answers a profile call under the current ProfileFault;
+// false if there is none.
+func (s *Server) writeProfileFault(w http.ResponseWriter, r *http.Request) bool {
+	switch ProfileFault(s.profFault.Load()) {
+	case ProfileForbidden:
+		writeAPIError(w, http.StatusForbidden, "insufficient_scope", "Insufficient scope: authorized scope is insufficient")
+	case Profile500:
+		writeAPIError(w, http.StatusInternalServerError, "server_error", "Internal server error")
+	case ProfileGarbage:
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "<!DOCTYPE html>\n<html><body><h1>Restream</h1><p>Something went wrong.</p></body></html>\n")
+	case ProfileHuge:
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, `{"id":1,"username":"`+strings.Repeat("x", HugeBodyBytes)+`"}`)
+	case ProfileRedirect:
+		s.mu.Lock()
+		to := s.profileTo
+		s.mu.Unlock()
+		http.Redirect(w, r, to, http.StatusFound)
+	default:
+		return false
+	}
+	return true
+}
+
+// writeAPIError answers in the API's error shape.
+func writeAPIError(w http.ResponseWriter, status int, name, msg string) {
+	writeJSON(w, status, map[string]any{"error": map[string]any{
+		"statusCode": status, "status": status, "code": status, "message": msg, "name": name,
+	}})
 }
 
 func writeOAuthError(w http.ResponseWriter, status int, code, desc string) {
