@@ -28,14 +28,16 @@ import (
 
 // The restream-auth CLI works on the token chains in the storage a config
 // names, without a running Caddy: `status` reports what is stored, `seed`
-// installs a new chain from a refresh token read on stdin. Running instances
-// that share the storage adopt a seeded chain by themselves.
+// installs a new chain from a refresh token read on stdin, `encrypt` seals a
+// stored record with the configured encryption_key. Running instances that
+// share the storage adopt a seeded or sealed chain by themselves. What they
+// print from storage goes through cliClean first.
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "restream-auth",
-		Usage: "status|seed --config <file> [--adapter <name>]",
-		Short: "Shows or seeds the restream_auth token chains in the configured storage",
+		Usage: "status|seed|encrypt --config <file> [--adapter <name>]",
+		Short: "Shows, seeds or encrypts the restream_auth token chains in the configured storage",
 		Long: `
 Works on the Restream token chains that the restream_auth handlers of a
 config keep in Caddy's storage. The config (--config, adapted with --adapter
@@ -46,6 +48,7 @@ no token is ever printed.
 
   caddy restream-auth status --config Caddyfile [--json]
   caddy restream-auth seed --config Caddyfile [--account <name>] < refresh_token.txt
+  caddy restream-auth encrypt --config Caddyfile [--account <name>]
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			status := &cobra.Command{
@@ -53,8 +56,10 @@ no token is ever printed.
 				Short: "Shows each account's stored token chain",
 				Long: `
 For every restream_auth account in the config, shows what the storage holds:
-the chain's generation and id, when the access and refresh tokens expire,
-how many seeds were consumed, and who holds the refresh lease if it is live.
+the chain's generation and id, the Restream user it acts as ("unknown"
+until an instance has read it), its scope, when the access and refresh
+tokens expire, how many seeds were consumed, and who holds the refresh
+lease if it is live. Control characters in stored values are shown escaped.
 
 The state is seen from storage only:
   ok               a stored pair whose access token is still valid
@@ -71,7 +76,10 @@ The state is seen from storage only:
   no_chain         no pair stored (perhaps only the fingerprints of spent or
                    rejected tokens): seed a chain
   unreadable       the record cannot be read (the error names the key); it
-                   is never overwritten: fix or delete it
+                   is never overwritten: fix or delete it. With
+                   encryption_key, a record that is not encrypted, or sealed
+                   by an earlier version, is unreadable too: seal it with
+                   caddy restream-auth encrypt
 
 The lease line shows its holder and the expiry the holder wrote (instances
 do not trust it: they take a lease over only once they have seen it
@@ -84,7 +92,7 @@ Exit status: 0 when every account has a chain (ok or access_expired),
 1 otherwise.
 `,
 				Args: cobra.NoArgs,
-				RunE: caddycmd.WrapCommandFuncForCobra(cliStatusCommand),
+				RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliStatusCommand)),
 			}
 			status.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
 			status.Flags().StringP("adapter", "a", "", "Name of config adapter")
@@ -110,7 +118,7 @@ the user Caddy runs as (file_system storage writes files only their owner
 can read; the default storage lives in the caller's data directory).
 `,
 				Args: cobra.NoArgs,
-				RunE: caddycmd.WrapCommandFuncForCobra(cliSeedCommand),
+				RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliSeedCommand)),
 			}
 			seed.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
 			seed.Flags().StringP("adapter", "a", "", "Name of config adapter")
@@ -260,11 +268,31 @@ type cliAccountStatus struct {
 	ConsumedSeeds    int       `json:"consumed_seeds"`
 	// DeadTokens counts the refresh tokens the endpoint rejected.
 	DeadTokens int `json:"dead_tokens,omitempty"`
+	// User is the Restream account the chain acts as; null while unknown.
+	User *cliUser `json:"user"`
+	// Scope is the chain's granted scope, as the token endpoint gave it.
+	Scope []string `json:"scope,omitempty"`
 	// Lease is set while the lease record names a holder (an instance or
 	// the seed command) or marks a refresh token.
 	Lease *cliLease `json:"lease,omitempty"`
 	// LeaseError is set when the lease record cannot be read.
 	LeaseError string `json:"lease_error,omitempty"`
+}
+
+// cliUser is the Restream account a chain acts as.
+type cliUser struct {
+	ID       string `json:"id"`
+	Username string `json:"username,omitempty"`
+}
+
+func (u *cliUser) String() string {
+	switch {
+	case u == nil:
+		return "unknown"
+	case u.Username == "":
+		return "id " + u.ID
+	}
+	return fmt.Sprintf("%s (id %s)", u.Username, u.ID)
 }
 
 // cliLease is the lease record as the status command shows it. ExpiresAt
@@ -347,6 +375,10 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 			storedFP = tokensource.Fingerprint(rec.RefreshToken)
 			a.Generation, a.Chain = rec.Generation, rec.Chain
 			a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
+			if rec.User != nil {
+				a.User = &cliUser{ID: rec.User.ID, Username: rec.User.Username}
+			}
+			a.Scope = rec.Scope
 			a.IssuedAt = rec.IssuedAt.UTC()
 			a.AccessExpiresAt = rec.Expiry.UTC()
 			a.AccessExpiresIn = cliPtr(int64(rec.Expiry.Sub(now) / time.Second))
@@ -373,6 +405,7 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 		}
 		st.Accounts = append(st.Accounts, a)
 	}
+	cliCleanStatus(&st)
 	return st
 }
 
@@ -426,6 +459,10 @@ func cliWriteStatus(w io.Writer, st cliStatus) error {
 		if a.Generation != 0 || a.Chain != "" {
 			fmt.Fprintf(tw, "  generation\t%d\n", a.Generation)
 			fmt.Fprintf(tw, "  chain\t%s\n", a.Chain)
+			fmt.Fprintf(tw, "  user\t%s\n", a.User)
+			if len(a.Scope) > 0 {
+				fmt.Fprintf(tw, "  scope\t%s\n", strings.Join(a.Scope, " "))
+			}
 			fmt.Fprintf(tw, "  issued\t%s\n", cliTime(a.IssuedAt, now))
 			fmt.Fprintf(tw, "  access expires\t%s\n", cliTime(a.AccessExpiresAt, now))
 			fmt.Fprintf(tw, "  refresh expires\t%s\n", cliTime(a.RefreshExpiresAt, now))
@@ -547,7 +584,7 @@ func cliSeedCommand(fl caddycmd.Flags) (int, error) {
 	now := time.Now()
 	fmt.Fprintf(os.Stdout, "account %q: installed a new token chain in %s\n", account, storageIdentity(cfg.storage))
 	fmt.Fprintf(os.Stdout, "  generation      %d\n", tok.Generation)
-	fmt.Fprintf(os.Stdout, "  chain           %s\n", tok.Chain)
+	fmt.Fprintf(os.Stdout, "  chain           %s\n", cliClean(tok.Chain))
 	fmt.Fprintf(os.Stdout, "  access expires  %s\n", cliTime(tok.Expiry, now))
 	if !tok.RefreshExpiry.IsZero() {
 		fmt.Fprintf(os.Stdout, "  refresh expires %s\n", cliTime(tok.RefreshExpiry, now))

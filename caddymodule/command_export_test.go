@@ -1,0 +1,7 @@
+package caddymodule
+
+// Internals of the restream-auth commands, for the external tests.
+var (
+	CLIClean      = cliClean
+	CLICleanError = cliCleanError
+)
