@@ -124,6 +124,7 @@ can read; the default storage lives in the caller's data directory).
 			seed.Flags().StringP("adapter", "a", "", "Name of config adapter")
 			seed.Flags().String("account", DefaultAccount, "Account to seed")
 			cmd.AddCommand(seed)
+			cmd.AddCommand(cliEncryptCobra())
 		},
 	})
 }

@@ -30,6 +30,7 @@ type cmdAccount struct {
 	Name         string // "" for the default account (no argument)
 	ClientSecret string // default test-secret
 	Subroute     bool   // put the handler inside a handle block (a subroute)
+	Extra        string // more restream_auth subdirectives
 }
 
 // cmdCaddyfile is a Caddyfile with one site per account in front of fake.
@@ -50,8 +51,12 @@ func cmdCaddyfile(t *testing.T, storageDir string, fake *fakerestream.Server, ac
 		if a.Name != "" {
 			directive += " " + a.Name
 		}
-		block := fmt.Sprintf("%s {\n\tclient_id test-client\n\tclient_secret %s\n\ttoken_url %s\n}\nreverse_proxy %s\n",
-			directive, secret, fake.TokenURL(), fake.URL())
+		extra := ""
+		if a.Extra != "" {
+			extra = indent(a.Extra)
+		}
+		block := fmt.Sprintf("%s {\n\tclient_id test-client\n\tclient_secret %s\n\ttoken_url %s\n%s}\nreverse_proxy %s\n",
+			directive, secret, fake.TokenURL(), extra, fake.URL())
 		if a.Subroute {
 			block = "handle /v2/* {\n" + indent(block) + "}\n"
 		}

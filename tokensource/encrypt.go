@@ -210,7 +210,7 @@ func (s Sealing) String() string {
 	case !s.Encrypted:
 		return "not encrypted"
 	case s.Legacy:
-		return "encrypted with key " + s.KeyID + " in a legacy envelope (bound to the account only)"
+		return "encrypted with key " + s.KeyID + " in a legacy envelope, bound to the account only"
 	}
 	return "encrypted with key " + s.KeyID
 }
