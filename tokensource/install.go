@@ -20,22 +20,31 @@ func (s *Source) ExchangeCode(ctx context.Context, code, redirectURI string) (*R
 	return s.x.exchangeCode(context.WithoutCancel(ctx), code, redirectURI)
 }
 
+// InstallCheck vets, under the account's lease, the stored record that a
+// new chain is about to replace (nil if there is none). An error refuses the
+// install: nothing is written, and the install returns that error.
+type InstallCheck func(stored *Record) error
+
 // InstallPair stores a pair just obtained from the token endpoint as a new
-// chain and publishes it.
-func (s *Source) InstallPair(ctx context.Context, rec *Record) (*Token, error) {
-	return s.install(ctx, func(context.Context) (*Record, error) { return rec, nil }, "")
+// chain and publishes it. rec.User, if set, is stored with it: nothing else
+// comes from the chain it replaces. checks run under the lease, so no
+// install or rotation can slip in between a check and the write.
+func (s *Source) InstallPair(ctx context.Context, rec *Record, checks ...InstallCheck) (*Token, error) {
+	return s.install(ctx, func(context.Context) (*Record, error) { return rec, nil }, "", checks)
 }
 
 // InstallSeed exchanges a refresh token obtained elsewhere and stores the new
-// pair as a new chain. The refresh token is spent by the exchange.
+// pair as a new chain. The refresh token is spent by the exchange. With a
+// ProfileURL, the chain's user is then read with its first access token and
+// recorded (a failure is logged; the next rotation tries again).
 func (s *Source) InstallSeed(ctx context.Context, refreshToken string) (*Token, error) {
-	return s.install(ctx, func(ctx context.Context) (*Record, error) { return s.x.exchange(ctx, refreshToken) }, Fingerprint(refreshToken))
+	return s.install(ctx, func(ctx context.Context) (*Record, error) { return s.x.exchange(ctx, refreshToken) }, Fingerprint(refreshToken), nil)
 }
 
 // installWait bounds an install's wait for the lease.
 const installWait = 30 * time.Second
 
-func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Record, error), seedFP string) (*Token, error) {
+func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Record, error), seedFP string, checks []InstallCheck) (*Token, error) {
 	// Detached, like a refresh: a spent token's answer must be stored.
 	ctx, cancel := withTimeout(context.WithoutCancel(ctx), s.clock, installWait+s.cfg.Timeout+2*StorageTimeout)
 	defer cancel()
@@ -58,6 +67,11 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 		// I4, I5: a record that cannot be read is never replaced blindly.
 		return nil, &Error{Kind: Transient, Msg: s.named("reading the stored record before installing: " + err.Error())}
 	}
+	for _, check := range checks {
+		if err := check(stored); err != nil {
+			return nil, err
+		}
+	}
 	rec, err := obtain(ctx)
 	if err != nil {
 		var e *Error
@@ -70,6 +84,8 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 	next.Version, next.Chain, next.Cause = recordVersion, randomID(), CauseInstall
 	next.Generation = stored.version().Generation + 1
 	if stored != nil {
+		// Only the histories of spent tokens carry over; the chain, and the
+		// user it acts as, are the new pair's own.
 		next.ConsumedSeeds, next.DeadTokens = stored.ConsumedSeeds, stored.DeadTokens
 	}
 	// The configured seed must not start yet another chain over this one.
@@ -90,7 +106,38 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 	s.wake()
 	s.log.Info("installed a new token chain", zap.Uint64("generation", next.Generation),
 		zap.Time("access_expires_at", next.Expiry))
+	if seedFP != "" {
+		s.recordUser(ctx, &next) // stored first: now its token may be used
+	}
 	return s.cur.Load(), nil
+}
+
+// Binding is what a Source's chain is bound to: the application whose
+// credentials refresh it, and where and how it is stored. A chain must be
+// installed through a Source with the installer's binding, or it would be
+// refreshed with other credentials, or stored where, or as, nobody reads it.
+type Binding struct {
+	Account  string
+	ClientID string
+	// SecretFingerprint is the client secret's SHA-256: comparable, and
+	// safe to hold where the secret is not.
+	SecretFingerprint string
+	TokenURL          string
+	// Storage holds the record; nil for a Source built on a Store.
+	Storage Storage
+	// KeyIDs names the at-rest encryption keys, current first; "" without
+	// encryption.
+	KeyIDs string
+}
+
+// Binding returns the Source's binding.
+func (s *Source) Binding() Binding {
+	b := Binding{Account: s.cfg.Account, ClientID: s.cfg.ClientID, SecretFingerprint: Fingerprint(s.cfg.ClientSecret),
+		TokenURL: s.cfg.TokenURL, Storage: s.cfg.Storage}
+	if s.cfg.Keyring != nil {
+		b.KeyIDs = s.cfg.Keyring.KeyIDs()
+	}
+	return b
 }
 
 // takeLeaseWaiting takes the lease for owner, polling while another holds it.

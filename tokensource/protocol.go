@@ -27,6 +27,10 @@ package tokensource
 //	store   compare-and-set on the version that was read (I5), then publish,
 //	        clear the mark and release; if the write fails, serve the pair
 //	        from memory and keep renewing the lease until it is stored (I2)
+//	user    a generation inherits its chain's Restream user; while the user
+//	        is unknown, read it with the stored pair's access token and
+//	        write it into the same version (compare-and-set; a conflict
+//	        skips it, a failure waits for the next rotation)
 //
 // Outcomes of the call: a new pair (store it); invalid_grant (the token is
 // dead: store its fingerprint, reauth_required); invalid_client (a
@@ -360,10 +364,12 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 	a := &s.act
 	next.Generation, next.Cause = rec.version().Generation+1, p.cause
 	if rec != nil {
-		next.Chain, next.ConsumedSeeds, next.DeadTokens = rec.Chain, rec.ConsumedSeeds, rec.DeadTokens
+		// A chain never changes account: its user goes on with it.
+		next.Chain, next.ConsumedSeeds, next.DeadTokens, next.User = rec.Chain, rec.ConsumedSeeds, rec.DeadTokens, rec.User
 	}
 	if p.newSeed {
 		next.Chain = randomID()
+		next.User = nil // a new chain's user is read with its own token
 		next.ConsumedSeeds = appendBounded(next.ConsumedSeeds, s.seedFP)
 	}
 	octx, cancel := s.op(ctx)
@@ -388,6 +394,7 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 			zap.Duration("took", took))
 		s.clearMark(fp)
 		s.releaseLease(ctx)
+		s.recordUser(ctx, next) // stored first: now its token may be used
 		return s.refreshAt(next.token())
 	case errors.Is(err, ErrConflict):
 		// Only an install (a new chain) replaces the record under a live
@@ -529,6 +536,7 @@ func (s *Source) adopt(rec *Record, now time.Time) bool {
 		s.obs.Refreshed(s.cfg.Account, "adopted", 0)
 		return true
 	}
+	s.noteUser(rec) // another instance may have recorded the served chain's user
 	return false
 }
 

@@ -75,6 +75,12 @@ type Config struct {
 	Observer Observer
 	// Keyring, if set, encrypts the stored record at rest.
 	Keyring *Keyring
+	// ProfileURL is Restream's profile endpoint (see ProfileURLFor). When
+	// set, a chain whose user is unknown records it: a seed's after its
+	// first exchange, any other after its next stored generation, read with
+	// that generation's access token once it is stored. Empty: users are
+	// not read.
+	ProfileURL string
 }
 
 // Status is a point-in-time view of a Source for status pages and probes.
@@ -142,6 +148,8 @@ type Source struct {
 	lastResult  string
 	lastLoad    time.Time
 	memoryOnly  bool        // the served pair is not in storage (I2)
+	user        *User       // the Restream user of the served generation, nil while unknown
+	userWarned  string      // the chain whose unknown user was last logged
 	stopStale   func() bool // cancels the current token's stale timer
 	stopCancel  func() bool // cancels the Close deadline's timer
 }
@@ -440,6 +448,10 @@ func (s *Source) Status() Status {
 		st.LastError = s.lastErr.Msg
 		st.NextRefresh = s.nextAttempt
 	}
+	if s.user != nil {
+		u := *s.user
+		st.User = &u
+	}
 	st.State = s.stateLocked()
 	return st
 }
@@ -542,6 +554,7 @@ func (s *Source) publish(rec *Record, how string) bool {
 		s.stopStale = s.clock.AfterFunc(t.useUntil, func() { t.stale.Store(true) })
 	}
 	s.cur.Store(t)
+	s.user = rec.User
 	s.limited = nil // the rate limit's verdict was about an older token
 	s.signal()
 	s.obs.Published(s.cfg.Account, t)
