@@ -56,7 +56,8 @@ func benchHandler(b *testing.B, replay bool) *Handler {
 	if _, err := src.Token(context.Background()); err != nil {
 		b.Fatal(err)
 	}
-	return &Handler{Account: "bench", src: src, replay: replay, MaxReplayBody: DefaultMaxReplayBody, logger: zap.NewNop()}
+	return &Handler{Account: "bench", src: src, replay: replay, MaxReplayBody: DefaultMaxReplayBody,
+		MaxReplayTotal: DefaultMaxReplayTotal, logger: zap.NewNop()}
 }
 
 func benchServe(b *testing.B, h caddyhttp.MiddlewareHandler) {
@@ -129,8 +130,12 @@ func BenchmarkReplayBody(b *testing.B) {
 			req, _ := http.NewRequest(http.MethodPost, "http://sidecar/v2/user/channel/1", nil)
 			req.ContentLength = int64(size)
 			w := &discardWriter{h: http.Header{"Server": {"Caddy"}}}
+			// next reads and closes the body, as reverse_proxy's transport does.
 			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 				if _, err := io.Copy(io.Discard, r.Body); err != nil {
+					return err
+				}
+				if err := r.Body.Close(); err != nil {
 					return err
 				}
 				w.WriteHeader(http.StatusOK)

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"strconv"
@@ -34,6 +35,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    refresh_ahead   <duration>
 //	    replay_401      on|off
 //	    max_replay_body <size>
+//	    max_replay_total <size>
 //	    query_param     <name>
 //	    timeout         <duration>
 //	    encryption_key  <base64>
@@ -47,7 +49,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	h.Account = account
 	client := clientConfig{&h.ClientID, &h.ClientSecret, &h.TokenURL, &h.ClientAuth}
 	known := append(slices.Clone(clientOptions), "refresh_token", "refresh_ahead", "timeout", "replay_401",
-		"max_replay_body", "query_param", "encryption_key", "encryption_key_previous")
+		"max_replay_body", "max_replay_total", "query_param", "encryption_key", "encryption_key_previous")
+	var replayLine int // of the later of max_replay_body and max_replay_total
 	err = eachOption(d, known, func(sub, val string) error {
 		if ok, err := client.set(sub, val); ok {
 			return err
@@ -71,17 +74,21 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return fmt.Errorf("replay_401 %q: want on or off", val)
 			}
 			h.Replay401 = &on
-		case "max_replay_body":
-			size, err := humanize.ParseBytes(val)
-			switch {
-			case err != nil:
-				return fmt.Errorf("max_replay_body %q: not a size (e.g. 512KiB, 1MiB): %v", val, err)
-			case size > 1<<30:
-				return fmt.Errorf("max_replay_body %q: at most 1GiB", val)
-			case size == 0:
-				return fmt.Errorf("max_replay_body %q: must be positive (use replay_401 off to disable replays)", val)
+		case "max_replay_body", "max_replay_total":
+			limit, limitText := uint64(maxReplayBodyLimit), "1GiB"
+			if sub == "max_replay_total" {
+				limit, limitText = maxReplayTotalLimit, "1TiB"
 			}
-			h.MaxReplayBody = int64(size)
+			size, err := parseSize(sub, val, limit, limitText)
+			if err != nil {
+				return err
+			}
+			if sub == "max_replay_total" {
+				h.MaxReplayTotal = size
+			} else {
+				h.MaxReplayBody = size
+			}
+			replayLine = d.Line()
 		case "query_param":
 			h.QueryParam = val
 		case "encryption_key":
@@ -94,7 +101,34 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if err != nil {
 		return err
 	}
+	if replayLine != 0 {
+		body, total := cmp.Or(h.MaxReplayBody, DefaultMaxReplayBody), cmp.Or(h.MaxReplayTotal, DefaultMaxReplayTotal)
+		if err := checkReplayLimits(body, total); err != nil {
+			return errAtLine(d, replayLine, err)
+		}
+	}
 	return requireCredentials(d, "restream_auth", h.ClientID, h.ClientSecret)
+}
+
+// parseSize parses a human size (512KiB, 1MiB, 64MB) that must be above
+// zero and at most limit (limitText).
+func parseSize(sub, val string, limit uint64, limitText string) (int64, error) {
+	size, err := humanize.ParseBytes(val)
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("%s %q: not a size (e.g. 512KiB, 1MiB, 64MB): %v", sub, val, err)
+	case size > limit:
+		return 0, fmt.Errorf("%s %q: at most %s", sub, val, limitText)
+	case size == 0:
+		return 0, fmt.Errorf("%s %q: must be positive (use replay_401 off to disable replays)", sub, val)
+	}
+	return int64(size), nil
+}
+
+// errAtLine is d.Err for an earlier line of the block: a check that needs
+// the whole block blames the line that made it fail.
+func errAtLine(d *caddyfile.Dispenser, line int, err error) error {
+	return fmt.Errorf("%w, at %s:%d", err, d.File(), line)
 }
 
 // parsePositiveDuration parses a Caddy duration that must be above zero.

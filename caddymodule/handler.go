@@ -60,6 +60,13 @@ type Handler struct {
 	Replay401 *bool `json:"replay_401,omitempty"`
 	// MaxReplayBody is the largest request body buffered for a replay (default 1 MiB).
 	MaxReplayBody int64 `json:"max_replay_body,omitempty"`
+	// MaxReplayTotal caps, in bytes, the request bodies held for replays by
+	// all restream_auth handlers of the process together (default 64 MiB; at
+	// least max_replay_body). Bodies are read and counted as they arrive; a
+	// request that would take the total past the cap is proxied without a
+	// replay copy, as a body over max_replay_body is: an upstream 401 on it
+	// goes to the client.
+	MaxReplayTotal int64 `json:"max_replay_total,omitempty"`
 	// QueryParam, if set, also carries the token in this query parameter
 	// (Restream's websockets take it as accessToken).
 	QueryParam string `json:"query_param,omitempty"`
@@ -79,6 +86,7 @@ type Handler struct {
 	src     *tokensource.Source
 	poolKey string
 	replay  bool
+	skips   *skipLog // requests sent without a replay copy (max_replay_total)
 	logger  *zap.Logger
 }
 
@@ -107,6 +115,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	cfg.Observer = metricsObserver{}
 	if err := registerMetrics(ctx.GetMetricsRegistry(), h.Account); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
+	}
+	if err := h.provisionReplay(ctx.GetMetricsRegistry()); err != nil {
+		return err
 	}
 	h.poolKey = poolKey(cfg, storage)
 	val, _, err := sources.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
@@ -332,14 +343,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	st := getReplayState()
 	defer st.release()
-	replayable := !isUpgrade(r)
-	if replayable {
+	fit := bodyTooLarge // upgrades are never replayed
+	if !isUpgrade(r) {
 		var err error
-		if replayable, err = st.readBody(r, h.MaxReplayBody); err != nil {
+		if fit, err = st.readBody(r, h.MaxReplayBody, h.MaxReplayTotal); err != nil {
 			return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading request body: %w", err))
 		}
 	}
-	if !replayable {
+	if fit != bodyKept {
+		if fit == bodyOverTotal {
+			h.skips.note(h.logger, h.Account, h.MaxReplayTotal)
+		}
 		// Streamed as is; a 401 passes through, and is counted.
 		h.setToken(r, tok)
 		st.w.reset(w)

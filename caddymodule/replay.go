@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"sync"
@@ -18,10 +19,12 @@ const maxBuffered401 = 64 << 10
 // the response headers as they were before the first attempt, and a writer
 // that holds back a 401. It is pooled, so the hot path allocates nothing.
 type replayState struct {
-	body    bytes.Buffer
-	hasBody bool
-	saved   []headerEntry
-	w       replayWriter
+	body     *keptBody    // nil without a body
+	reserved int64        // bytes of body reserved in replayBytes
+	hasBody  bool         // body is complete
+	spilled  *spillReader // the body handed on without a replay copy, if any
+	saved    []headerEntry
+	w        replayWriter
 }
 
 type headerEntry struct {
@@ -33,51 +36,28 @@ var replayPool = sync.Pool{New: func() any { return new(replayState) }}
 
 func getReplayState() *replayState { return replayPool.Get().(*replayState) }
 
+// release gives back the request's share of max_replay_total and its
+// hold on the body. ServeHTTP defers it, so it runs however the request
+// ends, panics included.
 func (s *replayState) release() {
-	if s.body.Cap() > DefaultMaxReplayBody || s.w.buf.Cap() > maxBuffered401 {
+	replayBytes.release(s.reserved)
+	s.reserved = 0
+	if s.spilled != nil {
+		s.spilled.free(math.MaxInt64)
+		s.spilled = nil
+	}
+	if s.body != nil {
+		s.body.drop()
+		s.body = nil
+	}
+	if s.w.buf.Cap() > maxBuffered401 {
 		return // let an oversized buffer go rather than pin it in the pool
 	}
-	s.body.Reset()
 	s.hasBody = false
 	clear(s.saved)
 	s.saved = s.saved[:0]
 	s.w.reset(nil)
 	replayPool.Put(s)
-}
-
-// readBody buffers a body of known length up to limit. It reports false for
-// bodies that must be streamed instead (unknown length or over the limit).
-func (s *replayState) readBody(r *http.Request, limit int64) (bool, error) {
-	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
-		return true, nil
-	}
-	if r.ContentLength < 0 || r.ContentLength > limit {
-		return false, nil
-	}
-	s.body.Grow(int(r.ContentLength))
-	n, err := s.body.ReadFrom(io.LimitReader(r.Body, r.ContentLength))
-	_ = r.Body.Close()
-	if err != nil {
-		return false, err
-	}
-	if n != r.ContentLength {
-		return false, io.ErrUnexpectedEOF
-	}
-	s.hasBody = true
-	return true, nil
-}
-
-// rewind gives the request a fresh reader over the buffered body.
-func (s *replayState) rewind(r *http.Request) {
-	if !s.hasBody {
-		if r.Body != nil && r.Body != http.NoBody {
-			r.Body = http.NoBody
-		}
-		return
-	}
-	data := s.body.Bytes()
-	r.Body = io.NopCloser(bytes.NewReader(data))
-	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil }
 }
 
 // saveHeaders remembers the response headers set before the first attempt.

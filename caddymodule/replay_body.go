@@ -1,0 +1,276 @@
+package caddymodule
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+)
+
+// replayChunk is the step in which a request body is read and reserved
+// against max_replay_total: memory follows the bytes that arrive, never the
+// Content-Length a client claims.
+const replayChunk = 16 << 10
+
+// chunkPool holds full-size chunks; a body's shorter tail is allocated at
+// its size, so a small body reserves and holds only its own length.
+var chunkPool = sync.Pool{New: func() any { return new([replayChunk]byte) }}
+
+func getChunk(n int64) []byte {
+	if n == replayChunk {
+		return chunkPool.Get().(*[replayChunk]byte)[:]
+	}
+	return make([]byte, n)
+}
+
+func putChunk(c []byte) {
+	if len(c) == replayChunk {
+		chunkPool.Put((*[replayChunk]byte)(c))
+	}
+}
+
+// bodyFit says whether a request body was kept for a replay.
+type bodyFit int
+
+const (
+	bodyKept      bodyFit = iota // kept (or there is none): the request can be replayed
+	bodyTooLarge                 // unknown length or over max_replay_body: streamed untouched
+	bodyOverTotal                // max_replay_total reached: streamed after the part already read
+)
+
+// readBody keeps a body of known length up to limit, reading and reserving
+// it chunk by chunk as it arrives. When a chunk would take the bytes held by
+// all requests past total, it stops: the request goes on without a replay
+// copy, its body being what was read so far and then the rest.
+func (s *replayState) readBody(r *http.Request, limit, total int64) (bodyFit, error) {
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		return bodyKept, nil
+	}
+	if r.ContentLength < 0 || r.ContentLength > limit {
+		return bodyTooLarge, nil
+	}
+	kb := new(keptBody)
+	kb.chunks = kb.inline[:0]
+	kb.refs.Store(1) // the request's, dropped by release
+	s.body = kb
+	for left := r.ContentLength; left > 0; {
+		n := min(left, replayChunk)
+		if !replayBytes.reserve(n, total) {
+			s.spill(r)
+			return bodyOverTotal, nil
+		}
+		s.reserved += n
+		chunk := getChunk(n)
+		kb.chunks = append(kb.chunks, chunk)
+		if _, err := io.ReadFull(r.Body, chunk); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return bodyKept, err
+		}
+		left -= n
+	}
+	_ = r.Body.Close()
+	s.hasBody = true
+	return bodyKept, nil
+}
+
+// spill hands the chunks read so far, all full, and their reservation to a
+// reader that gives them to the upstream before the rest of the body.
+func (s *replayState) spill(r *http.Request) {
+	chunks := s.body.chunks
+	s.body.chunks = nil
+	s.body.drop()
+	s.body = nil
+	if len(chunks) == 0 {
+		return // nothing read: the body goes on untouched
+	}
+	sp := &spillReader{chunks: chunks, rest: r.Body}
+	sp.reserved.Store(s.reserved)
+	s.spilled = sp
+	s.reserved = 0
+	r.Body, r.GetBody = sp, nil
+}
+
+// rewind gives the request a new reader over the kept body for an attempt.
+func (s *replayState) rewind(r *http.Request) {
+	if !s.hasBody {
+		if r.Body != nil && r.Body != http.NoBody {
+			r.Body = http.NoBody
+		}
+		return
+	}
+	kb := s.body
+	r.Body = kb.reader()
+	r.GetBody = func() (io.ReadCloser, error) {
+		if rd := kb.reader(); rd != nil {
+			return rd, nil
+		}
+		return nil, errBodyReleased
+	}
+}
+
+var errBodyReleased = errors.New("restream_auth: request body already released")
+
+// keptBody is a request body kept for a replay. The request and each
+// reader given out hold a reference, and the chunks go back to chunkPool
+// when the last one lets go: a RoundTripper may read a body after
+// RoundTrip returns (it need only close it eventually), so the request's
+// end alone does not free them. A keptBody is not itself reused, so a late
+// GetBody cannot reach another request's body.
+type keptBody struct {
+	chunks [][]byte
+	inline [4][]byte // chunks' first backing array: bodies up to 64 KiB need no other
+	refs   atomic.Int32
+}
+
+// reader returns a reader holding a reference, or nil if none is left.
+func (b *keptBody) reader() *chunkReader {
+	for {
+		n := b.refs.Load()
+		if n == 0 {
+			return nil
+		}
+		if b.refs.CompareAndSwap(n, n+1) {
+			return &chunkReader{body: b}
+		}
+	}
+}
+
+func (b *keptBody) drop() {
+	if b.refs.Add(-1) != 0 {
+		return
+	}
+	for i, c := range b.chunks {
+		putChunk(c)
+		b.chunks[i] = nil
+	}
+	b.chunks = nil
+}
+
+// chunkReader reads a kept body. Close may come from another goroutine
+// than Read (RoundTrippers do that); a Close during a read leaves the
+// reference to the read, so the chunks cannot be recycled under it, and
+// Close never waits for a Write to the network to finish.
+type chunkReader struct {
+	body *keptBody
+	i    int // next byte: body.chunks[i][off]
+	off  int
+
+	mu     sync.Mutex
+	busy   bool // a Read or WriteTo is under way
+	closed bool
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if err := c.begin(); err != nil {
+		return 0, err
+	}
+	defer c.end()
+	chunks := c.body.chunks
+	for c.i < len(chunks) && c.off == len(chunks[c.i]) {
+		c.i, c.off = c.i+1, 0
+	}
+	if c.i == len(chunks) {
+		return 0, io.EOF
+	}
+	n := copy(p, chunks[c.i][c.off:])
+	c.off += n
+	return n, nil
+}
+
+// WriteTo writes the chunks straight to w, as bytes.Reader would.
+func (c *chunkReader) WriteTo(w io.Writer) (int64, error) {
+	if err := c.begin(); err != nil {
+		return 0, err
+	}
+	defer c.end()
+	var total int64
+	for chunks := c.body.chunks; c.i < len(chunks); c.i, c.off = c.i+1, 0 {
+		n, err := w.Write(chunks[c.i][c.off:])
+		total += int64(n)
+		c.off += n
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+func (c *chunkReader) begin() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return http.ErrBodyReadAfterClose
+	}
+	c.busy = true
+	return nil
+}
+
+func (c *chunkReader) end() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.busy = false
+	if c.closed {
+		c.body.drop()
+	}
+}
+
+func (c *chunkReader) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closed {
+		c.closed = true
+		if !c.busy {
+			c.body.drop()
+		}
+	}
+	return nil
+}
+
+// spillReader is the body of a request sent on without a replay copy after
+// part of it was read: the chunks read, then the rest from the client. Each
+// chunk leaves max_replay_total, and goes back to the pool, as soon as it
+// has been read, so a request stalled upstream keeps no share of the total.
+type spillReader struct {
+	chunks [][]byte
+	off    int // into chunks[0]
+	rest   io.ReadCloser
+	// reserved is what the unread chunks hold in replayBytes. Read frees it
+	// chunk by chunk and the request's end frees what is left, perhaps at
+	// the same time (a RoundTripper may read after the request ends): each
+	// takes its part out of reserved first, so nothing is freed twice.
+	reserved atomic.Int64
+}
+
+func (sp *spillReader) Read(p []byte) (int, error) {
+	if len(sp.chunks) == 0 {
+		return sp.rest.Read(p)
+	}
+	head := sp.chunks[0]
+	n := copy(p, head[sp.off:])
+	sp.off += n
+	if sp.off == len(head) {
+		sp.chunks[0] = nil
+		sp.chunks, sp.off = sp.chunks[1:], 0
+		sp.free(int64(len(head)))
+		putChunk(head)
+	}
+	return n, nil
+}
+
+// Close closes the client's body; the request's end frees the reservation.
+func (sp *spillReader) Close() error { return sp.rest.Close() }
+
+// free gives back up to n bytes of the reservation.
+func (sp *spillReader) free(n int64) {
+	for {
+		cur := sp.reserved.Load()
+		take := min(cur, n)
+		if take == 0 || sp.reserved.CompareAndSwap(cur, cur-take) {
+			replayBytes.release(take)
+			return
+		}
+	}
+}
