@@ -1,0 +1,346 @@
+// Package redistest runs a real redis-server for tests: on a free loopback
+// port, in a temporary directory, stopped by its PID when the test ends.
+//
+// Tests that need Redis call Start. Without a redis-server binary they are
+// skipped, unless RESTREAM_REQUIRE_REDIS=1 (set by CI), which makes a
+// missing binary a failure: a CI run must never pass by skipping them.
+package redistest
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// RequireEnv, set to 1, makes a missing redis-server fail the tests that
+// need it instead of skipping them.
+const RequireEnv = "RESTREAM_REQUIRE_REDIS"
+
+// Options configure a server. The zero value is a server without
+// persistence, password or replication.
+type Options struct {
+	// Password is required from clients (--requirepass) if set.
+	Password string
+	// AppendOnly turns on the append-only file (--appendonly yes), so a
+	// Restart keeps the data; without it the server keeps nothing on disk
+	// (--save "" --appendonly no) and a Restart starts empty.
+	AppendOnly bool
+	// ReplicaOf, as host:port, makes the server a replica of that one;
+	// MasterAuth is the master's password.
+	ReplicaOf  string
+	MasterAuth string
+	// Args are more redis-server options.
+	Args []string
+}
+
+// Server is a redis-server process.
+type Server struct {
+	t    testing.TB
+	bin  string
+	opts Options
+	// Port and Dir stay the same across Restart.
+	Port int
+	Dir  string
+
+	mu     sync.Mutex // guards cmd and exited
+	cmd    *exec.Cmd
+	exited chan struct{}
+
+	outMu  sync.Mutex // guards output
+	output *bytes.Buffer
+}
+
+// Binary returns the redis-server to run; it skips the test (or fails it
+// under RESTREAM_REQUIRE_REDIS=1) if there is none.
+func Binary(t testing.TB) string {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err == nil {
+		return bin
+	}
+	msg := "redis-server is not installed (Debian: apt-get install redis-server)"
+	if os.Getenv(RequireEnv) == "1" {
+		t.Fatalf("%s, and %s=1 requires it", msg, RequireEnv)
+	}
+	t.Skip(msg + "; skipping")
+	return ""
+}
+
+// Start runs a redis-server and waits until it answers PING. It is stopped
+// (SIGTERM, then SIGKILL) when the test ends.
+func Start(t testing.TB, opts Options) *Server {
+	t.Helper()
+	s := &Server{t: t, bin: Binary(t), opts: opts, Dir: t.TempDir()}
+	var err error
+	for range 3 { // a free port can be taken between the probe and the bind
+		s.Port = freePort(t)
+		if err = s.start(); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("starting redis-server: %v", err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Addr is the server's host:port.
+func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
+
+// URL is a redis:// URL of the server, with its password if it has one.
+func (s *Server) URL() string {
+	if s.opts.Password != "" {
+		return "redis://:" + s.opts.Password + "@" + s.Addr() + "/0"
+	}
+	return "redis://" + s.Addr() + "/0"
+}
+
+func (s *Server) args() []string {
+	a := []string{"--port", strconv.Itoa(s.Port), "--bind", "127.0.0.1", "--dir", s.Dir,
+		"--daemonize", "no", "--logfile", "", "--loglevel", "warning",
+		"--repl-diskless-sync-delay", "0"} // replicas sync at once
+	if s.opts.AppendOnly {
+		a = append(a, "--appendonly", "yes", "--appendfsync", "always", "--save", "")
+	} else {
+		a = append(a, "--appendonly", "no", "--save", "")
+	}
+	if s.opts.Password != "" {
+		a = append(a, "--requirepass", s.opts.Password)
+	}
+	if s.opts.ReplicaOf != "" {
+		host, port, err := net.SplitHostPort(s.opts.ReplicaOf)
+		if err != nil {
+			s.t.Fatalf("ReplicaOf %q: %v", s.opts.ReplicaOf, err)
+		}
+		a = append(a, "--replicaof", host, port)
+		if s.opts.MasterAuth != "" {
+			a = append(a, "--masterauth", s.opts.MasterAuth)
+		}
+	}
+	return append(a, s.opts.Args...)
+}
+
+// start runs the process and waits for PING; on failure the process is gone.
+func (s *Server) start() error {
+	out := new(bytes.Buffer)
+	cmd := exec.Command(s.bin, s.args()...)
+	w := lockedWriter{mu: &s.outMu, b: out}
+	cmd.Stdout, cmd.Stderr = w, w
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	s.mu.Lock()
+	s.cmd, s.exited = cmd, exited
+	s.mu.Unlock()
+	s.outMu.Lock()
+	s.output = out
+	s.outMu.Unlock()
+
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		_, err := s.Do("PING")
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("redis-server exited: %s", s.Output())
+		default:
+		}
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			<-exited
+			return fmt.Errorf("redis-server on port %d never answered PING: %v\n%s", s.Port, err, s.Output())
+		}
+		// An external process offers no readiness signal; poll briefly.
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Stop shuts the server down (SIGTERM, SIGKILL after 10s) and waits for it.
+// Stopping a stopped server does nothing.
+func (s *Server) Stop() { s.signal(syscall.SIGTERM) }
+
+// Kill ends the server with SIGKILL, as a crash would, and waits for it.
+func (s *Server) Kill() { s.signal(syscall.SIGKILL) }
+
+func (s *Server) signal(sig syscall.Signal) {
+	s.mu.Lock()
+	cmd, exited := s.cmd, s.exited
+	s.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	select {
+	case <-exited:
+		return
+	default:
+	}
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-exited
+		s.t.Errorf("redis-server (pid %d) did not stop on %v; killed", cmd.Process.Pid, sig)
+	}
+}
+
+// Restart stops the server if it runs and starts it again on the same port
+// and directory: without AppendOnly it comes back empty, like a Redis
+// restarted without persistence.
+func (s *Server) Restart() {
+	s.t.Helper()
+	s.Stop()
+	if err := s.start(); err != nil {
+		s.t.Fatalf("restarting redis-server on port %d: %v", s.Port, err)
+	}
+}
+
+// Output is what the server has printed.
+func (s *Server) Output() string {
+	s.outMu.Lock()
+	defer s.outMu.Unlock()
+	if s.output == nil {
+		return ""
+	}
+	return s.output.String()
+}
+
+// Do sends one command on a new connection (authenticated if the server has
+// a password) and returns the reply: a string, an int64, nil, or a []any.
+// An error reply is returned as an error.
+func (s *Server) Do(args ...string) (any, error) {
+	c, err := net.DialTimeout("tcp", s.Addr(), 2*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(c)
+	if s.opts.Password != "" {
+		if _, err := roundTrip(c, r, "AUTH", s.opts.Password); err != nil {
+			return nil, err
+		}
+	}
+	return roundTrip(c, r, args...)
+}
+
+// MustDo is Do that fails the test on an error.
+func (s *Server) MustDo(args ...string) any {
+	s.t.Helper()
+	v, err := s.Do(args...)
+	if err != nil {
+		s.t.Fatalf("redis %s: %v", args[0], err)
+	}
+	return v
+}
+
+// WaitReplicaUp waits until this replica's link to its master is up and
+// the master counts it, so that WAIT on the master can be answered.
+func (s *Server) WaitReplicaUp(master *Server) {
+	s.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		info, _ := s.Do("INFO", "replication")
+		minfo, _ := master.Do("INFO", "replication")
+		if str, ok := info.(string); ok && strings.Contains(str, "master_link_status:up") {
+			if mstr, ok := minfo.(string); ok && !strings.Contains(mstr, "connected_slaves:0") {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("replica on port %d never linked to its master: %v\n%s", s.Port, info, s.Output())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func roundTrip(w io.Writer, r *bufio.Reader, args ...string) (any, error) {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	}
+	if _, err := w.Write(b.Bytes()); err != nil {
+		return nil, err
+	}
+	return readReply(r)
+}
+
+func readReply(r *bufio.Reader) (any, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return nil, err
+	}
+	line = strings.TrimSuffix(line, "\r\n")
+	if line == "" {
+		return nil, errors.New("empty reply line")
+	}
+	switch line[0] {
+	case '+':
+		return line[1:], nil
+	case '-':
+		return nil, errors.New(line[1:])
+	case ':':
+		return strconv.ParseInt(line[1:], 10, 64)
+	case '$':
+		n, err := strconv.Atoi(line[1:])
+		if err != nil || n < 0 {
+			return nil, err
+		}
+		buf := make([]byte, n+2)
+		if _, err := io.ReadFull(r, buf); err != nil {
+			return nil, err
+		}
+		return string(buf[:n]), nil
+	case '*':
+		n, err := strconv.Atoi(line[1:])
+		if err != nil || n < 0 {
+			return nil, err
+		}
+		out := make([]any, n)
+		for i := range out {
+			if out[i], err = readReply(r); err != nil {
+				return nil, err
+			}
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("unexpected reply %q", line)
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
