@@ -10,6 +10,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -638,5 +639,38 @@ func TestImageName(t *testing.T) {
 		if !isSidecarImage(r) {
 			t.Errorf("image %q is not %s", r, imageName)
 		}
+	}
+}
+
+// TestKustomizeBuild renders kubernetes/ with kubectl's kustomize, when
+// kubectl is installed: the manifests build, and the sidecar's image is
+// mapped to the registry kustomization.yaml names.
+func TestKustomizeBuild(t *testing.T) {
+	kubectl, err := exec.LookPath("kubectl")
+	if err != nil {
+		t.Skip("kubectl is not installed (Debian: apt-get install kubernetes-client); skipping")
+	}
+	out, err := exec.Command(kubectl, "kustomize", "kubernetes").Output()
+	if err != nil {
+		t.Fatalf("kubectl kustomize kubernetes: %v", err)
+	}
+	kust := yamlDocs(t, "kubernetes/kustomization.yaml")[0]
+	want := str(list(kust, "images")[0], "newName") + ":" + str(list(kust, "images")[0], "newTag")
+	dec := yaml.NewDecoder(bytes.NewReader(out))
+	var images []string
+	for {
+		var doc map[string]any
+		if err := dec.Decode(&doc); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		_, sidecars := podContainers(get(doc, "spec", "template", "spec"))
+		for _, c := range sidecars {
+			images = append(images, str(c, "image"))
+		}
+	}
+	if len(images) != 1 || images[0] != want {
+		t.Errorf("rendered sidecar images %v: want [%s]", images, want)
 	}
 }
