@@ -33,22 +33,46 @@ func TestCaddyfileFullBlock(t *testing.T) {
 	refresh_ahead 2m
 	replay_401 off
 	max_replay_body 512KiB
+	max_replay_total 64MiB
 	query_param accessToken
 	timeout 15s
 }`,
 			want: Handler{
-				Account:       "main-acct",
-				ClientID:      "my-client",
-				ClientSecret:  "{file./run/secrets/restream_secret}",
-				RefreshToken:  "{env.RESTREAM_SEED}",
-				TokenURL:      "https://api.restream.io/oauth/token",
-				ClientAuth:    "body",
-				RefreshAhead:  caddy.Duration(2 * time.Minute),
-				Replay401:     ptr(false),
-				MaxReplayBody: 512 << 10,
-				QueryParam:    "accessToken",
-				Timeout:       caddy.Duration(15 * time.Second),
+				Account:        "main-acct",
+				ClientID:       "my-client",
+				ClientSecret:   "{file./run/secrets/restream_secret}",
+				RefreshToken:   "{env.RESTREAM_SEED}",
+				TokenURL:       "https://api.restream.io/oauth/token",
+				ClientAuth:     "body",
+				RefreshAhead:   caddy.Duration(2 * time.Minute),
+				Replay401:      ptr(false),
+				MaxReplayBody:  512 << 10,
+				MaxReplayTotal: 64 << 20,
+				QueryParam:     "accessToken",
+				Timeout:        caddy.Duration(15 * time.Second),
 			},
+		},
+		{
+			// The two sizes are checked together at the end of the block,
+			// so their order does not matter.
+			name: "replay sizes below the defaults, total first",
+			input: `restream_auth {
+	client_id id
+	client_secret secret
+	max_replay_total 512KiB
+	max_replay_body 256KiB
+}`,
+			want: Handler{ClientID: "id", ClientSecret: "secret", MaxReplayTotal: 512 << 10, MaxReplayBody: 256 << 10},
+		},
+		{
+			name: "replay total equal to the body, above the default total",
+			input: `restream_auth {
+	client_id id
+	client_secret secret
+	max_replay_body 1GiB
+	max_replay_total 1GiB
+}`,
+			want: Handler{ClientID: "id", ClientSecret: "secret", MaxReplayTotal: 1 << 30, MaxReplayBody: 1 << 30},
 		},
 		{
 			name: "minimal, no account",
@@ -67,13 +91,15 @@ func TestCaddyfileFullBlock(t *testing.T) {
 	replay_401 on
 	refresh_ahead 1d
 	max_replay_body 1MB
+	max_replay_total 64MB
 	timeout 500ms
 	token_url http://127.0.0.1:8080/oauth/token
 }`,
 			want: Handler{
 				Account: "acct_2.x-y", ClientID: "id", ClientSecret: "secret", ClientAuth: "basic",
 				Replay401: ptr(true), RefreshAhead: caddy.Duration(24 * time.Hour), MaxReplayBody: 1000 * 1000,
-				Timeout: caddy.Duration(500 * time.Millisecond), TokenURL: "http://127.0.0.1:8080/oauth/token",
+				MaxReplayTotal: 64 * 1000 * 1000,
+				Timeout:        caddy.Duration(500 * time.Millisecond), TokenURL: "http://127.0.0.1:8080/oauth/token",
 			},
 		},
 		{
@@ -121,6 +147,18 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"zero size", block("max_replay_body 0"), `max_replay_body "0": must be positive`, 4},
 		{"negative size", block("max_replay_body -1KiB"), `max_replay_body "-1KiB": not a size`, 4},
 		{"size too large", block("max_replay_body 2GiB"), `max_replay_body "2GiB": at most 1GiB`, 4},
+		{"bad total size", block("max_replay_total lots"), `max_replay_total "lots": not a size`, 4},
+		{"zero total size", block("max_replay_total 0"), `max_replay_total "0": must be positive`, 4},
+		{"negative total size", block("max_replay_total -64MiB"), `max_replay_total "-64MiB": not a size`, 4},
+		{"total size too large", block("max_replay_total 2TiB"), `max_replay_total "2TiB": at most 1TiB`, 4},
+		{"total below the body", block("max_replay_body 2MiB", "timeout 1s", "max_replay_total 1MiB"),
+			"max_replay_total (1.0 MiB) is below max_replay_body (2.0 MiB)", 6},
+		{"total below the body, body last", block("max_replay_total 1MiB", "max_replay_body 2MiB", "timeout 1s"),
+			"max_replay_total (1.0 MiB) is below max_replay_body (2.0 MiB)", 5},
+		{"total below the default body", block("max_replay_total 512KiB"),
+			"max_replay_total (512 KiB) is below max_replay_body (1.0 MiB): no body that large could be kept", 4},
+		{"body above the default total", block("max_replay_body 128MiB"),
+			"max_replay_total (64 MiB) is below max_replay_body (128 MiB): no body that large could be kept; raise max_replay_total", 4},
 		{"bad client_auth", block("client_auth header"), `client_auth "header": want basic or body`, 4},
 		{"bad replay_401", block("replay_401 maybe"), `replay_401 "maybe": want on or off`, 4},
 		{"token_url http non-loopback", block("token_url http://api.restream.io/oauth/token"),

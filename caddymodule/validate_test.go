@@ -98,6 +98,7 @@ func TestValidateBadCaddyfileLine(t *testing.T) {
 		{"http token_url", "token_url http://example.com/oauth/token", "plain http is allowed only for loopback hosts"},
 		{"bad client_auth", "client_auth header", "want basic or body"},
 		{"extra value", "query_param a b", "query_param: expected one value, got more"},
+		{"replay total below the body", "max_replay_total 512KiB", "max_replay_total (512 KiB) is below max_replay_body (1.0 MiB)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -196,6 +197,14 @@ func TestValidateProvisionErrors(t *testing.T) {
 			`client_auth \"header\": want basic or body`},
 		{"negative timeout", `"timeout":10000000000`, `"timeout":-1`,
 			"refresh_ahead, timeout and max_replay_body must not be negative"},
+		{"negative max_replay_total", `"handler":"restream_auth"`, `"handler":"restream_auth","max_replay_total":-1`,
+			"max_replay_total must not be negative"},
+		{"max_replay_total below max_replay_body", `"handler":"restream_auth"`, `"handler":"restream_auth","max_replay_total":1024`,
+			"max_replay_total (1.0 KiB) is below max_replay_body (1.0 MiB): no body that large could be kept"},
+		{"max_replay_body over 1GiB", `"handler":"restream_auth"`, `"handler":"restream_auth","max_replay_body":2147483648,"max_replay_total":4294967296`,
+			"max_replay_body 2147483648: at most 1GiB"},
+		{"max_replay_total over 1TiB", `"handler":"restream_auth"`, `"handler":"restream_auth","max_replay_total":2199023255552`,
+			"max_replay_total 2199023255552: at most 1TiB"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if !strings.Contains(base, tc.from) {
