@@ -155,26 +155,35 @@ end
 return {status, '', '', ''}
 `)
 
-// load: KEYS record; ARGV the record this client last read or wrote (gen,
-// chain, data), or nothing. Returns {status, gen, chain, data, detail}:
+// load: KEYS record, lease; ARGV settle_token, settle_ms, then the record
+// this client last read or wrote (gen, chain, data), or nothing. Returns
+// {status, gen, chain, data, detail}:
 //
 //	ok        data is the stored record
 //	restored  the record was gone, or held an older generation of the known
 //	          record's chain: the known one was written back and is returned
 //	none      there is no record (and none known)
 //	corrupt   the key holds something unusable
+//
+// A record written back from a client's memory may be older than one
+// another client holds (it read the record just before a rotation it has
+// not seen yet). So a write-back also takes the lease, if free, for
+// settle_ms under a token no client owns: nobody refreshes from the
+// written-back record until every client had the time to write back a
+// newer one (their stores check every WatchInterval).
 var loadScript = redis.NewScript(readRecord + `
 local cur, bad = readRecord(KEYS[1])
 if bad then
 	return {'corrupt', '', '', '', bad}
 end
-if #ARGV == 3 and (not cur or newer(ARGV[1], ARGV[2], cur)) then
-	redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'chain', ARGV[2], 'data', ARGV[3])
+if #ARGV == 5 and (not cur or newer(ARGV[3], ARGV[4], cur)) then
+	redis.call('HSET', KEYS[1], 'gen', ARGV[3], 'chain', ARGV[4], 'data', ARGV[5])
+	redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 	local was = 'gone'
 	if cur then
 		was = cur.gen
 	end
-	return {'restored', ARGV[1], ARGV[2], ARGV[3], was}
+	return {'restored', ARGV[3], ARGV[4], ARGV[5], was}
 end
 if not cur then
 	return {'none', '', '', '', ''}

@@ -28,9 +28,13 @@
 // persistence, flushed, failed over to a lagging replica): a store writes
 // back the newest record it has read or written when Redis has none, or an
 // older generation of the same chain, in Load and in CompareAndStore; it
-// never overwrites another chain or a newer generation. The instance that
-// holds the newest pair thus restores it, and nobody starts a refresh from
-// a spent token or a seed the lost record had consumed.
+// never overwrites another chain or a newer generation. So the instance
+// that holds the newest pair restores it, and nobody starts a refresh from
+// a spent token or a seed the lost record had consumed. An instance's
+// knowledge may lag a rotation by a moment, so a write-back from memory
+// takes the lease for RestoreSettle, and every store reloads the record in
+// the background every WatchInterval: an instance holding a newer record
+// writes it back before anyone can refresh from an older one.
 package redisstore
 
 import (
@@ -77,7 +81,23 @@ type Options struct {
 	// ImportFrom, if set, is the Caddy storage an account's record is
 	// imported from, once, when Redis has none (see Load).
 	ImportFrom tokensource.Storage
+	// WatchInterval is how often the store checks, in the background, that
+	// Redis still holds the record, and writes back the one it knows if not;
+	// default 1s, negative for never. It keeps what an idle instance knows
+	// fresh, too.
+	WatchInterval time.Duration
+	// RestoreSettle is how long the lease stays taken after a record is
+	// written back from memory, so that an instance that knows a newer one
+	// writes it back before anyone refreshes; default 2.5s. It must exceed
+	// every instance's WatchInterval.
+	RestoreSettle time.Duration
 }
+
+// Defaults of Options.
+const (
+	DefaultWatchInterval = time.Second
+	DefaultRestoreSettle = 2500 * time.Millisecond
+)
 
 // Store is the tokensource.Store of one account on Redis. It is safe for
 // concurrent use.
@@ -101,6 +121,10 @@ type Store struct {
 	// held maps each lease this store took, and neither released nor found
 	// lost, to its token: the fence of CompareAndStore.
 	held map[*tokensource.Lease]string
+	// watching is set once the watch runs; closed once Close was called.
+	watching, closed bool
+	done             chan struct{}
+	wg               sync.WaitGroup
 
 	importer
 }
@@ -141,6 +165,12 @@ func New(c *redis.Client, account string, opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
+	if opts.WatchInterval == 0 {
+		opts.WatchInterval = DefaultWatchInterval
+	}
+	if opts.RestoreSettle <= 0 {
+		opts.RestoreSettle = DefaultRestoreSettle
+	}
 	base := opts.KeyPrefix + "{" + account + "}/"
 	o := c.Options()
 	s := &Store{
@@ -152,6 +182,7 @@ func New(c *redis.Client, account string, opts Options) (*Store, error) {
 		password: o.Password,
 		ident:    fmt.Sprintf("redis %s db %d, keys %s{%s}/", o.Addr, o.DB, opts.KeyPrefix, account),
 		held:     make(map[*tokensource.Lease]string),
+		done:     make(chan struct{}),
 	}
 	if opts.MinReplicas > 0 {
 		s.ident += fmt.Sprintf(", min_replicas %d", opts.MinReplicas)
@@ -184,11 +215,11 @@ func (s *Store) load(ctx context.Context) (*tokensource.Record, error) {
 	s.mu.Lock()
 	known := s.known
 	s.mu.Unlock()
-	var args []any
+	args := []any{settleToken(s.opts.RestoreSettle), s.opts.RestoreSettle.Milliseconds()}
 	if known != nil {
-		args = []any{strconv.FormatUint(known.gen, 10), known.chain, known.data}
+		args = append(args, strconv.FormatUint(known.gen, 10), known.chain, known.data)
 	}
-	reply, waitErr, err := s.run(ctx, loadScript, 5, []string{s.keys.record}, args,
+	reply, waitErr, err := s.run(ctx, loadScript, 5, []string{s.keys.record, s.keys.lease}, args,
 		func(r []string) bool { return r[0] == "restored" })
 	if err != nil {
 		return nil, s.errorf("reading %s: %w", s.keys.record, err)
@@ -229,11 +260,55 @@ func (s *Store) decode(gen, chain, data string) (*tokensource.Record, error) {
 	return rec, nil
 }
 
-// remember makes data the newest record this store knows.
+// remember makes data the newest record this store knows, and starts the
+// watch that writes it back should Redis lose it.
 func (s *Store) remember(rec *tokensource.Record, data string) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.known = &stored{gen: rec.Generation, chain: rec.Chain, data: data}
+	if !s.watching && !s.closed && s.opts.WatchInterval > 0 {
+		s.watching = true
+		s.wg.Add(1)
+		go s.watch()
+	}
+}
+
+// watch loads the record every WatchInterval: that writes the known record
+// back if Redis lost it, and keeps the known record fresh.
+func (s *Store) watch() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.opts.WatchInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), max(s.opts.WatchInterval, time.Second))
+		if _, err := s.load(ctx); err != nil {
+			s.log.Debug("watching the record in Redis", zap.Error(err))
+		}
+		cancel()
+	}
+}
+
+// Close stops the store's background watch. The client stays open: it is
+// the caller's, and may be shared.
+func (s *Store) Close() {
+	s.mu.Lock()
+	if !s.closed {
+		s.closed = true
+		close(s.done)
+	}
 	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// settleToken holds the lease after a write-back from memory; no client
+// owns it, so every TakeLease waits until it expires.
+func settleToken(d time.Duration) string {
+	return fmt.Sprintf(`{"owner":"written back from memory, settling","nonce":"","ttl_ms":%d}`, d.Milliseconds())
 }
 
 // CompareAndStore writes rec if the stored version is base, fenced by the

@@ -19,7 +19,7 @@ import (
 const account = "acct"
 
 // newStore is an instance's store on srv: its own client, as another
-// process would have.
+// process would have. Its background watch is off unless opts set it.
 func newStore(t testing.TB, srv *redistest.Server, opts redisstore.Options) *redisstore.Store {
 	t.Helper()
 	return newStoreURL(t, srv.URL(), opts)
@@ -33,10 +33,14 @@ func newStoreURL(t testing.TB, url string, opts redisstore.Options) *redisstore.
 	}
 	c := redisstore.NewClient(opt)
 	t.Cleanup(func() { _ = c.Close() })
+	if opts.WatchInterval == 0 {
+		opts.WatchInterval = -1 // unit tests write back only when they Load
+	}
 	s, err := redisstore.New(c, account, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(s.Close)
 	return s
 }
 
