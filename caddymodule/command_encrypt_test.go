@@ -174,8 +174,27 @@ func TestCommandEncryptLegacyAndRefusals(t *testing.T) {
 		!strings.Contains(res.stdout, "caddy restream-auth encrypt --config <file> --account default") {
 		t.Errorf("status with a legacy envelope: %s", res)
 	}
+	// A lease its holder stopped renewing (1s TTL) marks a token: encrypt
+	// waits until it has seen it unchanged for its TTL, and keeps the mark.
+	gone, _ := json.Marshal(map[string]any{"owner": "instance-gone", "nonce": "n", "ttl_ms": 1000, "mark": "fp-of-a-sent-token",
+		"marked_by": "instance-gone", "expires_at": now.Add(time.Second).UTC()})
+	if err := st.Store(context.Background(), tokensource.LeaseKey("default"), gone); err != nil {
+		t.Fatal(err)
+	}
 	res = runCmd(t, env, "", "restream-auth", "encrypt", "--config", cfgPath)
 	t.Logf("encrypt a legacy envelope:\n%s", res)
+	if !strings.Contains(res.stderr, "waiting for the refresh lease") {
+		t.Errorf("encrypt did not wait for the held lease: %s", res)
+	}
+	var lease struct {
+		Owner    string `json:"owner"`
+		Mark     string `json:"mark"`
+		MarkedBy string `json:"marked_by"`
+	}
+	if b, err := st.Load(context.Background(), tokensource.LeaseKey("default")); err != nil || json.Unmarshal(b, &lease) != nil ||
+		lease.Owner != "" || lease.Mark != "fp-of-a-sent-token" || lease.MarkedBy != "instance-gone" {
+		t.Errorf("the lease after encrypt: %+v (%v); want released, with the mark kept", lease, err)
+	}
 	if res.code != 0 || !strings.Contains(res.stdout, "with key "+newKR.KeyID()+" (it was encrypted with key "+oldKR.KeyID()+" in a legacy envelope") ||
 		!strings.Contains(res.stdout, "user legacy-user (id 77)") {
 		t.Fatalf("encrypt a legacy envelope: %s", res)

@@ -73,6 +73,9 @@ func NewKeyring(current []byte, previous ...[]byte) (*Keyring, error) {
 // seal them in place, an operator's explicit decision. Nothing else may use
 // it: a running instance never adopts a record it would not have written.
 func (kr *Keyring) ForMigration() *Keyring {
+	if kr == nil {
+		return nil
+	}
 	return &Keyring{keys: kr.keys, migrate: true}
 }
 
