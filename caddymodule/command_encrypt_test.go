@@ -89,8 +89,10 @@ func TestCommandEncryptSealsPlainRecord(t *testing.T) {
 		t.Errorf("encrypt without a key: %s", res)
 	}
 
+	started := time.Now()
 	res = runCmd(t, env, "", "restream-auth", "encrypt", "--config", keyedPath)
-	t.Logf("encrypt:\n%s", res)
+	sealedAt := time.Now()
+	t.Logf("encrypt (%s):\n%s", sealedAt.Sub(started).Round(time.Millisecond), res)
 	if res.code != 0 || !strings.Contains(res.stdout, "sealed the record at restream_auth/default/token.json with key "+kr.KeyID()+" (it was not encrypted): generation 1, chain "+seeded.Chain) {
 		t.Fatalf("encrypt: %s", res)
 	}
@@ -109,6 +111,7 @@ func TestCommandEncryptSealsPlainRecord(t *testing.T) {
 		status, _, _ := do(t, http.MethodGet, base+"/v2/user/profile", nil, nil)
 		return status == http.StatusOK
 	})
+	t.Logf("the instance serves %s after encrypt returned", time.Since(sealedAt).Round(time.Millisecond))
 	if st := fake.Stats(); st.RefreshCalls != 1 || st.InvalidGrant != 0 {
 		t.Errorf("fake saw %d refresh calls and %d invalid_grant; want 1 (the seed) and 0", st.RefreshCalls, st.InvalidGrant)
 	}
