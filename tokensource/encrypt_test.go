@@ -333,3 +333,24 @@ func TestMigrationSealsPlainRecordInPlace(t *testing.T) {
 	}
 	env.wantCalls(t, 1)
 }
+
+// BenchmarkDecodeRecord: what reading the stored record costs, plain and
+// sealed (the refresher reads it once per round, never on the hot path).
+func BenchmarkDecodeRecord(b *testing.B) {
+	kr, _ := NewKeyring(make([]byte, 32))
+	key := RecordKey(testAccount)
+	plain, _ := EncodeRecord(testRecord(), key, testAccount, nil)
+	sealed, _ := EncodeRecord(testRecord(), key, testAccount, kr)
+	for name, tc := range map[string]struct {
+		b  []byte
+		kr *Keyring
+	}{"plain": {plain, nil}, "sealed": {sealed, kr}} {
+		b.Run(name, func(b *testing.B) {
+			for b.Loop() {
+				if _, err := DecodeRecord(tc.b, key, testAccount, tc.kr); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
