@@ -18,3 +18,6 @@ func ReplaySkipped(account string) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// ReplayChunk is the step in which bodies are read and reserved.
+const ReplayChunk = replayChunk
