@@ -63,6 +63,12 @@ type TokenProxy struct {
 	ClientAuth string `json:"client_auth,omitempty"`
 	// Timeout bounds one upstream call, answer included (default 10s).
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// RedirectURIs are the redirect_uri values with which a device may
+	// redeem an authorization code, matched exactly. Without them the
+	// authorization_code grant is refused, so the proxy lends the client
+	// secret only to the application's own login flows. The refresh grant
+	// needs none.
+	RedirectURIs []string `json:"redirect_uris,omitempty"`
 
 	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
 	clientID, clientSecret string
@@ -105,6 +111,14 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	}
 	if p.Timeout == 0 {
 		p.Timeout = caddy.Duration(DefaultTokenProxyTimeout)
+	}
+	for i, u := range p.RedirectURIs {
+		if err := checkDeviceRedirectURI(u); err != nil {
+			return errors.New("restream_token_proxy: " + err.Error())
+		}
+		if slices.Contains(p.RedirectURIs[:i], u) {
+			return fmt.Errorf("restream_token_proxy: redirect_uris %q is listed twice", u)
+		}
 	}
 	p.transport = http.DefaultTransport.(*http.Transport).Clone()
 	p.transport.MaxIdleConnsPerHost = 4
@@ -208,6 +222,9 @@ func (p *TokenProxy) parseRequest(w http.ResponseWriter, r *http.Request, revoke
 	case "refresh_token":
 		fields = []string{"refresh_token"}
 	case "authorization_code":
+		if len(p.RedirectURIs) == 0 {
+			return "", "", nil, badRequest("the authorization_code grant is disabled: configure redirect_uris in restream_token_proxy to allow it")
+		}
 		fields = []string{"code", "redirect_uri"}
 	default:
 		return "", "", nil, &tokenProxyRefusal{status: http.StatusBadRequest, code: "unsupported_grant_type",
@@ -221,7 +238,58 @@ func (p *TokenProxy) parseRequest(w http.ResponseWriter, r *http.Request, revoke
 		}
 		out.Set(f, v)
 	}
+	if grant == "authorization_code" {
+		// Exactly as listed: no prefix, case or normalization games.
+		if !slices.Contains(p.RedirectURIs, out.Get("redirect_uri")) {
+			return "", "", nil, badRequest("redirect_uri is not one of the redirect_uris configured for this proxy")
+		}
+		// PKCE (RFC 7636): the verifier goes upstream unchanged.
+		if _, given := in["code_verifier"]; given {
+			v, ref := get("code_verifier")
+			if ref != nil {
+				return "", "", nil, ref
+			}
+			if !validCodeVerifier(v) {
+				return "", "", nil, badRequest("code_verifier must be 43 to 128 characters of A-Z a-z 0-9 - . _ ~ (RFC 7636)")
+			}
+			out.Set("code_verifier", v)
+		}
+	}
 	return grant, p.TokenURL, out, nil
+}
+
+// validCodeVerifier checks RFC 7636's code_verifier syntax.
+func validCodeVerifier(v string) bool {
+	if len(v) < 43 || len(v) > 128 {
+		return false
+	}
+	for _, c := range []byte(v) {
+		switch {
+		case 'A' <= c && c <= 'Z', 'a' <= c && c <= 'z', '0' <= c && c <= '9', c == '-', c == '.', c == '_', c == '~':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// checkDeviceRedirectURI accepts an absolute URI without a fragment (RFC 6749
+// 3.1.2), such as https://app.example/callback or a native app's
+// com.example.app:/callback.
+func checkDeviceRedirectURI(raw string) error {
+	if strings.ContainsFunc(raw, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+		return fmt.Errorf("redirect_uris %q: must not contain spaces or control characters", raw)
+	}
+	u, err := url.Parse(raw)
+	switch {
+	case err != nil || !u.IsAbs():
+		return fmt.Errorf("redirect_uris %q: not an absolute URI (it needs a scheme, as in https://app.example/callback)", raw)
+	case strings.Contains(raw, "#"):
+		return fmt.Errorf("redirect_uris %q: must not contain a fragment (#...)", raw)
+	case (u.Scheme == "http" || u.Scheme == "https") && u.Host == "":
+		return fmt.Errorf("redirect_uris %q: an %s URI needs a host", raw, u.Scheme)
+	}
+	return nil
 }
 
 // readTokenProxyForm reads a form body of at most TokenProxyMaxRequestBody
@@ -427,7 +495,12 @@ func (p *TokenProxy) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	enc.AddString("client_auth", mode)
 	enc.AddDuration("timeout", time.Duration(p.Timeout))
-	return nil
+	return enc.AddArray("redirect_uris", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
+		for _, u := range p.RedirectURIs {
+			a.AppendString(u)
+		}
+		return nil
+	}))
 }
 
 func parseTokenProxyCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
@@ -439,13 +512,17 @@ func parseTokenProxyCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandl
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
 //
 //	restream_token_proxy {
-//	    client_id     <id>
-//	    client_secret <secret>
-//	    token_url     <url>
-//	    revoke_url    <url>
-//	    client_auth   basic|body
-//	    timeout       <duration>
+//	    client_id      <id>
+//	    client_secret  <secret>
+//	    token_url      <url>
+//	    revoke_url     <url>
+//	    client_auth    basic|body
+//	    timeout        <duration>
+//	    redirect_uris  <uri...>
 //	}
+//
+// redirect_uris takes one or more URIs and may be repeated; the other
+// subdirectives take one value each.
 func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
 	if d.NextArg() {
@@ -453,29 +530,72 @@ func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	client := clientConfig{&p.ClientID, &p.ClientSecret, &p.TokenURL, &p.ClientAuth}
 	known := append(slices.Clone(clientOptions), "revoke_url", "timeout")
-	err := eachOption(d, known, func(sub, val string) error {
-		if ok, err := client.set(sub, val); ok {
-			return err
-		}
-		switch sub {
-		case "revoke_url":
-			if err := checkEndpointURL(sub, val); err != nil {
+	for d.NextBlock(0) {
+		sub := d.Val()
+		if sub == "redirect_uris" {
+			if err := p.addRedirectURIs(d); err != nil {
 				return err
 			}
-			p.RevokeURL = val
-		case "timeout":
-			dur, err := parsePositiveDuration(sub, val)
-			if err != nil {
-				return err
-			}
-			p.Timeout = dur
+			continue
 		}
-		return nil
-	})
-	if err != nil {
-		return err
+		// As eachOption: one non-empty value, errors at the line.
+		if !slices.Contains(known, sub) {
+			return d.Errf("unknown subdirective %q", sub)
+		}
+		var val string
+		if !d.Args(&val) {
+			return d.Errf("%s: expected one value", sub)
+		}
+		if d.NextArg() {
+			return d.Errf("%s: expected one value, got more", sub)
+		}
+		if val == "" {
+			return d.Errf("%s: empty value", sub)
+		}
+		if err := p.setOption(client, sub, val); err != nil {
+			return d.Err(err.Error())
+		}
 	}
 	return requireCredentials(d, "restream_token_proxy", p.ClientID, p.ClientSecret)
+}
+
+// setOption stores one single-valued subdirective.
+func (p *TokenProxy) setOption(client clientConfig, sub, val string) error {
+	if ok, err := client.set(sub, val); ok {
+		return err
+	}
+	switch sub {
+	case "revoke_url":
+		if err := checkEndpointURL(sub, val); err != nil {
+			return err
+		}
+		p.RevokeURL = val
+	case "timeout":
+		dur, err := parsePositiveDuration(sub, val)
+		if err != nil {
+			return err
+		}
+		p.Timeout = dur
+	}
+	return nil
+}
+
+// addRedirectURIs reads `redirect_uris <uri...>`.
+func (p *TokenProxy) addRedirectURIs(d *caddyfile.Dispenser) error {
+	uris := d.RemainingArgs()
+	if len(uris) == 0 {
+		return d.Err("redirect_uris: expected at least one URI")
+	}
+	for _, u := range uris {
+		if err := checkDeviceRedirectURI(u); err != nil {
+			return d.Err(err.Error())
+		}
+		if slices.Contains(p.RedirectURIs, u) {
+			return d.Errf("redirect_uris %q is listed twice", u)
+		}
+		p.RedirectURIs = append(p.RedirectURIs, u)
+	}
+	return nil
 }
 
 // Interface guards

@@ -33,6 +33,8 @@ func TestTokenProxyCaddyfile(t *testing.T) {
 	revoke_url    https://api.restream.io/oauth/revoke
 	client_auth   body
 	timeout       15s
+	redirect_uris https://app.example/callback com.example.app:/oauth2redirect
+	redirect_uris http://127.0.0.1:8765/cb
 }`,
 			want: TokenProxy{
 				ClientID:     "{env.RESTREAM_CLIENT_ID}",
@@ -41,6 +43,7 @@ func TestTokenProxyCaddyfile(t *testing.T) {
 				RevokeURL:    "https://api.restream.io/oauth/revoke",
 				ClientAuth:   "body",
 				Timeout:      caddy.Duration(15 * time.Second),
+				RedirectURIs: []string{"https://app.example/callback", "com.example.app:/oauth2redirect", "http://127.0.0.1:8765/cb"},
 			},
 		},
 		{
@@ -113,6 +116,16 @@ func TestTokenProxyCaddyfileErrors(t *testing.T) {
 		{"missing client_secret", "restream_token_proxy {\n\tclient_id id\n}", "client_secret is required", 3},
 		{"no block", "restream_token_proxy", "client_id is required", 1},
 		{"an argument", "restream_token_proxy acct {\n\tclient_id id\n\tclient_secret s\n}", `takes no arguments (unexpected "acct")`, 1},
+		{"redirect_uris without value", block("timeout 1s", "redirect_uris"), "redirect_uris: expected at least one URI", 5},
+		{"redirect_uris relative", block("redirect_uris /callback"), `redirect_uris "/callback": not an absolute URI`, 4},
+		{"redirect_uris empty", block(`redirect_uris ""`), `redirect_uris "": not an absolute URI`, 4},
+		{"redirect_uris fragment", block("redirect_uris https://a.example/cb https://a.example/cb#x"), `redirect_uris "https://a.example/cb#x": must not contain a fragment`, 4},
+		{"redirect_uris empty fragment", block("redirect_uris https://a.example/cb#"), "must not contain a fragment", 4},
+		{"redirect_uris https without host", block("redirect_uris https:/cb"), "an https URI needs a host", 4},
+		{"redirect_uris space", block(`redirect_uris "https://a.example/c b"`), "must not contain spaces or control characters", 4},
+		{"redirect_uris listed twice", block("redirect_uris https://a.example/cb", "redirect_uris https://b.example/cb https://a.example/cb"), `redirect_uris "https://a.example/cb" is listed twice`, 5},
+		{"redirect_uris block", block("redirect_uris {", "}"), "redirect_uris: expected at least one URI", 4},
+		{"redirect_uris then a block", block("redirect_uris https://a.example/cb {", "}"), `unknown subdirective "{"`, 4},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var p TokenProxy
@@ -146,6 +159,7 @@ func TestTokenProxyCaddyfileAdapt(t *testing.T) {
 		client_secret {env.TP_ADAPT_SECRET}
 		client_auth body
 		timeout 3s
+		redirect_uris https://app.example/callback com.example.app:/oauth2redirect
 	}
 }
 
@@ -218,7 +232,8 @@ func TestTokenProxyCaddyfileAdapt(t *testing.T) {
 				t.Errorf(":8080 handlers %v, want restream_token_proxy before reverse_proxy", names)
 			}
 			want := map[string]any{"handler": "restream_token_proxy", "client_id": "my-client",
-				"client_secret": "{env.TP_ADAPT_SECRET}", "client_auth": "body", "timeout": float64(3 * time.Second)}
+				"client_secret": "{env.TP_ADAPT_SECRET}", "client_auth": "body", "timeout": float64(3 * time.Second),
+				"redirect_uris": []any{"https://app.example/callback", "com.example.app:/oauth2redirect"}}
 			if len(proxies) != 1 || !reflect.DeepEqual(proxies[0], want) {
 				t.Errorf(":8080 restream_token_proxy JSON %v, want %v", proxies, want)
 			}
@@ -284,6 +299,9 @@ func TestTokenProxyProvision(t *testing.T) {
 		{"http revoke_url", TokenProxy{ClientID: "id", ClientSecret: "s", RevokeURL: "http://api.restream.io/oauth/revoke"}, "revoke_url"},
 		{"bad mode", TokenProxy{ClientID: "id", ClientSecret: "s", ClientAuth: "header"}, "want basic or body"},
 		{"negative timeout", TokenProxy{ClientID: "id", ClientSecret: "s", Timeout: caddy.Duration(-time.Second)}, "timeout must not be negative"},
+		{"relative redirect URI", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"/cb"}}, `redirect_uris "/cb": not an absolute URI`},
+		{"redirect URI with a fragment", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb#f"}}, "must not contain a fragment"},
+		{"redirect URI twice", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb", "https://a.example/cb"}}, "listed twice"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := tc.p

@@ -119,6 +119,7 @@ type tpSite struct {
 	Port      int
 	Lines     []string // restream_token_proxy subdirectives
 	APIUpstrm string   // reverse_proxy target for everything else, if set
+	Extra     []string // more directives of the site
 }
 
 func (s tpSite) base() string { return "http://127.0.0.1:" + itoa(s.Port) }
@@ -136,6 +137,9 @@ func tpCaddyfile(global []string, sites ...tpSite) string {
 			b.WriteString("\t\t" + l + "\n")
 		}
 		b.WriteString("\t}\n")
+		for _, l := range s.Extra {
+			b.WriteString("\t" + l + "\n")
+		}
 		if s.APIUpstrm != "" {
 			fmt.Fprintf(&b, "\treverse_proxy %s\n", s.APIUpstrm)
 		}
@@ -290,8 +294,8 @@ func TestTokenProxyRefreshRotates(t *testing.T) {
 func TestTokenProxyAuthorizationCode(t *testing.T) {
 	fake := tpNewFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
-	basic := tpSiteFor(t, rec, fake)
-	body := tpSiteFor(t, rec, fake, "client_auth body")
+	basic := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI)
+	body := tpSiteFor(t, rec, fake, "client_auth body", "redirect_uris "+tpRedirectURI)
 	runInProcess(t, tpCaddyfile(nil, basic, body))
 
 	for _, tc := range []struct {
@@ -399,7 +403,7 @@ func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
 func TestTokenProxyRefusals(t *testing.T) {
 	fake := tpNewFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
-	site := tpSiteFor(t, rec, fake)
+	site := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI)
 	runInProcess(t, tpCaddyfile(nil, site))
 	_, refresh := fake.SeedPair()
 	tokenURL, revokeURL := site.base()+"/oauth/token", site.base()+"/oauth/revoke"
@@ -441,6 +445,11 @@ func TestTokenProxyRefusals(t *testing.T) {
 		{"repeated refresh_token", http.MethodPost, tokenURL, form("grant_type", "refresh_token", "refresh_token", refresh, "refresh_token", "rt_other"), formHdr, false, 400, "invalid_request", "repeated"},
 		{"no code", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "redirect_uri", tpRedirectURI), formHdr, false, 400, "invalid_request", "code"},
 		{"no redirect_uri", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c"), formHdr, false, 400, "invalid_request", "redirect_uri"},
+		{"unlisted redirect_uri", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", "https://evil.example/callback"), formHdr, false, 400, "invalid_request", "redirect_uris"},
+		{"short code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", tpRedirectURI, "code_verifier", "abc"), formHdr, false, 400, "invalid_request", "RFC 7636"},
+		{"empty code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", tpRedirectURI, "code_verifier", ""), formHdr, false, 400, "invalid_request", "code_verifier"},
+		{"repeated code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", tpRedirectURI,
+			"code_verifier", strings.Repeat("v", 43), "code_verifier", strings.Repeat("w", 43)), formHdr, false, 400, "invalid_request", "repeated"},
 		{"malformed form", http.MethodPost, tokenURL, []byte("grant_type=refresh_token&refresh_token=%zz"), formHdr, false, 400, "invalid_request", "malformed"},
 		{"body over 64 KiB", http.MethodPost, tokenURL, big, formHdr, false, 413, "invalid_request", "64 KiB"},
 		{"chunked body over 64 KiB", http.MethodPost, tokenURL, big, formHdr, true, 413, "invalid_request", "64 KiB"},
@@ -719,9 +728,10 @@ http://127.0.0.1:%d {
 		token_url %s
 		revoke_url %s
 		timeout 2s
+		redirect_uris %s
 	}
 }
-`, serverLog, port, accessLog, fake.TokenURL(), revokeURL))
+`, serverLog, port, accessLog, fake.TokenURL(), revokeURL, tpRedirectURI))
 	base := "http://127.0.0.1:" + itoa(port)
 	device := map[string]string{"Authorization": tpBasic("device-id", "device-secret-must-not-log")}
 	code := fake.IssueCode(tpRedirectURI)
