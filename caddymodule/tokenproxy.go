@@ -40,6 +40,12 @@ const (
 	TokenProxyMaxRequestBody = 64 << 10
 	// TokenProxyMaxResponseBody is the largest token endpoint answer relayed.
 	TokenProxyMaxResponseBody = 1 << 20
+	// DefaultTokenProxyMaxConcurrent is max_concurrent's default.
+	DefaultTokenProxyMaxConcurrent = 16
+	// tokenProxyBusyRetryAfter is the Retry-After, in seconds, of the 429 a
+	// device gets while max_concurrent calls are in flight: a token call
+	// usually takes well under a second.
+	tokenProxyBusyRetryAfter = "1"
 )
 
 // TokenProxy lets devices refresh (and redeem authorization codes, and
@@ -63,6 +69,12 @@ type TokenProxy struct {
 	ClientAuth string `json:"client_auth,omitempty"`
 	// Timeout bounds one upstream call, answer included (default 10s).
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// MaxConcurrent bounds the device calls forwarded upstream at once
+	// (default 16). Restream limits calls per client_id, and the sidecar's
+	// own refreshes use the same client_id: a flood of devices must not
+	// spend that limit. A call beyond it is answered 429 with Retry-After
+	// and not forwarded.
+	MaxConcurrent int `json:"max_concurrent,omitempty"`
 	// RedirectURIs are the redirect_uri values with which a device may
 	// redeem an authorization code, matched exactly. Without them the
 	// authorization_code grant is refused, so the proxy lends the client
@@ -77,6 +89,10 @@ type TokenProxy struct {
 	transport *http.Transport
 	client    *http.Client
 	logger    *zap.Logger
+	// slots holds one token per call in flight upstream; a full channel
+	// means max_concurrent is reached.
+	slots    chan struct{}
+	busyBody []byte // the 429 answer's JSON, made once
 }
 
 // CaddyModule returns the Caddy module information.
@@ -112,6 +128,12 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	if p.Timeout == 0 {
 		p.Timeout = caddy.Duration(DefaultTokenProxyTimeout)
 	}
+	if p.MaxConcurrent < 0 {
+		return fmt.Errorf("restream_token_proxy: max_concurrent must be positive (got %d)", p.MaxConcurrent)
+	}
+	if p.MaxConcurrent == 0 {
+		p.MaxConcurrent = DefaultTokenProxyMaxConcurrent
+	}
 	for i, u := range p.RedirectURIs {
 		if err := checkDeviceRedirectURI(u); err != nil {
 			return errors.New("restream_token_proxy: " + err.Error())
@@ -120,8 +142,16 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("restream_token_proxy: redirect_uris %q is listed twice", u)
 		}
 	}
+	if err := registerTokenProxyMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
+	p.slots = make(chan struct{}, p.MaxConcurrent)
+	p.busyBody = oauthJSON("temporarily_unavailable", fmt.Sprintf(
+		"%d calls to the token endpoint are already in progress (max_concurrent); retry after %s s",
+		p.MaxConcurrent, tokenProxyBusyRetryAfter))
 	p.transport = http.DefaultTransport.(*http.Transport).Clone()
-	p.transport.MaxIdleConnsPerHost = 4
+	// Enough idle connections for the calls max_concurrent lets through.
+	p.transport.MaxIdleConnsPerHost = min(p.MaxConcurrent, 32)
 	p.client = &http.Client{
 		Transport: p.transport,
 		// A redirect would resend the form (and its credentials) elsewhere;
@@ -165,6 +195,22 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		writeOAuthJSON(w, ref.status, ref.code, ref.desc)
 		return nil
 	}
+	select {
+	case p.slots <- struct{}{}:
+	default:
+		// Refused before anything goes upstream: the client_id's rate
+		// limit at Restream is shared with the sidecar's own refreshes.
+		tokenProxyMetrics.throttled.Inc()
+		p.logger.Debug("token proxy busy: call refused", zap.String("grant_type", call), zap.Int("max_concurrent", p.MaxConcurrent))
+		w.Header().Set("Retry-After", tokenProxyBusyRetryAfter)
+		writeOAuthBody(w, http.StatusTooManyRequests, p.busyBody)
+		return nil
+	}
+	tokenProxyMetrics.inFlight.Inc()
+	defer func() {
+		tokenProxyMetrics.inFlight.Dec()
+		<-p.slots
+	}()
 	p.forward(w, r, call, target, form)
 	return nil
 }
@@ -474,7 +520,16 @@ func isNetTimeout(err error) bool {
 
 // writeOAuthJSON answers {"error":…,"error_description":…}, never cached.
 func writeOAuthJSON(w http.ResponseWriter, status int, code, desc string) {
+	writeOAuthBody(w, status, oauthJSON(code, desc))
+}
+
+func oauthJSON(code, desc string) []byte {
 	b, _ := json.Marshal(map[string]string{"error": code, "error_description": desc})
+	return b
+}
+
+// writeOAuthBody answers with an OAuth JSON error made by oauthJSON.
+func writeOAuthBody(w http.ResponseWriter, status int, b []byte) {
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	h.Set("Cache-Control", "no-store")
@@ -495,6 +550,7 @@ func (p *TokenProxy) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	enc.AddString("client_auth", mode)
 	enc.AddDuration("timeout", time.Duration(p.Timeout))
+	enc.AddInt("max_concurrent", p.MaxConcurrent)
 	return enc.AddArray("redirect_uris", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
 		for _, u := range p.RedirectURIs {
 			a.AppendString(u)
@@ -518,6 +574,7 @@ func parseTokenProxyCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandl
 //	    revoke_url     <url>
 //	    client_auth    basic|body
 //	    timeout        <duration>
+//	    max_concurrent <n>
 //	    redirect_uris  <uri...>
 //	}
 //
@@ -529,7 +586,7 @@ func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Errf("restream_token_proxy takes no arguments (unexpected %q)", d.Val())
 	}
 	client := clientConfig{&p.ClientID, &p.ClientSecret, &p.TokenURL, &p.ClientAuth}
-	known := append(slices.Clone(clientOptions), "revoke_url", "timeout")
+	known := append(slices.Clone(clientOptions), "revoke_url", "timeout", "max_concurrent")
 	for d.NextBlock(0) {
 		sub := d.Val()
 		if sub == "redirect_uris" {
@@ -576,6 +633,12 @@ func (p *TokenProxy) setOption(client clientConfig, sub, val string) error {
 			return err
 		}
 		p.Timeout = dur
+	case "max_concurrent":
+		n, err := strconv.Atoi(val)
+		if err != nil || n <= 0 {
+			return fmt.Errorf("%s %q: must be a positive integer", sub, val)
+		}
+		p.MaxConcurrent = n
 	}
 	return nil
 }

@@ -33,17 +33,19 @@ func TestTokenProxyCaddyfile(t *testing.T) {
 	revoke_url    https://api.restream.io/oauth/revoke
 	client_auth   body
 	timeout       15s
+	max_concurrent 8
 	redirect_uris https://app.example/callback com.example.app:/oauth2redirect
 	redirect_uris http://127.0.0.1:8765/cb
 }`,
 			want: TokenProxy{
-				ClientID:     "{env.RESTREAM_CLIENT_ID}",
-				ClientSecret: "{file./run/secrets/restream_secret}",
-				TokenURL:     "https://api.restream.io/oauth/token",
-				RevokeURL:    "https://api.restream.io/oauth/revoke",
-				ClientAuth:   "body",
-				Timeout:      caddy.Duration(15 * time.Second),
-				RedirectURIs: []string{"https://app.example/callback", "com.example.app:/oauth2redirect", "http://127.0.0.1:8765/cb"},
+				ClientID:      "{env.RESTREAM_CLIENT_ID}",
+				ClientSecret:  "{file./run/secrets/restream_secret}",
+				TokenURL:      "https://api.restream.io/oauth/token",
+				RevokeURL:     "https://api.restream.io/oauth/revoke",
+				ClientAuth:    "body",
+				Timeout:       caddy.Duration(15 * time.Second),
+				MaxConcurrent: 8,
+				RedirectURIs:  []string{"https://app.example/callback", "com.example.app:/oauth2redirect", "http://127.0.0.1:8765/cb"},
 			},
 		},
 		{
@@ -116,6 +118,12 @@ func TestTokenProxyCaddyfileErrors(t *testing.T) {
 		{"missing client_secret", "restream_token_proxy {\n\tclient_id id\n}", "client_secret is required", 3},
 		{"no block", "restream_token_proxy", "client_id is required", 1},
 		{"an argument", "restream_token_proxy acct {\n\tclient_id id\n\tclient_secret s\n}", `takes no arguments (unexpected "acct")`, 1},
+		{"max_concurrent zero", block("max_concurrent 0"), `max_concurrent "0": must be a positive integer`, 4},
+		{"max_concurrent negative", block("timeout 1s", "max_concurrent -3"), `max_concurrent "-3": must be a positive integer`, 5},
+		{"max_concurrent not a number", block("max_concurrent many"), `max_concurrent "many": must be a positive integer`, 4},
+		{"max_concurrent too large", block("max_concurrent 99999999999999999999"), "must be a positive integer", 4},
+		{"max_concurrent two values", block("max_concurrent 1 2"), "max_concurrent: expected one value, got more", 4},
+		{"max_concurrent without value", block("max_concurrent"), "max_concurrent: expected one value", 4},
 		{"redirect_uris without value", block("timeout 1s", "redirect_uris"), "redirect_uris: expected at least one URI", 5},
 		{"redirect_uris relative", block("redirect_uris /callback"), `redirect_uris "/callback": not an absolute URI`, 4},
 		{"redirect_uris empty", block(`redirect_uris ""`), `redirect_uris "": not an absolute URI`, 4},
@@ -159,6 +167,7 @@ func TestTokenProxyCaddyfileAdapt(t *testing.T) {
 		client_secret {env.TP_ADAPT_SECRET}
 		client_auth body
 		timeout 3s
+		max_concurrent 8
 		redirect_uris https://app.example/callback com.example.app:/oauth2redirect
 	}
 }
@@ -233,7 +242,7 @@ func TestTokenProxyCaddyfileAdapt(t *testing.T) {
 			}
 			want := map[string]any{"handler": "restream_token_proxy", "client_id": "my-client",
 				"client_secret": "{env.TP_ADAPT_SECRET}", "client_auth": "body", "timeout": float64(3 * time.Second),
-				"redirect_uris": []any{"https://app.example/callback", "com.example.app:/oauth2redirect"}}
+				"max_concurrent": float64(8), "redirect_uris": []any{"https://app.example/callback", "com.example.app:/oauth2redirect"}}
 			if len(proxies) != 1 || !reflect.DeepEqual(proxies[0], want) {
 				t.Errorf(":8080 restream_token_proxy JSON %v, want %v", proxies, want)
 			}
@@ -272,7 +281,8 @@ func TestTokenProxyProvision(t *testing.T) {
 	if p.ClientSecret != "{file."+secretFile+"}" {
 		t.Errorf("the exported field changed to %q", p.ClientSecret)
 	}
-	if p.TokenURL != DefaultTokenURL || p.RevokeURL != DefaultRevokeURL || time.Duration(p.Timeout) != 10*time.Second || p.style != tokensource.AuthBody {
+	if p.TokenURL != DefaultTokenURL || p.RevokeURL != DefaultRevokeURL || time.Duration(p.Timeout) != 10*time.Second || p.style != tokensource.AuthBody ||
+		p.MaxConcurrent != 16 || cap(p.slots) != 16 {
 		t.Errorf("defaults not applied: %+v", p)
 	}
 	enc := zapcore.NewMapObjectEncoder()
@@ -299,6 +309,7 @@ func TestTokenProxyProvision(t *testing.T) {
 		{"http revoke_url", TokenProxy{ClientID: "id", ClientSecret: "s", RevokeURL: "http://api.restream.io/oauth/revoke"}, "revoke_url"},
 		{"bad mode", TokenProxy{ClientID: "id", ClientSecret: "s", ClientAuth: "header"}, "want basic or body"},
 		{"negative timeout", TokenProxy{ClientID: "id", ClientSecret: "s", Timeout: caddy.Duration(-time.Second)}, "timeout must not be negative"},
+		{"negative max_concurrent", TokenProxy{ClientID: "id", ClientSecret: "s", MaxConcurrent: -1}, "max_concurrent must be positive (got -1)"},
 		{"relative redirect URI", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"/cb"}}, `redirect_uris "/cb": not an absolute URI`},
 		{"redirect URI with a fragment", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb#f"}}, "must not contain a fragment"},
 		{"redirect URI twice", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb", "https://a.example/cb"}}, "listed twice"},
