@@ -93,6 +93,7 @@ type TokenProxy struct {
 	// means max_concurrent is reached.
 	slots    chan struct{}
 	busyBody []byte // the 429 answer's JSON, made once
+	redactor *secretRedactor
 }
 
 // CaddyModule returns the Caddy module information.
@@ -149,6 +150,7 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	p.busyBody = oauthJSON("temporarily_unavailable", fmt.Sprintf(
 		"%d calls to the token endpoint are already in progress (max_concurrent); retry after %s s",
 		p.MaxConcurrent, tokenProxyBusyRetryAfter))
+	p.redactor = newSecretRedactor(p.clientID, p.clientSecret)
 	p.transport = http.DefaultTransport.(*http.Transport).Clone()
 	// Enough idle connections for the calls max_concurrent lets through.
 	p.transport.MaxIdleConnsPerHost = min(p.MaxConcurrent, 32)
@@ -401,8 +403,10 @@ func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call, targe
 	if len(body) > 0 {
 		h.Set("Content-Type", "application/json")
 	}
-	if ra := header.Get("Retry-After"); ra != "" && (status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable) {
-		h.Set("Retry-After", ra)
+	if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
+		if ra, ok := p.relayableRetryAfter(header.Get("Retry-After")); ok {
+			h.Set("Retry-After", ra)
+		}
 	}
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(status)
@@ -457,11 +461,44 @@ func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form ur
 		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
 			fmt.Sprintf("the %s answered %d with more than %d bytes", endpoint, resp.StatusCode, TokenProxyMaxResponseBody), "too_large"}
 	}
+	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
+		// Not followed (see the client's CheckRedirect): the form would go,
+		// credentials and all, wherever the Location points.
+		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d, a redirect, which the proxy does not follow", endpoint, resp.StatusCode), "redirect"}
+	}
 	if !usableAnswer(call, resp.StatusCode, body) {
 		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
 			fmt.Sprintf("the %s answered %d with %s", endpoint, resp.StatusCode, describeAnswer(resp.Header.Get("Content-Type"), body)), "unusable"}
 	}
+	if clean, n := p.redactor.redact(body, true); n > 0 {
+		tokenProxyMetrics.redactions.Inc()
+		p.logger.Warn("the token endpoint's answer echoed the client secret; redacted before relaying",
+			zap.String("grant_type", call), zap.Int("upstream_status", resp.StatusCode), zap.Int("occurrences", n))
+		if json.Valid(body) && !json.Valid(clean) {
+			return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+				fmt.Sprintf("the %s answered %d with a body that echoed the client secret and could not be redacted", endpoint, resp.StatusCode), "secret_echo"}
+		}
+		body = clean
+	}
 	return resp.StatusCode, body, resp.Header, nil
+}
+
+// relayableRetryAfter passes on a Retry-After that is what RFC 9110 allows
+// (delay seconds or an HTTP date) and echoes no secret; anything else is
+// dropped.
+func (p *TokenProxy) relayableRetryAfter(v string) (string, bool) {
+	v = strings.TrimSpace(v)
+	if v == "" || len(v) > 64 || p.redactor.containsSecret(v) {
+		return "", false
+	}
+	if _, err := strconv.ParseUint(v, 10, 32); err == nil {
+		return v, true
+	}
+	if _, err := http.ParseTime(v); err == nil {
+		return v, true
+	}
+	return "", false
 }
 
 // usableAnswer accepts a 2xx, 4xx or 5xx answer whose body is a JSON object;

@@ -10,8 +10,9 @@ import (
 // instance of the handler (like metrics, created once per process). They
 // have no labels, so the request path touches only atomics.
 var tokenProxyMetrics = struct {
-	inFlight  prometheus.Gauge
-	throttled prometheus.Counter
+	inFlight   prometheus.Gauge
+	throttled  prometheus.Counter
+	redactions prometheus.Counter
 }{
 	inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "caddy", Subsystem: "restream_auth", Name: "token_proxy_in_flight",
@@ -21,6 +22,10 @@ var tokenProxyMetrics = struct {
 		Namespace: "caddy", Subsystem: "restream_auth", Name: "token_proxy_throttled_total",
 		Help: "Device calls restream_token_proxy answered 429 without forwarding because max_concurrent calls were in flight.",
 	}),
+	redactions: prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "restream_auth", Name: "token_proxy_secret_redactions_total",
+		Help: "Token endpoint answers that echoed the client secret, which restream_token_proxy redacted before relaying.",
+	}),
 }
 
 // registerTokenProxyMetrics registers the collectors with a config's
@@ -29,7 +34,7 @@ func registerTokenProxyMetrics(registry *prometheus.Registry) error {
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{tokenProxyMetrics.inFlight, tokenProxyMetrics.throttled} {
+	for _, c := range []prometheus.Collector{tokenProxyMetrics.inFlight, tokenProxyMetrics.throttled, tokenProxyMetrics.redactions} {
 		if err := registry.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			return err
 		}
