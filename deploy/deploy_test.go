@@ -305,6 +305,7 @@ func TestCompose(t *testing.T) {
 		if !strings.Contains(caddyfile, "@redis:6379/") {
 			t.Error("the Caddyfile's redis URL does not name the redis service (redis:6379)")
 		}
+		checkMinReplicas(t, caddyfile, cmd, 1)
 	})
 
 	ignore := string(readFile(t, ".gitignore"))
@@ -572,6 +573,8 @@ func TestKubernetes(t *testing.T) {
 		if !strings.Contains(cmd, `--requirepass "$REDIS_PASSWORD"`) {
 			t.Errorf("command %q: want the password from the environment at run time", cmd)
 		}
+		n, _ := get(sts, "spec", "replicas").(int)
+		checkMinReplicas(t, caddyfile, cmd, n)
 		var claims []string
 		for _, c := range list(sts, "spec", "volumeClaimTemplates") {
 			claims = append(claims, str(c, "metadata", "name"))
@@ -598,6 +601,24 @@ func checkRedisCommand(t *testing.T, cmd string) {
 		if !strings.Contains(cmd, opt) {
 			t.Errorf("redis command %q: want %s, so Redis never loses the newest refresh token it acknowledged", cmd, opt)
 		}
+	}
+}
+
+// checkMinReplicas checks that the Caddyfile's min_replicas can be met by
+// the Redis servers deployed: with one server and no replication, every
+// write that waits for a replica would fail and no pair would be stored.
+func checkMinReplicas(t *testing.T, caddyfile, redisCommand string, servers int) {
+	t.Helper()
+	min := 0
+	if m := regexp.MustCompile(`(?m)^\s*min_replicas\s+(\d+)`).FindStringSubmatch(caddyfile); m != nil {
+		min = atoi(t, m[1])
+	}
+	replicas := 0
+	if strings.Contains(redisCommand, "--replicaof") {
+		replicas = servers - 1
+	}
+	if min > replicas {
+		t.Errorf("min_replicas %d, but the deployment runs %d Redis replicas: no write could be acknowledged", min, replicas)
 	}
 }
 
