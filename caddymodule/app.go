@@ -1,24 +1,66 @@
 package caddymodule
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
 )
 
 func init() {
 	caddy.RegisterModule(App{})
 }
 
-// App starts the token sources of a config. It exists so that refreshers start
-// only when a config runs: `caddy validate` and `caddy adapt --validate`
-// provision handlers too, and provisioning must never touch the token
-// endpoint. Handlers load it with ctx.App; users never configure it.
+// App starts the token sources of a config, and says where they keep their
+// records and leases. It exists so that refreshers start only when a config
+// runs: `caddy validate` and `caddy adapt --validate` provision handlers
+// too, and provisioning must never touch the token endpoint (nor Redis).
+// Handlers load it with ctx.App; without a redis object it needs no
+// configuration.
 type App struct {
+	// Redis, if set, keeps every account's record and lease in Redis
+	// instead of Caddy storage (which keeps certificates). Default: unset,
+	// Caddy storage.
+	Redis *RedisConfig `json:"redis,omitempty"`
+
 	mu      *sync.Mutex
 	sources []*tokensource.Source
+	redis   *redisSettings // Redis resolved; nil without it
+	logger  *zap.Logger
+}
+
+// RedisConfig is where replicas share their accounts. Its URL is kept as
+// written, placeholders and all (the config, the admin API and `caddy
+// adapt` show it so): give the password with {env.*} or {file.*}.
+type RedisConfig struct {
+	// URL is redis://[user:password@]host[:port][/db] or rediss://… (TLS).
+	// {env.*} and {file.*} placeholders are resolved at provisioning.
+	// Required.
+	URL string `json:"url,omitempty"`
+	// KeyPrefix starts every key; default "restream_auth/". An account's
+	// keys are <key_prefix>{<account>}/record, …/lease and …/mark.
+	KeyPrefix string `json:"key_prefix,omitempty"`
+	// MinReplicas is how many Redis replicas must acknowledge (WAIT) each
+	// new pair, and each lease mark, before it is used; default 0.
+	MinReplicas int `json:"min_replicas,omitempty"`
+}
+
+// redisSettings is RedisConfig resolved and checked.
+type redisSettings struct {
+	opts        *redis.Options
+	clientKey   string // the client pool's key: a hash of the resolved URL
+	keyPrefix   string
+	minReplicas int
 }
 
 // CaddyModule returns the Caddy module information.
@@ -29,6 +71,48 @@ func (App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
+// Provision resolves and checks the Redis settings. It does not contact
+// Redis.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	if a.Redis == nil {
+		return nil
+	}
+	var err error
+	a.redis, err = a.Redis.resolve()
+	return err
+}
+
+// resolve resolves the URL's placeholders and checks every setting. No
+// error it returns contains the URL's password.
+func (r *RedisConfig) resolve() (*redisSettings, error) {
+	if strings.TrimSpace(r.URL) == "" {
+		return nil, errors.New("restream_auth redis: url is required")
+	}
+	raw, err := caddy.NewReplacer().ReplaceOrErr(r.URL, true, true)
+	if err != nil {
+		return nil, fmt.Errorf("restream_auth redis url %s: %v", redisstore.RedactURL(r.URL), err)
+	}
+	raw = strings.TrimSpace(raw)
+	opts, err := redisstore.ParseURL(raw)
+	if err != nil {
+		return nil, fmt.Errorf("restream_auth %v", err)
+	}
+	s := &redisSettings{opts: opts, keyPrefix: r.KeyPrefix, minReplicas: r.MinReplicas}
+	if s.keyPrefix == "" {
+		s.keyPrefix = redisstore.DefaultKeyPrefix
+	}
+	if err := redisstore.CheckKeyPrefix(s.keyPrefix); err != nil {
+		return nil, fmt.Errorf("restream_auth redis %v", err)
+	}
+	if s.minReplicas < 0 {
+		return nil, fmt.Errorf("restream_auth redis min_replicas %d: must not be negative", s.minReplicas)
+	}
+	sum := sha256.Sum256([]byte(raw))
+	s.clientKey = hex.EncodeToString(sum[:])
+	return s, nil
+}
+
 // add registers a source to be started with the config.
 func (a *App) add(src *tokensource.Source) {
 	a.mu.Lock()
@@ -37,7 +121,9 @@ func (a *App) add(src *tokensource.Source) {
 }
 
 // Start starts every registered source; sources shared with a previous
-// config (see sources) are already running and are not started twice.
+// config (see sources) are already running and are not started twice. A
+// source on Redis imports its account's record from Caddy storage in its
+// first round, if Redis has none (see redisstore).
 func (a *App) Start() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -51,7 +137,18 @@ func (a *App) Start() error {
 // that uses them is cleaned up.
 func (a *App) Stop() error { return nil }
 
+// MarshalLogObject keeps the Redis URL, which may hold a literal password,
+// out of logs that print the app.
+func (a *App) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	if a.Redis != nil {
+		enc.AddString("redis", redisstore.RedactURL(a.Redis.URL))
+	}
+	return nil
+}
+
 // Interface guards
 var (
-	_ caddy.App = (*App)(nil)
+	_ caddy.App               = (*App)(nil)
+	_ caddy.Provisioner       = (*App)(nil)
+	_ zapcore.ObjectMarshaler = (*App)(nil)
 )

@@ -108,8 +108,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	storage := guardStorage(ctx.Storage(), h.logger)
-	cfg.Storage = storage
+	backend, err := storeFor(ctx, h.Account, h.keyring, guardStorage(ctx.Storage(), h.logger), h.logger)
+	if err != nil {
+		return err
+	}
 	cfg.HTTPClient = &http.Client{Transport: tokenTransport()}
 	cfg.Logger = h.logger.Named("tokensource")
 	cfg.Observer = metricsObserver{}
@@ -119,13 +121,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionReplay(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
-	h.poolKey = poolKey(cfg, storage)
+	h.poolKey = poolKey(cfg, backend.poolIdentity())
 	val, _, err := sources.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
-		src, err := tokensource.New(cfg)
-		if err != nil {
-			return nil, err
-		}
-		return pooledSource{src}, nil
+		return newPooledSource(cfg, backend)
 	})
 	if err != nil {
 		h.poolKey = ""

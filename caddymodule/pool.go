@@ -13,10 +13,30 @@ import (
 var sources = caddy.NewUsagePool()
 
 // pooledSource lets the usage pool close a source when its last user goes.
-type pooledSource struct{ *tokensource.Source }
+type pooledSource struct {
+	*tokensource.Source
+	release func() // gives back what the source's backend holds (a Redis client)
+}
 
-// Destruct stops the source's refresher.
+// newPooledSource builds the source of cfg on backend.
+func newPooledSource(cfg tokensource.Config, backend sourceBackend) (pooledSource, error) {
+	release, err := backend.open(&cfg)
+	if err != nil {
+		return pooledSource{}, err
+	}
+	src, err := tokensource.New(cfg)
+	if err != nil {
+		release()
+		return pooledSource{}, err
+	}
+	return pooledSource{src, release}, nil
+}
+
+// Destruct stops the source's refresher, then releases its backend.
 func (p pooledSource) Destruct() error {
 	p.Close()
+	if p.release != nil {
+		p.release()
+	}
 	return nil
 }

@@ -49,6 +49,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
@@ -142,7 +143,16 @@ type unconfirmedWrite struct {
 	data string
 }
 
-var prefixPattern = regexp.MustCompile(`^[^\s{}]{0,200}$`)
+var prefixPattern = regexp.MustCompile(`^[^\s{}\x00-\x1f\x7f]{1,200}$`)
+
+// CheckKeyPrefix reports a key prefix the store cannot use.
+func CheckKeyPrefix(p string) error {
+	if !prefixPattern.MatchString(p) || !utf8.ValidString(p) {
+		return fmt.Errorf("key_prefix %q: use 1-200 characters without spaces, control characters or braces "+
+			"(the store puts the account in braces, a Redis Cluster hash tag)", p)
+	}
+	return nil
+}
 
 // New returns the Store of account on c. It does not contact Redis.
 func New(c *redis.Client, account string, opts Options) (*Store, error) {
@@ -154,8 +164,8 @@ func New(c *redis.Client, account string, opts Options) (*Store, error) {
 		return nil, errors.New("redis store: no client")
 	case account == "" || strings.ContainsAny(account, "{}"):
 		return nil, fmt.Errorf("redis store: account %q: empty or with braces", account)
-	case !prefixPattern.MatchString(opts.KeyPrefix):
-		return nil, fmt.Errorf("redis key_prefix %q: at most 200 characters, no spaces or braces (the store adds its own braces, a Redis Cluster hash tag)", opts.KeyPrefix)
+	case CheckKeyPrefix(opts.KeyPrefix) != nil:
+		return nil, CheckKeyPrefix(opts.KeyPrefix)
 	case opts.MinReplicas < 0:
 		return nil, fmt.Errorf("redis min_replicas %d: must not be negative", opts.MinReplicas)
 	}
