@@ -72,6 +72,7 @@ func Binary(t testing.TB) string {
 	msg := "redis-server is not installed (Debian: apt-get install redis-server)"
 	if os.Getenv(RequireEnv) == "1" {
 		t.Fatalf("%s, and %s=1 requires it", msg, RequireEnv)
+		return ""
 	}
 	t.Skip(msg + "; skipping")
 	return ""

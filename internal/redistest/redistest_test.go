@@ -1,0 +1,68 @@
+package redistest
+
+import (
+	"fmt"
+	"testing"
+)
+
+func TestRestartKeepsDataOnlyWithAppendOnly(t *testing.T) {
+	for _, aof := range []bool{false, true} {
+		t.Run(fmt.Sprint("appendonly=", aof), func(t *testing.T) {
+			s := Start(t, Options{AppendOnly: aof, Password: "pw"})
+			s.MustDo("SET", "k", "v")
+			s.Kill()
+			if _, err := s.Do("PING"); err == nil {
+				t.Fatal("the server answers after Kill")
+			}
+			port := s.Port
+			s.Restart()
+			if s.Port != port {
+				t.Fatalf("restarted on port %d, want %d", s.Port, port)
+			}
+			got := s.MustDo("GET", "k")
+			if aof && got != "v" || !aof && got != nil {
+				t.Fatalf("after a restart GET k = %v (appendonly %v)", got, aof)
+			}
+		})
+	}
+}
+
+func TestReplica(t *testing.T) {
+	primary := Start(t, Options{})
+	replica := Start(t, Options{ReplicaOf: primary.Addr()})
+	replica.WaitReplicaUp(primary)
+	primary.MustDo("SET", "k", "v")
+	if n := primary.MustDo("WAIT", "1", "5000"); n != int64(1) {
+		t.Fatalf("WAIT 1 = %v", n)
+	}
+	if got := replica.MustDo("GET", "k"); got != "v" {
+		t.Fatalf("replica GET k = %v", got)
+	}
+}
+
+// fakeTB records how Binary ends a test without ending this one.
+type fakeTB struct {
+	testing.TB
+	fatal, skip bool
+}
+
+func (f *fakeTB) Helper()               {}
+func (f *fakeTB) Fatalf(string, ...any) { f.fatal = true }
+func (f *fakeTB) Skip(...any)           { f.skip = true }
+func (f *fakeTB) Skipf(string, ...any)  { f.skip = true }
+
+func TestMissingBinarySkipsUnlessRequired(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	t.Setenv(RequireEnv, "")
+	f := &fakeTB{TB: t}
+	Binary(f)
+	if !f.skip || f.fatal {
+		t.Fatalf("without %s: skip %v fatal %v, want a skip", RequireEnv, f.skip, f.fatal)
+	}
+	t.Setenv(RequireEnv, "1")
+	f = &fakeTB{TB: t}
+	Binary(f)
+	if !f.fatal || f.skip {
+		t.Fatalf("with %s=1: skip %v fatal %v, want a failure", RequireEnv, f.skip, f.fatal)
+	}
+}
