@@ -13,20 +13,51 @@ import (
 // Content-Length a client claims.
 const replayChunk = 16 << 10
 
-// chunkPool holds full-size chunks; a body's shorter tail is allocated at
-// its size, so a small body reserves and holds only its own length.
-var chunkPool = sync.Pool{New: func() any { return new([replayChunk]byte) }}
+// Chunks come from pools of five sizes, 1 KiB to replayChunk, doubling. A
+// body's last chunk takes the smallest that holds it, so a small body holds
+// less than twice its length (at least 1 KiB). What is reserved against
+// max_replay_total is the size of the buffer, the memory actually held.
+const minChunk = 1 << 10
 
-func getChunk(n int64) []byte {
-	if n == replayChunk {
-		return chunkPool.Get().(*[replayChunk]byte)[:]
+var chunkPools [5]sync.Pool // of *[]byte, minChunk << i bytes long
+
+// chunkSize is the buffer size for n bytes (n <= replayChunk): a pool's
+// size, or n itself if that would not fit in limit at all.
+func chunkSize(n, limit int64) int64 {
+	size := int64(minChunk)
+	for size < n {
+		size <<= 1
 	}
-	return make([]byte, n)
+	if size > limit {
+		return n
+	}
+	return size
 }
 
-func putChunk(c []byte) {
-	if len(c) == replayChunk {
-		chunkPool.Put((*[replayChunk]byte)(c))
+// takeChunk returns a buffer of size bytes, and the pooled slice it came
+// from (nil if size is no pool's).
+func takeChunk(size int64) ([]byte, *[]byte) {
+	for i := range chunkPools {
+		if size == minChunk<<i {
+			if p, ok := chunkPools[i].Get().(*[]byte); ok {
+				return *p, p
+			}
+			b := make([]byte, size)
+			return b, &b
+		}
+	}
+	return make([]byte, size), nil
+}
+
+func putChunk(p *[]byte) {
+	if p == nil {
+		return
+	}
+	for i := range chunkPools {
+		if len(*p) == minChunk<<i {
+			chunkPools[i].Put(p)
+			return
+		}
 	}
 }
 
@@ -51,18 +82,20 @@ func (s *replayState) readBody(r *http.Request, limit, total int64) (bodyFit, er
 		return bodyTooLarge, nil
 	}
 	kb := new(keptBody)
-	kb.chunks = kb.inline[:0]
+	kb.chunks, kb.bufs = kb.inlineChunks[:0], kb.inlineBufs[:0]
 	kb.refs.Store(1) // the request's, dropped by release
 	s.body = kb
 	for left := r.ContentLength; left > 0; {
 		n := min(left, replayChunk)
-		if !replayBytes.reserve(n, total) {
+		size := chunkSize(n, total)
+		if !replayBytes.reserve(size, total) {
 			s.spill(r)
 			return bodyOverTotal, nil
 		}
-		s.reserved += n
-		chunk := getChunk(n)
-		kb.chunks = append(kb.chunks, chunk)
+		s.reserved += size
+		buf, pooled := takeChunk(size)
+		chunk := buf[:n]
+		kb.chunks, kb.bufs = append(kb.chunks, chunk), append(kb.bufs, pooled)
 		if _, err := io.ReadFull(r.Body, chunk); err != nil {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
@@ -79,14 +112,14 @@ func (s *replayState) readBody(r *http.Request, limit, total int64) (bodyFit, er
 // spill hands the chunks read so far, all full, and their reservation to a
 // reader that gives them to the upstream before the rest of the body.
 func (s *replayState) spill(r *http.Request) {
-	chunks := s.body.chunks
-	s.body.chunks = nil
+	chunks, bufs := s.body.chunks, s.body.bufs
+	s.body.chunks, s.body.bufs = nil, nil
 	s.body.drop()
 	s.body = nil
 	if len(chunks) == 0 {
 		return // nothing read: the body goes on untouched
 	}
-	sp := &spillReader{chunks: chunks, rest: r.Body}
+	sp := &spillReader{chunks: chunks, bufs: bufs, rest: r.Body}
 	sp.reserved.Store(s.reserved)
 	s.spilled = sp
 	s.reserved = 0
@@ -121,8 +154,11 @@ var errBodyReleased = errors.New("restream_auth: request body already released")
 // GetBody cannot reach another request's body.
 type keptBody struct {
 	chunks [][]byte
-	inline [4][]byte // chunks' first backing array: bodies up to 64 KiB need no other
+	bufs   []*[]byte // the pooled buffers under chunks, to give back
 	refs   atomic.Int32
+	// The first backing arrays: bodies up to 64 KiB need no others.
+	inlineChunks [4][]byte
+	inlineBufs   [4]*[]byte
 }
 
 // reader returns a reader holding a reference, or nil if none is left.
@@ -142,26 +178,28 @@ func (b *keptBody) drop() {
 	if b.refs.Add(-1) != 0 {
 		return
 	}
-	for i, c := range b.chunks {
-		putChunk(c)
-		b.chunks[i] = nil
+	for i, p := range b.bufs {
+		putChunk(p)
+		b.chunks[i], b.bufs[i] = nil, nil
 	}
-	b.chunks = nil
+	b.chunks, b.bufs = nil, nil
 }
 
 // chunkReader reads a kept body. Close may come from another goroutine
-// than Read (RoundTrippers do that); a Close during a read leaves the
+// than Read (RoundTrippers do that): a Close during a read leaves the
 // reference to the read, so the chunks cannot be recycled under it, and
-// Close never waits for a Write to the network to finish.
+// Close never waits for a Write to the network. One atomic word, no lock.
 type chunkReader struct {
-	body *keptBody
-	i    int // next byte: body.chunks[i][off]
-	off  int
-
-	mu     sync.Mutex
-	busy   bool // a Read or WriteTo is under way
-	closed bool
+	body  *keptBody
+	i     int // next byte: body.chunks[i][off]
+	off   int
+	state atomic.Int32 // readerBusy | readerClosed
 }
+
+const (
+	readerBusy   = 1 << iota // a Read or WriteTo is under way
+	readerClosed             // Close was called
+)
 
 func (c *chunkReader) Read(p []byte) (int, error) {
 	if err := c.begin(); err != nil {
@@ -199,34 +237,44 @@ func (c *chunkReader) WriteTo(w io.Writer) (int64, error) {
 }
 
 func (c *chunkReader) begin() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return http.ErrBodyReadAfterClose
-	}
-	c.busy = true
-	return nil
-}
-
-func (c *chunkReader) end() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.busy = false
-	if c.closed {
-		c.body.drop()
-	}
-}
-
-func (c *chunkReader) Close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.closed {
-		c.closed = true
-		if !c.busy {
-			c.body.drop()
+	for {
+		v := c.state.Load()
+		if v&readerClosed != 0 {
+			return http.ErrBodyReadAfterClose
+		}
+		if c.state.CompareAndSwap(v, v|readerBusy) {
+			return nil
 		}
 	}
-	return nil
+}
+
+// end drops the reference if Close came during the read.
+func (c *chunkReader) end() {
+	for {
+		v := c.state.Load()
+		if c.state.CompareAndSwap(v, v&^readerBusy) {
+			if v&readerClosed != 0 {
+				c.body.drop()
+			}
+			return
+		}
+	}
+}
+
+// Close drops the reference, or leaves it to a read under way.
+func (c *chunkReader) Close() error {
+	for {
+		v := c.state.Load()
+		if v&readerClosed != 0 {
+			return nil
+		}
+		if c.state.CompareAndSwap(v, v|readerClosed) {
+			if v&readerBusy == 0 {
+				c.body.drop()
+			}
+			return nil
+		}
+	}
 }
 
 // spillReader is the body of a request sent on without a replay copy after
@@ -235,7 +283,8 @@ func (c *chunkReader) Close() error {
 // has been read, so a request stalled upstream keeps no share of the total.
 type spillReader struct {
 	chunks [][]byte
-	off    int // into chunks[0]
+	bufs   []*[]byte // under chunks
+	off    int       // into chunks[0]
 	rest   io.ReadCloser
 	// reserved is what the unread chunks hold in replayBytes. Read frees it
 	// chunk by chunk and the request's end frees what is left, perhaps at
@@ -252,10 +301,14 @@ func (sp *spillReader) Read(p []byte) (int, error) {
 	n := copy(p, head[sp.off:])
 	sp.off += n
 	if sp.off == len(head) {
-		sp.chunks[0] = nil
-		sp.chunks, sp.off = sp.chunks[1:], 0
-		sp.free(int64(len(head)))
-		putChunk(head)
+		size := int64(len(head))
+		if buf := sp.bufs[0]; buf != nil {
+			size = int64(len(*buf))
+			putChunk(buf)
+		}
+		sp.chunks[0], sp.bufs[0] = nil, nil
+		sp.chunks, sp.bufs, sp.off = sp.chunks[1:], sp.bufs[1:], 0
+		sp.free(size)
 	}
 	return n, nil
 }

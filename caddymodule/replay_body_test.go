@@ -391,3 +391,68 @@ func TestReplaySkipLogRateLimited(t *testing.T) {
 		t.Errorf("replay_skipped_total rose by %v, want 102", n)
 	}
 }
+
+// blockingWriter collects what is written, waiting for a go-ahead before
+// each write after the first.
+type blockingWriter struct {
+	got    bytes.Buffer
+	writes int
+	wrote  chan struct{}
+	next   chan struct{}
+}
+
+func (w *blockingWriter) Write(p []byte) (int, error) {
+	if w.writes > 0 {
+		<-w.next
+	}
+	w.writes++
+	w.got.Write(p)
+	w.wrote <- struct{}{}
+	return len(p), nil
+}
+
+// A transport may close a body from another goroutine while it is still
+// writing it to the network: Close returns at once, and the chunks stay
+// the body's until that write is done.
+func TestReplayBodyCloseDuringRead(t *testing.T) {
+	base := replayBytes.held.Load()
+	h, _ := newReplayHandler(t, 1<<20, base+1<<20)
+	data := pattern(40<<10, 'c') // 3 chunks
+	var body io.ReadCloser
+	_ = h.ServeHTTP(httptest.NewRecorder(), bodyRequest(io.NopCloser(bytes.NewReader(data)), int64(len(data))),
+		caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			body = r.Body
+			return okNext(w, r)
+		}))
+	w := &blockingWriter{wrote: make(chan struct{}, 1), next: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() {
+		_, err := body.(io.WriterTo).WriteTo(w)
+		done <- err
+	}()
+	<-w.wrote // the first chunk is out; the second write waits
+	closed := make(chan struct{})
+	go func() { _ = body.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close waited for a write in progress")
+	}
+	for range 20 { // other requests take pooled chunks meanwhile
+		other := pattern(40<<10, 'o')
+		_ = h.ServeHTTP(httptest.NewRecorder(), bodyRequest(io.NopCloser(bytes.NewReader(other)), int64(len(other))), okNext)
+	}
+	for range 2 {
+		w.next <- struct{}{}
+		<-w.wrote
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(w.got.Bytes(), data) {
+		t.Fatalf("a body closed during its write went out changed (%d bytes)", w.got.Len())
+	}
+	if _, err := body.Read(make([]byte, 1)); !errors.Is(err, http.ErrBodyReadAfterClose) {
+		t.Errorf("read after close: %v", err)
+	}
+}
