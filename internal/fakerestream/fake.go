@@ -104,8 +104,8 @@ type Stats struct {
 	InvalidGrant         int64 // 400 invalid_grant answers
 	InvalidClient        int64 // client authentication failures
 	MaxConcurrentRefresh int64 // highest number of /oauth/token calls in progress at once
-	APICalls             int64 // all /v2/... requests, public ones included
-	API401               int64 // /v2/... requests rejected for a bad access token
+	APICalls             int64 // all /v2/... requests to URL(), public ones included
+	API401               int64 // /v2/... requests to URL() rejected for a bad access token
 	// FaultedCalls counts /oauth/token calls answered (or left unanswered) by
 	// a fault set with SetFault or SetDown. Connections refused under
 	// FaultRefuse never reach the server and are not counted anywhere.
@@ -125,7 +125,8 @@ type Stats struct {
 	// kept-alive ones included); OpenTokenConns the same for TokenURL().
 	OpenAPIConns   int64
 	OpenTokenConns int64
-	// ProfileCalls counts GET /v2/user/profile requests, answered or not.
+	// ProfileCalls counts GET /v2/user/profile requests on either
+	// listener, answered or not.
 	ProfileCalls int64
 }
 
@@ -975,7 +976,13 @@ var (
 )
 
 func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
-	s.apiCalls.Add(1)
+	// Profile reads on the token listener are the clients' own (they derive
+	// the URL from the token URL); APICalls and API401 count the API on
+	// URL(), where proxied traffic goes.
+	api := r.Context().Value(tokenServerKey{}) == nil
+	if api {
+		s.apiCalls.Add(1)
+	}
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
 		http.Error(w, "read body: "+err.Error(), http.StatusBadRequest)
@@ -1004,7 +1011,9 @@ func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
 		s.profileCalls.Add(1)
 	}
 	if tok == "" || !s.ValidAccessToken(tok) {
-		s.api401.Add(1)
+		if api {
+			s.api401.Add(1)
+		}
 		writeAPIError(w, http.StatusUnauthorized, "invalid_token", "Invalid token: access token is invalid")
 		return
 	}

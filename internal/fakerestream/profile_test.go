@@ -60,8 +60,9 @@ func TestProfileUsers(t *testing.T) {
 	if p := profileOn(s.URL(), r.str("access_token")); p.num("id") != 99 {
 		t.Fatalf("IssueCodeFor: %s", p.raw)
 	}
-	if st := s.Stats(); st.ProfileCalls != 7 {
-		t.Errorf("ProfileCalls = %d, want 7", st.ProfileCalls)
+	// Reads on the token listener are not API traffic.
+	if st := s.Stats(); st.ProfileCalls != 7 || st.APICalls != 6 || st.API401 != 1 {
+		t.Errorf("ProfileCalls = %d, APICalls = %d, API401 = %d, want 7, 6, 1", st.ProfileCalls, st.APICalls, st.API401)
 	}
 }
 
