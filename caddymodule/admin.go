@@ -55,6 +55,9 @@ type AccountStatus struct {
 	LastResult    string `json:"last_result"`
 	LastError     string `json:"last_error"`
 	NextRefreshAt string `json:"next_refresh_at"`
+	// User is the Restream user the chain acts as ({"id":"…","username":"…"});
+	// omitted while unknown.
+	User *tokensource.User `json:"user,omitempty"`
 }
 
 func statusJSON(st tokensource.Status) AccountStatus {
@@ -69,6 +72,7 @@ func statusJSON(st tokensource.Status) AccountStatus {
 		LastResult:       st.LastResult,
 		LastError:        st.LastError,
 		NextRefreshAt:    rfc3339(st.NextRefresh),
+		User:             st.User,
 	}
 }
 

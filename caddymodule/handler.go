@@ -135,7 +135,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	app.(*App).add(h.src)
-	return nil
+	return checkLogins(ctx, h.src) // a restream_auth_login of the account must be bound alike
 }
 
 // tokenConfig applies defaults, resolves placeholders and checks the
@@ -184,6 +184,7 @@ func (h *Handler) tokenConfig() (tokensource.Config, error) {
 		RefreshAhead: time.Duration(h.RefreshAhead),
 		Timeout:      time.Duration(h.Timeout),
 		Keyring:      h.keyring,
+		ProfileURL:   tokensource.ProfileURLFor(h.TokenURL), // a seed's chain records its Restream user
 	}, nil
 }
 

@@ -27,6 +27,9 @@ func TestLoginCaddyfile(t *testing.T) {
 	redirect_uri https://sidecar.example.com/restream/callback
 	encryption_key {env.RESTREAM_KEY}
 	encryption_key_previous {file./run/secrets/old_key}
+	expected_user_id 123456789
+	allow_account_change
+	allow_unauthenticated
 }`,
 			want: Login{
 				Account:      "main-acct",
@@ -39,6 +42,9 @@ func TestLoginCaddyfile(t *testing.T) {
 
 				EncryptionKey:         "{env.RESTREAM_KEY}",
 				EncryptionKeyPrevious: "{file./run/secrets/old_key}",
+				ExpectedUserID:        "123456789",
+				AllowAccountChange:    true,
+				AllowUnauthenticated:  true,
 			},
 		},
 		{
@@ -115,6 +121,13 @@ func TestLoginCaddyfileErrors(t *testing.T) {
 		{"missing client_id", "restream_auth_login {\n\tclient_secret s\n\tredirect_uri https://s.example.com/callback\n}", "client_id is required", 4},
 		{"missing client_secret", "restream_auth_login {\n\tclient_id id\n\tredirect_uri https://s.example.com/callback\n}", "client_secret is required", 4},
 		{"missing redirect_uri", "restream_auth_login {\n\tclient_id id\n\tclient_secret s\n}", "redirect_uri is required", 4},
+		{"flag with a value", block("allow_unauthenticated yes"), "allow_unauthenticated takes no value", 5},
+		{"account change flag with a value", block("allow_account_change on"), "allow_account_change takes no value", 5},
+		{"expected_user_id not a number", block("expected_user_id alice"), `expected_user_id "alice": want Restream's numeric user id`, 5},
+		{"expected_user_id negative", block("expected_user_id -4"), `expected_user_id "-4": want Restream's numeric user id`, 5},
+		{"expected_user_id placeholder", block("expected_user_id {env.RESTREAM_USER}"), "want Restream's numeric user id", 5},
+		{"expected_user_id missing", block("expected_user_id"), "expected_user_id: expected one value", 5},
+		{"expected_user_id two", block("expected_user_id 1 2"), "expected_user_id: expected one value, got more", 5},
 		{"no block at all", "restream_auth_login acct", "client_id is required", 1},
 		{"bad account name", "restream_auth_login ../etc {\n\tclient_id id\n}", `account "../etc": use 1-64 letters`, 1},
 		{"two account args", "restream_auth_login one two {\n\tclient_id id\n}", "wrong argument count or unexpected line ending after 'two'", 1},
@@ -138,15 +151,20 @@ func TestLoginCaddyfileErrors(t *testing.T) {
 
 func testLoginState(t *testing.T, secret, account string) *Login {
 	t.Helper()
+	return testLoginStateFor(t, secret, account, "https://s.example.com/restream/callback")
+}
+
+func testLoginStateFor(t *testing.T, secret, account, redirectURI string) *Login {
+	t.Helper()
 	key, err := loginStateKey(secret, "id", account)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Login{Account: account, stateKey: key}
+	return &Login{Account: account, RedirectURI: redirectURI, stateKey: key}
 }
 
 // The state cookie: only a cookie signed with the same key, for the same
-// account, before its expiry, gives back its state.
+// account and redirect_uri, before its expiry, gives back its state.
 func TestLoginStateCookie(t *testing.T) {
 	now := time.Unix(1_800_000_000, 0)
 	l := testLoginState(t, "secret-1", "default")
@@ -154,31 +172,32 @@ func TestLoginStateCookie(t *testing.T) {
 	exp := now.Add(loginStateTTL).Unix()
 	v := l.signState(state, exp)
 
-	if got, err := l.verifyState(v, now); err != nil || got != state {
-		t.Fatalf("valid cookie: %q, %v", got, err)
+	if got, gotExp, err := l.verifyState(v, now); err != nil || got != state || gotExp.Unix() != exp {
+		t.Fatalf("valid cookie: %q, %v, %v", got, gotExp, err)
 	}
 	// Another instance with the same client secret accepts it (load balancers).
-	if got, err := testLoginState(t, "secret-1", "default").verifyState(v, now.Add(9*time.Minute)); err != nil || got != state {
+	if got, _, err := testLoginState(t, "secret-1", "default").verifyState(v, now.Add(9*time.Minute)); err != nil || got != state {
 		t.Fatalf("same secret, other instance: %q, %v", got, err)
 	}
-	if _, err := l.verifyState(v, now.Add(loginStateTTL)); err != errStateExpired {
+	if _, _, err := l.verifyState(v, now.Add(loginStateTTL)); err != errStateExpired {
 		t.Errorf("expired cookie: %v", err)
 	}
 	for name, bad := range map[string]string{
 		"other secret":    testLoginState(t, "secret-2", "default").signState(state, exp),
 		"other account":   testLoginState(t, "secret-1", "other").signState(state, exp),
+		"other redirect":  testLoginStateFor(t, "secret-1", "default", "https://other.example.com/restream/callback").signState(state, exp),
 		"later expiry":    strings.Replace(v, fmt.Sprint(exp), fmt.Sprint(exp+3600), 1),
 		"other state":     strings.Replace(v, state, state[:len(state)-1]+"x", 1),
 		"truncated MAC":   v[:len(v)-2],
 		"not base64 MAC":  v[:len(v)-2] + "!!",
-		"no version":      strings.TrimPrefix(v, "v1."),
-		"other version":   "v2" + strings.TrimPrefix(v, "v1"),
+		"no version":      strings.TrimPrefix(v, "v2."),
+		"other version":   "v1" + strings.TrimPrefix(v, "v2"),
 		"empty state":     l.signState("", exp),
 		"empty":           "",
 		"extra part":      v + ".x",
 		"non-numeric exp": strings.Replace(v, fmt.Sprint(exp), "soon", 1),
 	} {
-		if got, err := l.verifyState(bad, now); err == nil {
+		if got, _, err := l.verifyState(bad, now); err == nil {
 			t.Errorf("%s: accepted, state %q", name, got)
 		}
 	}
@@ -204,9 +223,10 @@ func TestLoginMarshalLogObject(t *testing.T) {
 
 func TestLoginPathHelpers(t *testing.T) {
 	for in, want := range map[string]string{"/restream/login": "login", "/login": "login", "/restream/callback": "callback",
-		"/restream/": "", "/restream/login/": "", "login": "login", "": ""} {
-		if got := loginSegment(in); got != want {
-			t.Errorf("loginSegment(%q) = %q, want %q", in, got, want)
+		"/restream/": "status", "/": "status", "/restream/login/": "", "/restream/callback/": "", "login": "login", "": "",
+		"/restream/other": "", "/restream": "", "/restream/login.html": ""} {
+		if got := loginRoute(in); got != want {
+			t.Errorf("loginRoute(%q) = %q, want %q", in, got, want)
 		}
 	}
 	for code, want := range map[string]string{"access_denied": "access_denied", "server_error": "server_error",
@@ -214,5 +234,52 @@ func TestLoginPathHelpers(t *testing.T) {
 		if got := loginOAuthCode(code); got != want {
 			t.Errorf("loginOAuthCode(%q) = %q, want %q", code, got, want)
 		}
+	}
+}
+
+// Durations read as people write them, rounded down.
+func TestHumanDuration(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		0:                                     "0 seconds",
+		-time.Minute:                          "0 seconds",
+		time.Second:                           "1 second",
+		45*time.Second + 900*time.Millisecond: "45 seconds",
+		loginStateTTL:                         "10 minutes",
+		time.Hour - time.Second:               "59 minutes",
+		time.Minute:                           "1 minute",
+		time.Hour:                             "1 hour",
+		23*time.Hour + 5*time.Minute + 30*time.Second: "23 hours 5 minutes",
+		24 * time.Hour:                 "1 day",
+		27*time.Hour + 59*time.Minute:  "1 day 3 hours",
+		365*24*time.Hour - time.Second: "364 days",
+		365 * 24 * time.Hour:           "365 days",
+	} {
+		if got := humanDuration(d); got != want {
+			t.Errorf("humanDuration(%v) = %q, want %q", d, got, want)
+		}
+	}
+	now := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	if got := whenText(now.Add(time.Hour-time.Second), now); got != "2026-12-01 00:59 UTC, in 59 minutes" {
+		t.Errorf("whenText future: %q", got)
+	}
+	if got := whenText(now.Add(-90*time.Minute), now.In(time.FixedZone("x", 3600))); got != "2026-11-30 22:30 UTC, 1 hour 30 minutes ago" {
+		t.Errorf("whenText past: %q", got)
+	}
+}
+
+// A state is spent once, until it expires; expired ones are forgotten.
+func TestStateLedger(t *testing.T) {
+	l := &stateLedger{spent: make(map[string]time.Time)}
+	now := time.Unix(1_800_000_000, 0)
+	exp := now.Add(loginStateTTL)
+	if !l.spend("a\x00s1", exp, now) || l.spend("a\x00s1", exp, now.Add(time.Minute)) {
+		t.Fatal("a state was spent twice")
+	}
+	if !l.spend("b\x00s1", exp, now) {
+		t.Fatal("the same state of another account is another state")
+	}
+	l.spend("a\x00s2", exp, exp.Add(time.Second))
+	if len(l.spent) != 1 {
+		t.Fatalf("expired states are kept: %d", len(l.spent))
 	}
 }

@@ -37,18 +37,24 @@ const (
 	loginCookie   = "restream_auth_login_default"
 )
 
-// loginSite is a sidecar with the onboarding route under /restream/ and,
-// with proxy, a restream_auth route (no seed) for the same account.
+// loginSite is a sidecar with the onboarding route under /restream/ (behind
+// basic_auth unless noAuth) and, with proxy, a restream_auth route (no seed)
+// for the same account.
 type loginSite struct {
 	t          *testing.T
 	port       int
+	adminPort  int // 0: admin off
 	storageDir string
 	fake       *fakerestream.Server
 	authorize  string // the fake consent page
 	proxy      bool
+	noAuth     bool // no basic_auth in front of the login
 	logFile    string
 	accessLog  string
 	loginExtra string // more restream_auth_login subdirectives
+	proxyExtra string // more restream_auth subdirectives
+	redirect   string // redirect_uri; default <base>/restream/callback
+	extraSite  string // more lines in the site block, after the login's route
 }
 
 func newLoginSite(t *testing.T, proxy bool) *loginSite {
@@ -64,13 +70,26 @@ func newLoginSite(t *testing.T, proxy bool) *loginSite {
 		accessLog: filepath.Join(dir, "access.log")}
 }
 
-func (s *loginSite) base() string        { return "http://127.0.0.1:" + itoa(s.port) }
-func (s *loginSite) redirectURI() string { return s.base() + "/restream/callback" }
+func (s *loginSite) base() string { return "http://127.0.0.1:" + itoa(s.port) }
+func (s *loginSite) redirectURI() string {
+	if s.redirect != "" {
+		return s.redirect
+	}
+	return s.base() + "/restream/callback"
+}
 
 func (s *loginSite) caddyfile() string {
 	var b strings.Builder
+	admin := "admin off"
+	if s.adminPort != 0 {
+		admin = "admin 127.0.0.1:" + itoa(s.adminPort)
+	}
+	auth := fmt.Sprintf("basic_auth {\n\t\t\t%s %s\n\t\t}", loginUser, loginHash)
+	if s.noAuth {
+		auth = "# no authentication"
+	}
 	fmt.Fprintf(&b, `{
-	admin off
+	%s
 	storage file_system %s
 	auto_https off
 	persist_config off
@@ -96,9 +115,7 @@ http://127.0.0.1:%d {
 		}
 	}
 	handle /restream/* {
-		basic_auth {
-			%s %s
-		}
+		%s
 		restream_auth_login {
 			client_id test-client
 			client_secret {env.%s}
@@ -108,17 +125,19 @@ http://127.0.0.1:%d {
 			%s
 		}
 	}
-`, s.storageDir, s.logFile, s.port, s.accessLog, loginUser, loginHash, loginSecretEn, s.fake.TokenURL(), s.authorize, s.redirectURI(), s.loginExtra)
+`, admin, s.storageDir, s.logFile, s.port, s.accessLog, auth, loginSecretEn, s.fake.TokenURL(), s.authorize, s.redirectURI(), s.loginExtra)
+	b.WriteString(s.extraSite)
 	if s.proxy {
 		fmt.Fprintf(&b, `	handle {
 		restream_auth {
 			client_id test-client
 			client_secret {env.%s}
 			token_url %s
+			%s
 		}
 		reverse_proxy %s
 	}
-`, loginSecretEn, s.fake.TokenURL(), s.fake.URL())
+`, loginSecretEn, s.fake.TokenURL(), s.proxyExtra, s.fake.URL())
 	}
 	b.WriteString("}\n")
 	return b.String()
@@ -183,7 +202,7 @@ func (b *loginBrowser) do(method, rawURL string) loginResp {
 	if err != nil {
 		b.t.Fatal(err)
 	}
-	if strings.HasPrefix(rawURL, b.site.base()+"/") {
+	if strings.HasPrefix(rawURL, b.site.base()+"/") && !b.site.noAuth {
 		req.SetBasicAuth(loginUser, loginPassword)
 	}
 	resp, err := b.c.Do(req)
@@ -226,14 +245,25 @@ func (b *loginBrowser) consent(location string) string {
 	return p.loc
 }
 
-// flow runs a whole authorization and returns the callback page and the
-// code it carried.
+// flow runs a whole authorization and returns the callback's answer and
+// the code it carried.
 func (b *loginBrowser) flow() (loginResp, string) {
 	b.t.Helper()
 	loc, _ := b.login()
 	cb := b.consent(loc)
 	u, _ := url.Parse(cb)
 	return b.get(cb), u.Query().Get("code")
+}
+
+// connect runs a whole authorization that must succeed: the callback sends
+// the browser to the account's page (303 See Other), which it returns.
+func (b *loginBrowser) connect() loginResp {
+	b.t.Helper()
+	p, _ := b.flow()
+	if p.status != http.StatusSeeOther || p.loc != "./" {
+		b.t.Fatalf("callback: status %d, Location %q, want 303 to ./\n%s", p.status, p.loc, p.body)
+	}
+	return b.get(b.site.base() + "/restream/")
 }
 
 func (b *loginBrowser) cookie() *http.Cookie {
@@ -336,25 +366,39 @@ func TestLoginFlowInstallsChainWithoutRestart(t *testing.T) {
 	if code == "" || cbQuery.Query().Get("state") != state {
 		t.Fatalf("callback URL %s lacks the code or the state", cbURL)
 	}
-	done := b.get(cbURL)
-	if done.status != http.StatusOK {
-		t.Fatalf("callback: status %d\n%s", done.status, done.body)
+	cb := b.get(cbURL)
+	if cb.status != http.StatusSeeOther || cb.loc != "./" {
+		t.Fatalf("callback: status %d, Location %q, want 303 See Other to ./ (the spent code leaves the address bar)\n%s", cb.status, cb.loc, cb.body)
 	}
-	wantLoginNoStore(t, "callback", done)
-	for _, want := range []string{"Restream account connected", "<dd>default</dd>", "<dt>Generation</dt><dd>1</dd>", "Access token expires"} {
-		if !strings.Contains(done.body, want) {
-			t.Errorf("confirmation page lacks %q:\n%s", want, done.body)
-		}
-	}
+	wantLoginNoStore(t, "callback", cb)
 	if b.cookie() != nil {
 		t.Error("the callback did not clear the state cookie")
+	}
+	// The account's page, and a reload of it, say what is connected.
+	var done loginResp
+	for range 2 {
+		done = b.get(site.base() + "/restream/")
+		if done.status != http.StatusOK {
+			t.Fatalf("account page: status %d\n%s", done.status, done.body)
+		}
+		wantLoginNoStore(t, "account page", done)
+		for _, want := range []string{"Restream account connected", "<dd>default</dd>", "<dt>Restream user</dt><dd>fake-streamer (id 1001)</dd>",
+			"<dt>Generation</dt><dd>1</dd>", "Access token expires", "in 59 minutes (renewed automatically before then)",
+			"in 364 days (re-authorize before then)", `<a href="./login" class="button">Re-authorize</a>`} {
+			if !strings.Contains(done.body, want) {
+				t.Errorf("account page lacks %q:\n%s", want, done.body)
+			}
+		}
 	}
 
 	rec := site.record()
 	if rec == nil || rec.Generation != 1 || rec.Chain == "" || !site.fake.ValidAccessToken(rec.AccessToken) {
 		t.Fatalf("stored record after the first authorization: %+v", rec)
 	}
-	mustContainNone(t, "confirmation page", done.body, append(site.fake.IssuedTokens(), code, loginSecret, loginPassword)...)
+	if rec.User == nil || rec.User.ID != "1001" || rec.User.Username != "fake-streamer" {
+		t.Fatalf("stored user %+v, want the fake's signed-in user", rec.User)
+	}
+	mustContainNone(t, "account page", done.body+cb.body, append(site.fake.IssuedTokens(), code, loginSecret, loginPassword)...)
 
 	// The restream_auth route that answered 503 serves now, without a restart.
 	status, body, _ = do(t, http.MethodGet, api, nil, nil)
@@ -368,8 +412,8 @@ func TestLoginFlowInstallsChainWithoutRestart(t *testing.T) {
 	// Authorizing again installs a new chain as the next generation, and
 	// the proxied route switches to it at once.
 	done2, code2 := b.flow()
-	if done2.status != http.StatusOK || !strings.Contains(done2.body, "<dt>Generation</dt><dd>2</dd>") {
-		t.Fatalf("second authorization: status %d\n%s", done2.status, done2.body)
+	if page := b.get(site.base() + "/restream/"); done2.status != http.StatusSeeOther || !strings.Contains(page.body, "<dt>Generation</dt><dd>2</dd>") {
+		t.Fatalf("second authorization: status %d\n%s", done2.status, page.body)
 	}
 	rec2 := site.record()
 	if rec2.Generation != 2 || rec2.Chain == rec.Chain || rec2.AccessToken == rec.AccessToken {
@@ -387,7 +431,8 @@ func TestLoginFlowInstallsChainWithoutRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	logs := site.logs()
-	for _, want := range []string{`"msg":"installed a new token chain from the login flow"`, `"generation":2`, `"user":"onboard"`, `"restream_auth_login"`} {
+	for _, want := range []string{`"msg":"installed a new token chain from the login flow"`, `"generation":2`, `"operator":"onboard"`,
+		`"restream_user_id":"1001"`, `"restream_username":"fake-streamer"`, `"served_at_once":true`, `"restream_auth_login"`} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("logs lack %q", want)
 		}
@@ -481,7 +526,7 @@ func TestLoginRefusals(t *testing.T) {
 	t.Run("reused code", func(t *testing.T) {
 		b := newLoginBrowser(t, site)
 		first, code := b.flow()
-		if first.status != http.StatusOK {
+		if first.status != http.StatusSeeOther {
 			t.Fatalf("first use: status %d\n%s", first.status, first.body)
 		}
 		used = code
@@ -521,12 +566,17 @@ func TestLoginRefusals(t *testing.T) {
 		if p := b.do(http.MethodHead, site.base()+"/restream/login"); p.status != http.StatusFound || p.loc == "" || p.body != "" {
 			t.Errorf("HEAD login: status %d, Location %q, body %d bytes", p.status, p.loc, len(p.body))
 		}
-		for _, path := range []string{"/restream/other", "/restream/login/", "/restream/"} {
+		for _, path := range []string{"/restream/other", "/restream/login/", "/restream/callback/"} {
 			p := b.get(site.base() + path)
 			if p.status != http.StatusNotFound {
 				t.Errorf("GET %s: status %d, want 404", path, p.status)
 			}
 			wantLoginNoStore(t, path, p)
+		}
+		for _, m := range []string{http.MethodPost, http.MethodDelete} {
+			if p := b.do(m, site.base()+"/restream/"); p.status != http.StatusMethodNotAllowed || p.header.Get("Allow") != "GET, HEAD" {
+				t.Errorf("%s /restream/: status %d Allow %q", m, p.status, p.header.Get("Allow"))
+			}
 		}
 	})
 
@@ -551,9 +601,10 @@ func TestLoginRefusals(t *testing.T) {
 func TestLoginWithoutRunningHandlerStoresChain(t *testing.T) {
 	site := newLoginSite(t, false)
 	runInProcess(t, site.caddyfile())
-	p, _ := newLoginBrowser(t, site).flow()
-	if p.status != http.StatusOK || !strings.Contains(p.body, "<dt>Generation</dt><dd>1</dd>") {
-		t.Fatalf("callback: status %d\n%s", p.status, p.body)
+	p := newLoginBrowser(t, site).connect()
+	if !strings.Contains(p.body, "Restream account stored") || !strings.Contains(p.body, "<dt>Generation</dt><dd>1</dd>") ||
+		!strings.Contains(p.body, "fake-streamer (id 1001)") {
+		t.Fatalf("account page: status %d\n%s", p.status, p.body)
 	}
 	if n := caddymodule.SourcesInPool(); n != 0 {
 		t.Errorf("the login's own token source must stay out of the shared pool (admin status, health): %d sources", n)
@@ -585,10 +636,7 @@ func TestLoginEncryptedStorage(t *testing.T) {
 	t.Setenv("RESTREAM_LOGIN_TEST_KEY", base64.StdEncoding.EncodeToString(key))
 	site.loginExtra = "encryption_key {env.RESTREAM_LOGIN_TEST_KEY}"
 	runInProcess(t, site.caddyfile())
-	p, _ := newLoginBrowser(t, site).flow()
-	if p.status != http.StatusOK {
-		t.Fatalf("callback: status %d\n%s", p.status, p.body)
-	}
+	newLoginBrowser(t, site).connect()
 	st := &certmagic.FileStorage{Path: site.storageDir}
 	if _, err := tokensource.LoadRecord(context.Background(), st, "default"); !errors.Is(err, tokensource.ErrUnreadableRecord) {
 		t.Fatalf("reading the record without the key: %v, want it encrypted", err)
@@ -602,8 +650,7 @@ func TestLoginEncryptedStorage(t *testing.T) {
 		t.Fatalf("encrypted record: %+v, %v", rec, err)
 	}
 	// A second authorization reads the encrypted record for the next generation.
-	p, _ = newLoginBrowser(t, site).flow()
-	if p.status != http.StatusOK || !strings.Contains(p.body, "<dt>Generation</dt><dd>2</dd>") {
+	if p := newLoginBrowser(t, site).connect(); !strings.Contains(p.body, "<dt>Generation</dt><dd>2</dd>") {
 		t.Fatalf("second callback: status %d\n%s", p.status, p.body)
 	}
 }
@@ -631,6 +678,7 @@ func TestLoginProvisionErrors(t *testing.T) {
 		{"bad client_auth", map[string]any{"client_auth": "digest"}, `client_auth "digest"`},
 		{"bad encryption_key", map[string]any{"encryption_key": "not-a-key"}, "encryption_key: "},
 		{"previous key alone", map[string]any{"encryption_key_previous": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}, "encryption_key_previous needs encryption_key"},
+		{"expected_user_id not numeric", map[string]any{"expected_user_id": "alice"}, `expected_user_id "alice": want Restream's numeric user id`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := map[string]any{}
