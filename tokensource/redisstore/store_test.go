@@ -550,3 +550,63 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		t.Error("an account with braces was accepted")
 	}
 }
+
+// A store that writes back a record from memory may hold an older one than
+// another instance (it read the record just before a rotation it has not
+// seen): nobody may take the lease, and so refresh from it, until the
+// settle time has passed, while a newer write-back replaces it.
+func TestWriteBackSettlesBeforeRefresh(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	const settle = 400 * time.Millisecond
+	a := newStore(t, srv, redisstore.Options{RestoreSettle: settle})
+	b := newStore(t, srv, redisstore.Options{RestoreSettle: settle})
+	g1, g2 := pair("c", 1), pair("c", 2)
+	mustStore(t, a, g1, tokensource.Version{})
+	mustLoad(t, b) // b knows generation 1
+	mustStore(t, a, g2, version(g1))
+
+	srv.MustDo("FLUSHALL")
+	if got := mustLoad(t, b); got.Generation != 1 {
+		t.Fatalf("b wrote back generation %d, want its stale 1", got.Generation)
+	}
+	restored := time.Now()
+	if _, err := b.TakeLease(ctxT(t), "b", time.Minute); !errors.Is(err, tokensource.ErrLeaseHeld) {
+		t.Fatalf("TakeLease right after a write-back: %v, want ErrLeaseHeld", err)
+	}
+	if got := mustLoad(t, a); got.Generation != 2 {
+		t.Fatalf("a's write-back: generation %d, want 2 over b's 1", got.Generation)
+	}
+	if got := mustLoad(t, b); got.Generation != 2 {
+		t.Fatalf("b reads generation %d, want 2", got.Generation)
+	}
+	for {
+		_, err := b.TakeLease(ctxT(t), "b", time.Minute)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, tokensource.ErrLeaseHeld) {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond) // Redis's expiry of the settle lease
+	}
+	if took := time.Since(restored); took < settle-50*time.Millisecond {
+		t.Fatalf("the lease was free %s after the write-back, before the settle time %s", took, settle)
+	}
+}
+
+// A holder whose lease and record Redis both lost holds the newest pair
+// there is: its write is not fenced off.
+func TestHolderWritesBackAfterDataLoss(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	a := newStore(t, srv, redisstore.Options{})
+	g1 := pair("c", 1)
+	mustStore(t, a, g1, tokensource.Version{})
+	if _, err := a.TakeLease(ctxT(t), "a", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	srv.MustDo("FLUSHALL")
+	mustStore(t, a, pair("c", 2), version(g1))
+	if got := mustLoad(t, newStore(t, srv, redisstore.Options{})); got.Generation != 2 {
+		t.Fatalf("stored %+v, want generation 2", got)
+	}
+}
