@@ -28,7 +28,9 @@ func redisGlobal(url string, more ...string) string {
 	return "restream_auth {\nredis " + url + "\n" + strings.Join(more, "\n") + "\n}"
 }
 
-func redisRecordKey(account string) string { return redisstore.DefaultKeyPrefix + "{" + account + "}/record" }
+func redisRecordKey(account string) string {
+	return redisstore.DefaultKeyPrefix + "{" + account + "}/record"
+}
 
 // redisField is a field of an account's record hash in Redis, "" if none.
 func redisField(srv *redistest.Server, account, field string) string {
