@@ -1,6 +1,8 @@
 package caddymodule
 
 import (
+	"context"
+
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
@@ -16,9 +18,12 @@ var sources = caddy.NewUsagePool()
 type pooledSource struct {
 	*tokensource.Source
 	release func() // gives back what the source's backend holds (a Redis client)
+	cfg     tokensource.Config
 }
 
-// newPooledSource builds the source of cfg on backend.
+// newPooledSource builds the source of cfg on backend. Modules that keep a
+// source of their own (restream_auth_login) build it here too, and
+// Destruct it when they are cleaned up.
 func newPooledSource(cfg tokensource.Config, backend sourceBackend) (pooledSource, error) {
 	release, err := backend.open(&cfg)
 	if err != nil {
@@ -29,7 +34,16 @@ func newPooledSource(cfg tokensource.Config, backend sourceBackend) (pooledSourc
 		release()
 		return pooledSource{}, err
 	}
-	return pooledSource{src, release}, nil
+	return pooledSource{src, release, cfg}, nil
+}
+
+// loadRecord reads the account's stored record from the source's backend,
+// Redis or Caddy storage, without the source.
+func (p pooledSource) loadRecord(ctx context.Context) (*tokensource.Record, error) {
+	if p.cfg.Store != nil {
+		return p.cfg.Store.Load(ctx)
+	}
+	return tokensource.LoadRecordKeyring(ctx, p.cfg.Storage, p.cfg.Account, p.cfg.Keyring)
 }
 
 // Destruct stops the source's refresher, then releases its backend.
