@@ -358,3 +358,36 @@ func TestRedisCredentialsNeverShown(t *testing.T) {
 		})
 	}
 }
+
+// caddy validate provisions everything and connects to nothing: no Redis
+// connection is opened.
+func TestRedisValidateNeverConnects(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	connections := func() int {
+		info := srv.MustDo("INFO", "stats").(string)
+		for _, line := range strings.Split(info, "\r\n") {
+			if v, ok := strings.CutPrefix(line, "total_connections_received:"); ok {
+				n, _ := strconv.Atoi(v)
+				return n
+			}
+		}
+		t.Fatalf("no total_connections_received in %q", info)
+		return 0
+	}
+	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
+	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	var c caddy.Config
+	if err := json.Unmarshal(adapt(t, cfg.Caddyfile()), &c); err != nil {
+		t.Fatal(err)
+	}
+	before := connections()
+	if err := caddy.Validate(&c); err != nil {
+		t.Fatal(err)
+	}
+	if after := connections(); after != before+1 { // +1: this INFO's own
+		t.Fatalf("validate opened %d Redis connections", after-before-1)
+	}
+	if st := fake.Stats(); st.RefreshCalls != 0 {
+		t.Fatalf("validate called the token endpoint %d times", st.RefreshCalls)
+	}
+}
