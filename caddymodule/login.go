@@ -103,8 +103,8 @@ type Login struct {
 	secure     bool
 	stateKey   []byte
 	own        *tokensource.Source // exchanges codes; installs when no restream_auth of the account runs
+	ownPool    pooledSource        // own with its backend (Caddy storage or the app's Redis)
 	app        *App                // this config's restream_auth sources, the ones the callback installs into
-	storage    tokensource.Storage
 	logger     *zap.Logger
 	now        func() time.Time
 }
@@ -171,22 +171,27 @@ func (l *Login) Provision(ctx caddy.Context) error {
 	if l.stateKey, err = loginStateKey(l.clientSecret, l.clientID, l.Account); err != nil {
 		return fmt.Errorf("deriving the state key: %v", err)
 	}
-	l.storage = guardStorage(ctx.Storage(), l.logger)
-	l.own, err = tokensource.New(tokensource.Config{
+	// The login's own source keeps the chain where restream_auth does:
+	// Caddy storage, or the restream_auth app's Redis.
+	backend, err := storeFor(ctx, l.Account, l.keyring, guardStorage(ctx.Storage(), l.logger), l.logger)
+	if err != nil {
+		return err
+	}
+	l.ownPool, err = newPooledSource(tokensource.Config{
 		Account:      l.Account,
 		ClientID:     l.clientID,
 		ClientSecret: l.clientSecret,
 		TokenURL:     l.TokenURL,
 		AuthStyle:    client.style,
-		Storage:      l.storage,
 		HTTPClient:   &http.Client{Transport: tokenTransport()},
 		Logger:       l.logger.Named("tokensource"),
 		Keyring:      l.keyring,
 		ProfileURL:   tokensource.ProfileURLFor(l.TokenURL),
-	})
+	}, backend)
 	if err != nil {
 		return fmt.Errorf("restream_auth_login %q: %w", l.Account, err)
 	}
+	l.own = l.ownPool.Source
 	if err := l.attach(ctx); err != nil {
 		return err
 	}
@@ -239,9 +244,7 @@ func (l *Login) checkBinding(srcs []*tokensource.Source) error {
 		if b.TokenURL != mine.TokenURL {
 			diffs = append(diffs, fmt.Sprintf("token_url differs from %s (%q here, %q there)", there, mine.TokenURL, b.TokenURL))
 		}
-		// A source on a Store (the restream_auth app's Redis) is installed
-		// into through itself, whatever storage the login would use alone.
-		if a, z := storageIdentity(mine.Storage), storageIdentity(b.Storage); b.Storage != nil && a != z {
+		if a, z := storageIdentity(mine.Storage), storageIdentity(b.Storage); a != z {
 			diffs = append(diffs, fmt.Sprintf("storage differs from %s (%s here, %s there)", there, a, z))
 		}
 		if b.KeyIDs != mine.KeyIDs {
@@ -285,7 +288,7 @@ func (l *Login) installer() (src *tokensource.Source, live bool) {
 // Cleanup closes the login's own token source (it never runs a refresher).
 func (l *Login) Cleanup() error {
 	if l.own != nil {
-		l.own.Close()
+		return l.ownPool.Destruct() // and gives its backend back
 	}
 	return nil
 }
@@ -580,7 +583,7 @@ func (l *Login) checkCallback(r *http.Request, code, state, oauthErr string) *ca
 func (l *Login) checkStoredRecord(ctx context.Context) *callbackFailure {
 	ctx, cancel := context.WithTimeout(ctx, tokensource.StorageTimeout)
 	defer cancel()
-	_, err := tokensource.LoadRecordKeyring(ctx, l.storage, l.Account, l.keyring)
+	_, err := l.ownPool.loadRecord(ctx)
 	if !errors.Is(err, tokensource.ErrCorruptRecord) && !errors.Is(err, tokensource.ErrUnreadableRecord) {
 		return nil // a transient read error is the install's to report
 	}

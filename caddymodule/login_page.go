@@ -96,7 +96,7 @@ func (l *Login) view(ctx context.Context) accountView {
 	}
 	ctx, cancel := context.WithTimeout(ctx, tokensource.StorageTimeout)
 	defer cancel()
-	rec, err := tokensource.LoadRecordKeyring(ctx, l.storage, l.Account, l.keyring)
+	rec, err := l.ownPool.loadRecord(ctx)
 	switch {
 	case errors.Is(err, tokensource.ErrCorruptRecord), errors.Is(err, tokensource.ErrUnreadableRecord):
 		return accountView{state: stateUnreadable, lastError: err.Error()}

@@ -1,6 +1,7 @@
 package caddymodule_test
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -14,8 +15,10 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
@@ -612,4 +615,39 @@ func TestLoginExchangeRefusesRedirect(t *testing.T) {
 		t.Fatalf("the redirect target got %d requests", hits.Load())
 	}
 	site.wantUnchanged("redirect", nil)
+}
+
+// With the restream_auth app's Redis, the login keeps the chain where
+// restream_auth does: it installs into the running source (same binding),
+// and without one, its own source writes to Redis; the account page reads
+// it from there.
+func TestLoginWithRedisBackend(t *testing.T) {
+	for _, proxy := range []bool{true, false} {
+		t.Run(fmt.Sprintf("restream_auth in the config: %v", proxy), func(t *testing.T) {
+			srv := redistest.Start(t, redistest.Options{Password: "login-redis-pw-5c"})
+			site := newLoginSite(t, proxy)
+			site.global = "restream_auth {\n\t\tredis " + srv.URL() + "\n\t}"
+			runInProcess(t, site.caddyfile())
+			page := newLoginBrowser(t, site).connect()
+			want := "Restream account connected"
+			if !proxy {
+				want = "Restream account stored"
+			}
+			if !strings.Contains(page.body, want) || !strings.Contains(page.body, "fake-streamer (id 1001)") {
+				t.Fatalf("account page:\n%s", page.body)
+			}
+			if srv.MustDo("EXISTS", "restream_auth/{default}/record") != int64(1) {
+				t.Fatal("the chain is not in Redis")
+			}
+			if rec, err := tokensource.LoadRecord(context.Background(), &certmagic.FileStorage{Path: site.storageDir}, "default"); err != nil || rec != nil {
+				t.Fatalf("the chain went to Caddy storage too: %v", err)
+			}
+			if proxy {
+				if status, _, _ := do(t, http.MethodGet, site.base()+"/v2/user/profile", nil, nil); status != http.StatusOK {
+					t.Fatalf("proxied route: %d", status)
+				}
+			}
+			mustContainNone(t, "account page", page.body, "login-redis-pw-5c")
+		})
+	}
 }

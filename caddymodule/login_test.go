@@ -55,6 +55,7 @@ type loginSite struct {
 	proxyExtra string // more restream_auth subdirectives
 	redirect   string // redirect_uri; default <base>/restream/callback
 	extraSite  string // more lines in the site block, after the login's route
+	global     string // more global options
 }
 
 func newLoginSite(t *testing.T, proxy bool) *loginSite {
@@ -100,6 +101,7 @@ func (s *loginSite) caddyfile() string {
 	servers {
 		trace
 	}
+	%s
 }
 
 http://127.0.0.1:%d {
@@ -125,7 +127,7 @@ http://127.0.0.1:%d {
 			%s
 		}
 	}
-`, admin, s.storageDir, s.logFile, s.port, s.accessLog, auth, loginSecretEn, s.fake.TokenURL(), s.authorize, s.redirectURI(), s.loginExtra)
+`, admin, s.storageDir, s.logFile, s.global, s.port, s.accessLog, auth, loginSecretEn, s.fake.TokenURL(), s.authorize, s.redirectURI(), s.loginExtra)
 	b.WriteString(s.extraSite)
 	if s.proxy {
 		fmt.Fprintf(&b, `	handle {
