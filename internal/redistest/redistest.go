@@ -153,9 +153,16 @@ func (s *Server) start() error {
 
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		_, err := s.Do("PING")
+		// Ask for the server's pid: the port may have been taken, between
+		// freePort and the bind, by another test's redis-server.
+		info, err := s.Do("INFO", "server")
 		if err == nil {
-			return nil
+			if str, _ := info.(string); strings.Contains(str, "process_id:"+strconv.Itoa(cmd.Process.Pid)+"\r\n") {
+				return nil
+			}
+			_ = cmd.Process.Kill()
+			<-exited
+			return fmt.Errorf("port %d answers for another redis-server", s.Port)
 		}
 		select {
 		case <-exited:
@@ -226,6 +233,17 @@ func (s *Server) Output() string {
 // a password) and returns the reply: a string, an int64, nil, or a []any.
 // An error reply is returned as an error.
 func (s *Server) Do(args ...string) (any, error) {
+	replies, err := s.DoAll(args)
+	if err != nil {
+		return nil, err
+	}
+	return replies[0], nil
+}
+
+// DoAll sends commands in turn on one new connection, as WAIT needs (it
+// counts the acknowledgements of its own connection's writes), and returns
+// their replies; it stops at the first error.
+func (s *Server) DoAll(cmds ...[]string) ([]any, error) {
 	c, err := net.DialTimeout("tcp", s.Addr(), 2*time.Second)
 	if err != nil {
 		return nil, err
@@ -238,7 +256,15 @@ func (s *Server) Do(args ...string) (any, error) {
 			return nil, err
 		}
 	}
-	return roundTrip(c, r, args...)
+	var out []any
+	for _, args := range cmds {
+		v, err := roundTrip(c, r, args...)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
 }
 
 // MustDo is Do that fails the test on an error.
@@ -260,7 +286,7 @@ func (s *Server) WaitReplicaUp(master *Server) {
 		info, _ := s.Do("INFO", "replication")
 		minfo, _ := master.Do("INFO", "replication")
 		if str, ok := info.(string); ok && strings.Contains(str, "master_link_status:up") {
-			if mstr, ok := minfo.(string); ok && !strings.Contains(mstr, "connected_slaves:0") {
+			if mstr, ok := minfo.(string); ok && strings.Contains(mstr, "state=online") {
 				return
 			}
 		}

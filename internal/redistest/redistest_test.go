@@ -31,9 +31,9 @@ func TestReplica(t *testing.T) {
 	primary := Start(t, Options{})
 	replica := Start(t, Options{ReplicaOf: primary.Addr()})
 	replica.WaitReplicaUp(primary)
-	primary.MustDo("SET", "k", "v")
-	if n := primary.MustDo("WAIT", "1", "5000"); n != int64(1) {
-		t.Fatalf("WAIT 1 = %v", n)
+	r, err := primary.DoAll([]string{"SET", "k", "v"}, []string{"WAIT", "1", "5000"})
+	if err != nil || r[1] != int64(1) {
+		t.Fatalf("SET, WAIT 1: %v %v", r, err)
 	}
 	if got := replica.MustDo("GET", "k"); got != "v" {
 		t.Fatalf("replica GET k = %v", got)
