@@ -188,6 +188,8 @@ func TestUnknownRefreshExpiry(t *testing.T) {
 	if st := s.Status(); !st.RefreshExpiry.IsZero() {
 		t.Fatalf("status refresh expiry %v", st.RefreshExpiry)
 	}
+	// The refresher logs after it publishes: Close waits for its round.
+	s.Close()
 	entries := logs.FilterMessage("refreshed token pair").All()
 	if len(entries) != 1 {
 		t.Fatalf("%d refresh log lines", len(entries))
