@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -111,6 +112,24 @@ func (r *RedisConfig) resolve() (*redisSettings, error) {
 	sum := sha256.Sum256([]byte(raw))
 	s.clientKey = hex.EncodeToString(sum[:])
 	return s, nil
+}
+
+// appFromConfig decodes and resolves a config's restream_auth app without
+// running it, for the restream-auth command: its backendFor then gives each
+// account's backend, and newPooledSource a source on it.
+func appFromConfig(cfg *caddy.Config) (*App, error) {
+	a := &App{mu: new(sync.Mutex), logger: zap.NewNop()}
+	if raw, ok := cfg.AppsRaw["restream_auth"]; ok {
+		if err := json.Unmarshal(raw, a); err != nil {
+			return nil, fmt.Errorf("decoding the restream_auth app: %v", err)
+		}
+	}
+	if a.Redis == nil {
+		return a, nil
+	}
+	var err error
+	a.redis, err = a.Redis.resolve()
+	return a, err
 }
 
 // add registers a source to be started with the config.
