@@ -342,8 +342,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	st := getReplayState()
 	defer st.release()
-	fit := bodyTooLarge // upgrades are never replayed
-	if !isUpgrade(r) {
+	fit := bodyTooLarge // CONNECT and upgrades with a body are streamed
+	if replayable(r) {
 		var err error
 		if fit, err = st.readBody(r, h.MaxReplayBody, h.MaxReplayTotal); err != nil {
 			return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading request body: %w", err))
@@ -457,6 +457,18 @@ func setQueryParam(raw, name, value string) string {
 
 func isUpgrade(r *http.Request) bool {
 	return r.Method == http.MethodConnect || r.Header.Get("Upgrade") != ""
+}
+
+// replayable reports whether a request can be sent twice. A websocket
+// handshake is a GET without a body: when it races a rotation (the old token
+// dies at Restream a moment before the new pair is stored and published),
+// its 401 arrives before any upgrade and it is replayed like any request, so
+// clients never see the race. A 101 passes straight through the writer.
+func replayable(r *http.Request) bool {
+	if r.Method == http.MethodConnect {
+		return false
+	}
+	return !isUpgrade(r) || r.ContentLength == 0 && len(r.TransferEncoding) == 0
 }
 
 // unavailable answers 503 with a JSON error naming the account and cause. The

@@ -155,7 +155,8 @@ func (rw *replayWriter) FlushError() error {
 	return http.NewResponseController(rw.ResponseWriter).Flush()
 }
 
-// Hijack is refused while a 401 is held back (upgrades are never replayed).
+// Hijack is refused while a 401 is held back: a handshake the upstream
+// refused is replayed, and only a 101 leads to a hijack.
 func (rw *replayWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if rw.held {
 		return nil, nil, errors.New("restream_auth: cannot hijack a held-back response")
