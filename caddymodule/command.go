@@ -24,27 +24,29 @@ import (
 	"golang.org/x/term"
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
 )
 
-// The restream-auth CLI works on the token chains in the storage a config
-// names, without a running Caddy: `status` reports what is stored, `seed`
+// The restream-auth CLI works on the token chains where a config keeps them
+// (the restream_auth app's Redis, or Caddy storage), without a running Caddy: `status` reports what is stored, `seed`
 // installs a new chain from a refresh token read on stdin, `encrypt` seals a
 // stored record with the configured encryption_key. Running instances that
 // share the storage adopt a seeded or sealed chain by themselves. What they
-// print from storage goes through cliClean first.
+// print from storage or Redis goes through cliClean first.
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "restream-auth",
 		Usage: "status|seed|encrypt --config <file> [--adapter <name>]",
-		Short: "Shows, seeds or encrypts the restream_auth token chains in the configured storage",
+		Short: "Shows, seeds or encrypts the restream_auth token chains in the configured storage or Redis",
 		Long: `
 Works on the Restream token chains that the restream_auth handlers of a
-config keep in Caddy's storage. The config (--config, adapted with --adapter
-or by file name, like caddy run) names the storage (the global "storage"
-option; Caddy's default data directory when absent) and the accounts (every
-restream_auth handler, subroutes included). No running Caddy is needed, and
-no token is ever printed.
+config keep in Redis (the global restream_auth option's redis URL) or else
+in Caddy's storage. The config (--config, adapted with --adapter or by file
+name, like caddy run) names the place (the redis URL, or the global
+"storage" option; Caddy's default data directory when both are absent) and
+the accounts (every restream_auth handler, subroutes included). No running
+Caddy is needed, and no token or password is ever printed.
 
   caddy restream-auth status --config Caddyfile [--json]
   caddy restream-auth seed --config Caddyfile [--account <name>] < refresh_token.txt
@@ -55,7 +57,8 @@ no token is ever printed.
 				Use:   "status --config <file> [--adapter <name>] [--json]",
 				Short: "Shows each account's stored token chain",
 				Long: `
-For every restream_auth account in the config, shows what the storage holds:
+For every restream_auth account in the config, shows what the storage (or
+Redis) holds:
 the chain's generation and id, the Restream user it acts as ("unknown"
 until an instance has read it), its scope, when the access and refresh
 tokens expire, how many seeds were consumed, and who holds the refresh
@@ -83,7 +86,9 @@ The state is seen from storage only:
 
 The lease line shows its holder and the expiry the holder wrote (instances
 do not trust it: they take a lease over only once they have seen it
-unchanged for its TTL), and whether a refresh token is marked in it.
+unchanged for its TTL), and whether a refresh token is marked in it. On
+Redis it shows what Redis leaves of the lease, which alone ends it, and the
+mark kept in its own key.
 
 A running instance's own view (including reauth_required after an
 invalid_grant) is at its admin endpoint, GET /restream_auth/.
@@ -107,8 +112,8 @@ Reads one refresh token from stdin (without echo on a terminal), exchanges it
 at the account's token endpoint with the client credentials of its
 restream_auth handler, and stores the new pair as a new chain, the next
 generation, under the account's refresh lease. The exchange spends the
-refresh token. Instances sharing the storage pick the new chain up by
-themselves; no restart or reload is needed. The handler's own refresh_token
+refresh token. Instances sharing the storage (or Redis) pick the new chain
+up by themselves; no restart or reload is needed. The handler's own refresh_token
 seed, if any, is marked as used so that a restart does not replace the new
 chain with it.
 
@@ -131,7 +136,9 @@ can read; the default storage lives in the caller's data directory).
 
 // cliConfig is what the commands need from a config.
 type cliConfig struct {
-	storage  certmagic.Storage
+	storage certmagic.Storage
+	// app says where accounts live: its Redis, or storage.
+	app      *App
 	accounts map[string][]*Handler // restream_auth handlers by account, in config order
 	cancel   context.CancelFunc    // releases the storage module
 }
@@ -160,12 +167,16 @@ func loadCLIConfig(configFile, adapter string) (*cliConfig, error) {
 	if err := json.Unmarshal(cfgJSON, &cfg); err != nil {
 		return nil, fmt.Errorf("decoding config %s: %v", file, err)
 	}
+	app, err := appFromConfig(&cfg)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %v", file, err)
+	}
 	var raws []json.RawMessage
 	cliFindHandlers(cfgJSON, &raws)
 	if len(raws) == 0 {
 		return nil, fmt.Errorf("config %s has no restream_auth handler", file)
 	}
-	out := &cliConfig{accounts: make(map[string][]*Handler)}
+	out := &cliConfig{app: app, accounts: make(map[string][]*Handler)}
 	for _, raw := range raws {
 		h := new(Handler)
 		if err := json.Unmarshal(raw, h); err != nil {
@@ -196,6 +207,25 @@ func loadCLIConfig(configFile, adapter string) (*cliConfig, error) {
 	}
 	out.cancel = cancel
 	return out, nil
+}
+
+// backend is where account lives in this config, as a running instance
+// finds it: the restream_auth app's Redis, or storage behind the lock guard.
+func (c *cliConfig) backend(account string, kr *tokensource.Keyring, logger *zap.Logger) sourceBackend {
+	return c.app.backendFor(account, kr, guardStorage(c.storage, logger), logger)
+}
+
+// place names where the config keeps its accounts, never with credentials.
+func (c *cliConfig) place() string {
+	r := c.app.redis
+	if r == nil {
+		return storageIdentity(c.storage)
+	}
+	s := fmt.Sprintf("redis %s db %d, key prefix %s", r.opts.Addr, r.opts.DB, r.keyPrefix)
+	if r.minReplicas > 0 {
+		s += fmt.Sprintf(", min_replicas %d", r.minReplicas)
+	}
+	return s
 }
 
 // cliFindHandlers collects every JSON object with "handler": "restream_auth",
@@ -247,9 +277,11 @@ const (
 
 // cliStatus is the status command's JSON output.
 type cliStatus struct {
-	CheckedAt time.Time          `json:"checked_at"`
-	Storage   string             `json:"storage"`
-	Accounts  []cliAccountStatus `json:"accounts"`
+	CheckedAt time.Time `json:"checked_at"`
+	// Storage names where the accounts live: Caddy storage, or Redis
+	// (address, database, key prefix; never a password).
+	Storage  string             `json:"storage"`
+	Accounts []cliAccountStatus `json:"accounts"`
 }
 
 // cliAccountStatus describes one account's stored chain. It holds no secret.
@@ -257,7 +289,8 @@ type cliAccountStatus struct {
 	Account string `json:"account"`
 	State   string `json:"state"`
 	// Error says why the record is unreadable; it names the key.
-	Error            string    `json:"error,omitempty"`
+	Error string `json:"error,omitempty"`
+	// Key is the record's storage key, or its Redis key.
 	Key              string    `json:"key"`
 	Generation       uint64    `json:"generation,omitempty"`
 	Chain            string    `json:"chain,omitempty"`
@@ -296,13 +329,18 @@ func (u *cliUser) String() string {
 	return fmt.Sprintf("%s (id %s)", u.Username, u.ID)
 }
 
-// cliLease is the lease record as the status command shows it. ExpiresAt
-// is the holder's own reading; instances judge expiry by observation.
+// cliLease is the lease record as the status command shows it. In Caddy
+// storage ExpiresAt is the holder's own reading, and instances judge expiry
+// by observation; in Redis it is now plus what Redis leaves of the lease
+// (TTLLeftMillis), and Redis alone ends it.
 type cliLease struct {
 	// Owner holds the lease; empty once it was released.
 	Owner     string    `json:"owner,omitempty"`
 	ExpiresAt time.Time `json:"expires_at,omitzero"`
 	TTLMillis int64     `json:"ttl_ms,omitempty"`
+	// TTLLeftMillis is, in Redis, what is left of the lease (PTTL); -1 for
+	// a lease key without expiry.
+	TTLLeftMillis int64 `json:"ttl_left_ms,omitempty"`
 	// Expired says the holder's expiry has passed by this host's clock.
 	// Other instances take the lease over only once they have seen it
 	// unchanged for its TTL.
@@ -313,6 +351,9 @@ type cliLease struct {
 	MarkedBy string `json:"marked_by,omitempty"`
 	// MarksStoredToken says the marked token is the stored refresh token.
 	MarksStoredToken bool `json:"marks_stored_token,omitempty"`
+
+	mark    string // the marked token's fingerprint; never shown
+	inRedis bool
 }
 
 func (a cliAccountStatus) hasChain() bool {
@@ -350,22 +391,30 @@ func cliStatusCommand(fl caddycmd.Flags) (int, error) {
 	return 0, nil
 }
 
-// cliReadStatus reads every account's record and lease from storage.
+// cliReadStatus reads every account's record and lease from its backend.
 func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus {
-	st := cliStatus{CheckedAt: now.UTC(), Storage: storageIdentity(cfg.storage)}
+	st := cliStatus{CheckedAt: now.UTC(), Storage: cfg.place()}
+	logger := caddy.Log().Named("restream_auth.status")
 	for _, account := range cfg.names() {
-		a := cliAccountStatus{Account: account, Key: tokensource.RecordKey(account)}
 		// Decrypt with the account's keys when it encrypts at rest; a key
 		// that does not resolve here shows up as an unreadable record.
 		var keyring *tokensource.Keyring
 		if hs := cfg.accounts[account]; len(hs) > 0 {
 			keyring, _ = resolveKeyring(caddy.NewReplacer(), hs[0].EncryptionKey, hs[0].EncryptionKeyPrevious)
 		}
-		rec, err := tokensource.LoadRecordKeyring(ctx, cfg.storage, account, keyring)
+		backend := cfg.backend(account, keyring, logger)
+		var got cliStored
+		if backend.redis == nil {
+			got = cliReadStorage(ctx, backend.storage, account, keyring, now)
+		} else {
+			got = cliReadRedis(ctx, backend, now)
+		}
+		a := cliAccountStatus{Account: account, Key: got.key}
+		rec := got.rec
 		storedFP := ""
 		switch {
-		case err != nil:
-			a.State, a.Error = cliStateUnreadable, err.Error()
+		case got.err != nil:
+			a.State, a.Error = cliStateUnreadable, got.err.Error()
 		case rec == nil:
 			a.State = cliStateNoChain
 		case !rec.HasPair():
@@ -398,11 +447,14 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 				a.State = cliStateOK
 			}
 		}
-		a.Lease, a.LeaseError = cliReadLease(ctx, cfg.storage, account, now, storedFP)
-		if l := a.Lease; l != nil && l.Owner == "" && l.MarksStoredToken && a.hasChain() {
-			// Released with the stored token still marked: its sender
-			// stopped before the answer reached storage.
-			a.State = cliStateInDoubt
+		a.Lease, a.LeaseError = got.lease, got.leaseErr
+		if l := a.Lease; l != nil {
+			l.MarksStoredToken = l.mark != "" && l.mark == storedFP
+			if l.Owner == "" && l.MarksStoredToken && a.hasChain() {
+				// Released with the stored token still marked: its sender
+				// stopped before the answer reached storage.
+				a.State = cliStateInDoubt
+			}
 		}
 		st.Accounts = append(st.Accounts, a)
 	}
@@ -410,10 +462,60 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 	return st
 }
 
+// cliStored is what an account's backend holds, as status reads it.
+type cliStored struct {
+	key      string // the record's key
+	rec      *tokensource.Record
+	err      error // why the record cannot be read
+	lease    *cliLease
+	leaseErr string
+}
+
+// cliReadStorage reads an account's record and lease from Caddy storage.
+func cliReadStorage(ctx context.Context, storage certmagic.Storage, account string, kr *tokensource.Keyring, now time.Time) cliStored {
+	got := cliStored{key: tokensource.RecordKey(account)}
+	got.rec, got.err = tokensource.LoadRecordKeyring(ctx, storage, account, kr)
+	got.lease, got.leaseErr = cliReadLease(ctx, storage, account, now)
+	return got
+}
+
+// cliReadRedis reads an account's record, lease and mark from Redis at
+// once, without importing from Caddy storage or writing anything.
+func cliReadRedis(ctx context.Context, backend sourceBackend, now time.Time) cliStored {
+	cfg := tokensource.Config{Account: backend.account, Keyring: backend.keyring}
+	release, err := backend.open(&cfg)
+	if err != nil {
+		return cliStored{err: err}
+	}
+	defer release()
+	store := cfg.Store.(*redisstore.Store)
+	got := cliStored{key: store.RecordKey()}
+	snap, err := store.Inspect(ctx)
+	if err != nil {
+		got.err, got.leaseErr = err, "not read (see the record's error)"
+		return got
+	}
+	got.rec, got.err = snap.Record, snap.RecordErr
+	if snap.Lease == nil && snap.Mark == "" {
+		return got
+	}
+	l := &cliLease{Marked: snap.Mark != "", MarkedBy: snap.MarkedBy, mark: snap.Mark, inRedis: true}
+	if lv := snap.Lease; lv != nil {
+		l.Owner, l.TTLMillis = lv.Owner, lv.TTL.Milliseconds()
+		if lv.Left >= 0 {
+			l.TTLLeftMillis = max(lv.Left.Milliseconds(), 1)
+			l.ExpiresAt = now.Add(lv.Left).UTC()
+		} else {
+			l.TTLLeftMillis = -1
+		}
+	}
+	got.lease = l
+	return got
+}
+
 // cliReadLease reads the account's lease record: nil if there is none, or
-// if it names no holder and marks no token. storedFP is the fingerprint of
-// the stored refresh token ("" if none).
-func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time, storedFP string) (*cliLease, string) {
+// if it names no holder and marks no token.
+func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time) (*cliLease, string) {
 	key := tokensource.LeaseKey(account)
 	b, err := storage.Load(ctx, key)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -435,8 +537,7 @@ func cliReadLease(ctx context.Context, storage certmagic.Storage, account string
 	if rec.Owner == "" && rec.Mark == "" {
 		return nil, ""
 	}
-	l := &cliLease{Owner: rec.Owner, TTLMillis: max(rec.TTLMillis, 0), Marked: rec.Mark != "", MarkedBy: rec.MarkedBy,
-		MarksStoredToken: rec.Mark != "" && rec.Mark == storedFP}
+	l := &cliLease{Owner: rec.Owner, TTLMillis: max(rec.TTLMillis, 0), Marked: rec.Mark != "", MarkedBy: rec.MarkedBy, mark: rec.Mark}
 	if rec.Owner != "" && !rec.ExpiresAt.IsZero() {
 		l.ExpiresAt = rec.ExpiresAt.UTC()
 		l.Expired = !now.Before(rec.ExpiresAt)
@@ -479,6 +580,15 @@ func cliWriteStatus(w io.Writer, st cliStatus) error {
 			fmt.Fprintf(tw, "  lease\tunreadable: %s\n", a.LeaseError)
 		case l == nil || l.Owner == "":
 			fmt.Fprintf(tw, "  lease\tfree\n")
+		case l.inRedis && l.TTLLeftMillis < 0:
+			fmt.Fprintf(tw, "  lease\theld by %s, without expiry in Redis (the next instance to try for it gives it one TTL%s)\n", l.Owner, cliTTL(l.TTLMillis))
+		case l.inRedis:
+			ttl := ""
+			if l.TTLMillis > 0 {
+				ttl = ", TTL " + (time.Duration(l.TTLMillis) * time.Millisecond).String()
+			}
+			fmt.Fprintf(tw, "  lease\theld by %s, Redis ends it in %s (at %s%s)\n", l.Owner,
+				(time.Duration(l.TTLLeftMillis) * time.Millisecond).Round(time.Millisecond), l.ExpiresAt.Format(time.RFC3339), ttl)
 		case l.ExpiresAt.IsZero():
 			fmt.Fprintf(tw, "  lease\theld by %s\n", l.Owner)
 		case l.Expired:
@@ -555,42 +665,49 @@ func cliSeedCommand(fl caddycmd.Flags) (int, error) {
 		return 1, err
 	}
 	logger := caddy.Log().Named("restream_auth.seed")
-	srcCfg, err := cliSourceConfig(h, cfg.storage, logger)
+	srcCfg, err := cliSourceConfig(h, logger)
 	if err != nil {
 		return 1, fmt.Errorf("account %q: %w", account, err)
 	}
+	backend := cfg.backend(account, srcCfg.Keyring, logger)
+	src, err := newPooledSource(srcCfg, backend)
+	if err != nil {
+		return 1, fmt.Errorf("account %q: %w", account, err)
+	}
+	defer src.Destruct()
 	// A record that exists but cannot be read is never replaced (it may hold
 	// the only live refresh token): say so before the token is read, let
-	// alone spent.
+	// alone spent. Any other failure to read it fails the install too, so
+	// it is reported now, while the token is still good. On Redis, this
+	// read imports the account from Caddy storage if Redis has none yet.
 	lctx, lcancel := context.WithTimeout(context.Background(), tokensource.StorageTimeout)
-	_, lerr := tokensource.LoadRecordKeyring(lctx, cfg.storage, account, srcCfg.Keyring)
+	_, lerr := src.loadRecord(lctx)
 	lcancel()
-	if errors.Is(lerr, tokensource.ErrCorruptRecord) || errors.Is(lerr, tokensource.ErrUnreadableRecord) {
+	switch {
+	case errors.Is(lerr, tokensource.ErrCorruptRecord) || errors.Is(lerr, tokensource.ErrUnreadableRecord):
 		return 1, fmt.Errorf("account %q: %v; it is never overwritten, as it may hold the only live refresh token: "+
 			"fix it (e.g. configure the encryption key it was written with) or delete it, then seed again; the refresh token was not read", account, lerr)
+	case lerr != nil:
+		return 1, fmt.Errorf("account %q: reading the stored record in %s: %v; nothing was changed and the refresh token was not read",
+			account, backend.identity, lerr)
 	}
 	rt, err := cliReadRefreshToken(os.Stdin, os.Stderr)
 	if err != nil {
 		return 1, err
 	}
-	src, err := tokensource.New(srcCfg)
-	if err != nil {
-		return 1, fmt.Errorf("account %q: %w", account, err)
-	}
-	defer src.Close()
 	tok, err := src.InstallSeed(context.Background(), rt)
 	if err != nil {
 		return 1, cliSeedError(account, err)
 	}
 	now := time.Now()
-	fmt.Fprintf(os.Stdout, "account %q: installed a new token chain in %s\n", account, storageIdentity(cfg.storage))
+	fmt.Fprintf(os.Stdout, "account %q: installed a new token chain in %s\n", account, cliClean(backend.identity.String()))
 	fmt.Fprintf(os.Stdout, "  generation      %d\n", tok.Generation)
 	fmt.Fprintf(os.Stdout, "  chain           %s\n", cliClean(tok.Chain))
 	fmt.Fprintf(os.Stdout, "  access expires  %s\n", cliTime(tok.Expiry, now))
 	if !tok.RefreshExpiry.IsZero() {
 		fmt.Fprintf(os.Stdout, "  refresh expires %s\n", cliTime(tok.RefreshExpiry, now))
 	}
-	fmt.Fprintln(os.Stdout, "Running instances that share this storage adopt it by themselves.")
+	fmt.Fprintln(os.Stdout, "Running instances that share it adopt it by themselves.")
 	return 0, nil
 }
 
@@ -622,8 +739,8 @@ func cliQuoteAll(ss []string) []string {
 
 // cliSourceConfig builds a token source configuration from a handler's
 // settings as Provision does: placeholders resolved, defaults applied, the
-// token URL checked, and the storage behind the same lock guard.
-func cliSourceConfig(h *Handler, storage certmagic.Storage, logger *zap.Logger) (tokensource.Config, error) {
+// token URL checked. Its backend (cliConfig.backend) sets where it stores.
+func cliSourceConfig(h *Handler, logger *zap.Logger) (tokensource.Config, error) {
 	// The handler's own seed (cfg.Seed) is marked as used by the new chain,
 	// so that a restart does not start yet another chain from it.
 	cfg, err := h.tokenConfig()
@@ -631,7 +748,6 @@ func cliSourceConfig(h *Handler, storage certmagic.Storage, logger *zap.Logger) 
 		return tokensource.Config{}, cliPlaceholderError(err)
 	}
 	host, _ := os.Hostname()
-	cfg.Storage = guardStorage(storage, logger)
 	cfg.HTTPClient = &http.Client{Transport: tokenTransport()}
 	cfg.Logger = logger
 	cfg.Owner = fmt.Sprintf("caddy restream-auth seed (%s, pid %d)", host, os.Getpid())

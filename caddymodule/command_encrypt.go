@@ -15,20 +15,23 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
 )
 
 // `caddy restream-auth encrypt` seals an account's stored record with the
-// configured encryption_key. With a key set, instances refuse records that
-// are not encrypted, or that an earlier version sealed without binding them
-// to their storage key: anyone who can write to the storage could have
-// planted them. Sealing one in place is the operator's decision, made here.
+// configured encryption_key, in Caddy storage or in the restream_auth app's
+// Redis. With a key set, instances refuse records that are not encrypted,
+// or that an earlier version sealed without binding them to their storage
+// key: anyone who can write to the storage could have planted them. Sealing one in place is the operator's decision, made here.
 
 func cliEncryptCobra() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "encrypt --config <file> [--adapter <name>] [--account <name>]",
 		Short: "Seals an account's stored record with its encryption_key",
 		Long: `
-Rewrites the account's stored token record in place, sealed with the
+Rewrites the account's stored token record in place (in Redis when the
+config has the restream_auth redis option, else in Caddy storage), sealed
+with the
 encryption_key of its restream_auth handler: a record that is not encrypted
 (written before encryption_key was set), one sealed with
 encryption_key_previous, or one sealed by an earlier version that bound it
@@ -85,7 +88,15 @@ func cliEncryptCommand(fl caddycmd.Flags) (int, error) {
 	owner := fmt.Sprintf("caddy restream-auth encrypt (%s, pid %d)", host, os.Getpid())
 	ctx, cancel := context.WithTimeout(context.Background(), cliEncryptWait+cliEncryptLeaseTTL)
 	defer cancel()
-	msg, err := cliEncrypt(ctx, guardStorage(cfg.storage, logger), account, kr, owner, os.Stderr, logger)
+	// The migration keyring reads plain records and legacy envelopes too,
+	// never one sealed for another account or key; it writes with kr's
+	// current key.
+	target, release, err := cliSealTargetFor(cfg.backend(account, kr.ForMigration(), logger), logger)
+	if err != nil {
+		return 1, fmt.Errorf("account %q: %w", account, err)
+	}
+	defer release()
+	msg, err := cliEncrypt(ctx, target, account, kr, owner, os.Stderr, logger)
 	if err != nil {
 		return 1, fmt.Errorf("account %q: %w", account, err)
 	}
@@ -116,15 +127,62 @@ func (c *cliConfig) keyringFor(account string) (*tokensource.Keyring, error) {
 	return kr, nil
 }
 
+// cliSealTarget is an account's record as encrypt reaches it: its Store,
+// which reads with the migration keyring, the key the record is sealed
+// for, and its stored bytes.
+type cliSealTarget struct {
+	store tokensource.Store
+	key   string
+	// raw returns the record as stored; an error wrapping fs.ErrNotExist
+	// if there is none.
+	raw func(ctx context.Context) ([]byte, error)
+}
+
+// cliSealTargetFor opens the backend's record: in Caddy storage (behind
+// the lock guard), or in Redis, where the record's key is its Redis key.
+// release gives back what it opened.
+func cliSealTargetFor(backend sourceBackend, logger *zap.Logger) (cliSealTarget, func(), error) {
+	if backend.redis == nil {
+		key := tokensource.RecordKey(backend.account)
+		st := backend.storage
+		return cliSealTarget{
+			store: tokensource.NewStorageStore(st, backend.account, backend.keyring, nil, logger),
+			key:   key,
+			raw:   func(ctx context.Context) ([]byte, error) { return st.Load(ctx, key) },
+		}, func() {}, nil
+	}
+	cfg := tokensource.Config{Account: backend.account, Keyring: backend.keyring}
+	release, err := backend.open(&cfg)
+	if err != nil {
+		return cliSealTarget{}, nil, err
+	}
+	store := cfg.Store.(*redisstore.Store)
+	return cliSealTarget{
+		store: store,
+		key:   store.RecordKey(),
+		raw: func(ctx context.Context) ([]byte, error) {
+			snap, err := store.Inspect(ctx)
+			switch {
+			case err != nil:
+				return nil, err
+			case snap.Data != nil:
+				return snap.Data, nil
+			case snap.RecordErr != nil:
+				return nil, snap.RecordErr
+			}
+			return nil, fs.ErrNotExist
+		},
+	}, release, nil
+}
+
 // cliEncrypt seals account's stored record with kr's current key, under the
-// account's lease, and says what it did. It reads the record with the
-// migration keyring (plain records and legacy envelopes too, but never one
-// sealed for another account or key) and writes the same record back with
-// the version it read as base, so a record that changed meanwhile is never
-// overwritten.
-func cliEncrypt(ctx context.Context, st tokensource.Storage, account string, kr *tokensource.Keyring, owner string, stderr io.Writer, logger *zap.Logger) (string, error) {
-	key := tokensource.RecordKey(account)
-	store := tokensource.NewStorageStore(st, account, kr.ForMigration(), nil, logger)
+// account's lease, and says what it did. It reads the record through
+// target's store, with the migration keyring (plain records and legacy
+// envelopes too, but never one sealed for another account or key), and
+// writes the same record back with the version it read as base, so a
+// record that changed meanwhile is never overwritten.
+func cliEncrypt(ctx context.Context, target cliSealTarget, account string, kr *tokensource.Keyring, owner string, stderr io.Writer, logger *zap.Logger) (string, error) {
+	key, store := target.key, target.store
 	lease, err := cliTakeLease(ctx, store, owner, stderr)
 	if err != nil {
 		return "", err
@@ -140,7 +198,7 @@ func cliEncrypt(ctx context.Context, st tokensource.Storage, account string, kr 
 	// What the stored bytes claim, to tell what changes; only the reads
 	// below, which decrypt, prove it.
 	octx, cancel := context.WithTimeout(ctx, tokensource.StorageTimeout)
-	b, err := st.Load(octx, key)
+	b, err := target.raw(octx)
 	cancel()
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
