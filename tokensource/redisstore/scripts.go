@@ -113,14 +113,31 @@ end
 //	lease_lost  none of the tokens holds the lease; nothing written
 //	corrupt     the key holds something unusable; never overwritten
 //
+// same comes before the fence: the record is already there (written by an
+// earlier attempt, or written back from memory by the watch after Redis lost
+// it), and nothing is written.
+//
 // The fence: a caller that holds a lease writes only while the lease is
 // still its own, except when lease and record are both gone, which no
 // expiry produces (records never expire): then Redis lost its data, and the
-// caller holds the newest pair there is.
+// caller holds the newest pair there is; and while the settle lease of a
+// record written back from memory holds (see load): Redis lost the caller's
+// lease then, nobody refreshes, and the caller's pair, compared on the
+// version like any write, is the newer record the settle waits for.
 var compareAndStoreScript = redis.NewScript(readRecord + `
+local function settling(holder)
+	if not holder then
+		return false
+	end
+	local decoded, l = pcall(cjson.decode, holder)
+	return decoded and type(l) == 'table' and l.owner == '` + settleOwner + `' and l.nonce == ''
+end
 local cur, bad = readRecord(KEYS[1])
 if bad then
 	return {'corrupt', '', '', bad}
+end
+if cur and cur.data == ARGV[5] then
+	return {'same', cur.gen, cur.chain, ''}
 end
 if #ARGV > 5 then
 	local holder = redis.call('GET', KEYS[2])
@@ -130,12 +147,9 @@ if #ARGV > 5 then
 			held = true
 		end
 	end
-	if not held and not (not holder and not cur) then
+	if not held and not (not holder and not cur) and not settling(holder) then
 		return {'lease_lost', '', '', ''}
 	end
-end
-if cur and cur.data == ARGV[5] then
-	return {'same', cur.gen, cur.chain, ''}
 end
 local status = 'ok'
 if not cur then

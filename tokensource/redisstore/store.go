@@ -115,9 +115,10 @@ type Store struct {
 	// known is the newest record this store read or wrote, as stored; it is
 	// written back if Redis loses the record.
 	known *stored
-	// unconfirmed is a record written to the primary whose WAIT failed: a
-	// retry of the same write sends the same bytes, which the script
-	// recognizes as already written, and waits for replicas again.
+	// unconfirmed is a record whose write failed, or was written to the
+	// primary but its WAIT failed: a retry of the same write sends the same
+	// bytes, which the script recognizes as already written, and waits for
+	// replicas again.
 	unconfirmed *unconfirmedWrite
 	// held maps each lease this store took, and neither released nor found
 	// lost, to its token: the fence of CompareAndStore.
@@ -318,8 +319,11 @@ func (s *Store) Close() {
 // settleToken holds the lease after a write-back from memory; no client
 // owns it, so every TakeLease waits until it expires.
 func settleToken(d time.Duration) string {
-	return fmt.Sprintf(`{"owner":"written back from memory, settling","nonce":"","ttl_ms":%d}`, d.Milliseconds())
+	return fmt.Sprintf(`{"owner":%q,"nonce":"","ttl_ms":%d}`, settleOwner, d.Milliseconds())
 }
+
+// settleOwner owns the settle lease: no client.
+const settleOwner = "written back from memory, settling"
 
 // CompareAndStore writes rec if the stored version is base, fenced by the
 // leases this store holds (see the package comment).
@@ -342,6 +346,15 @@ func (s *Store) CompareAndStore(ctx context.Context, rec *tokensource.Record, ba
 	reply, waitErr, err := s.run(ctx, compareAndStoreScript, 4, []string{s.keys.record, s.keys.lease}, args,
 		func(r []string) bool { return r[0] == "ok" || r[0] == "restored" || r[0] == "same" })
 	if err != nil {
+		// The write may not have happened, and rec may be the only copy of
+		// a pair Restream has rotated: known, the watch writes it back once
+		// Redis answers again, before the settle lease of an older record
+		// written back by another instance ends; a retry sends the same
+		// bytes, which the script then finds already written (same).
+		s.remember(rec, data)
+		s.mu.Lock()
+		s.unconfirmed = &unconfirmedWrite{rec: rec, data: data}
+		s.mu.Unlock()
 		return s.errorf("writing %s: %w", s.keys.record, err)
 	}
 	status, gen, chain, detail := reply[0], reply[1], reply[2], reply[3]
