@@ -61,9 +61,12 @@ func BenchmarkRefreshRound(b *testing.B) {
 // reread, token call, store, release, publish) by a token source against the
 // fake Restream (no added latency), on Caddy file_system storage and on
 // Redis side by side; the store is the only difference. Each iteration is
-// one operator refresh; p50-µs and p99-µs are over all of them.
+// one operator refresh; p50-µs and p99-µs are over all of them. Run the
+// test binary itself: certmagic's file lock keeper logs to stderr when
+// locks churn this fast, which go test would mix into the results.
 //
-//	go test -run '^$' -bench SourceRefresh -benchtime 2000x -count 5 ./tokensource/redisstore/ | tee refresh.txt
+//	go test -c -o redisstore.test ./tokensource/redisstore/
+//	./redisstore.test -test.run '^$' -test.bench SourceRefresh -test.benchtime 1000x -test.count 6 2>/dev/null | tee refresh.txt
 //	go run golang.org/x/perf/cmd/benchstat@latest -col /store refresh.txt
 func BenchmarkSourceRefresh(b *testing.B) {
 	for _, tc := range []struct {
