@@ -25,6 +25,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -76,6 +77,9 @@ type simSchedule struct {
 	// instance starts on empty storage with it, and installs race them.
 	deadSeed bool
 	faults   simFaults
+	// redis, if set, runs the schedule on the Redis model instead of Caddy
+	// storage (sim_redis_test.go).
+	redis *simRedisSchedule
 }
 
 func newSimSchedule(seed uint64, w *simWorld) simSchedule {
@@ -130,8 +134,12 @@ func (sc simSchedule) skewed() bool {
 }
 
 func (sc simSchedule) String() string {
-	return fmt.Sprintf("seed %d: %d instances, tokens %s, timeouts %v, skews %v, encrypted %v, kills every %s, closes %v, installs %v, operator %v, spent seed %v, faults %+v",
-		sc.seed, sc.instances, sc.lifetime, sc.timeouts, sc.skews, sc.encrypted, sc.killEvery, sc.closes, sc.installs, sc.operator, sc.deadSeed, sc.faults)
+	backend := "Caddy storage"
+	if sc.redis != nil {
+		backend = "Redis (" + sc.redis.String() + ")"
+	}
+	return fmt.Sprintf("seed %d: %d instances, tokens %s, timeouts %v, skews %v, encrypted %v, kills every %s, closes %v, installs %v, operator %v, spent seed %v, faults %+v, on %s",
+		sc.seed, sc.instances, sc.lifetime, sc.timeouts, sc.skews, sc.encrypted, sc.killEvery, sc.closes, sc.installs, sc.operator, sc.deadSeed, sc.faults, backend)
 }
 
 // simRun is one schedule being run.
@@ -147,11 +155,13 @@ type simRun struct {
 	installed bool     // an install succeeded
 	obs       *simObserver
 	kills     int
+	rd        *simRedis // the Redis model, on a Redis schedule
 }
 
-// runSimulation runs one seed and returns the violations found.
+// runSimulation runs one seed and returns the violations found. A quarter
+// of the seeds run on the Redis model (simOnRedis).
 func runSimulation(seed uint64, logger func() *zap.Logger, trace func(string, ...any)) (simSchedule, simResult) {
-	return runScenario(seed, nil, logger, trace)
+	return runScenario(seed, simRedisShape(seed), logger, trace)
 }
 
 // simResult is what one schedule did.
@@ -161,6 +171,10 @@ type simResult struct {
 	kills      int
 	events     map[string]int // observer results and PersistFailed, summed over instances
 	installed  bool
+	// On the Redis model: restarts that kept and lost the data, failovers,
+	// write-backs, and whether a data loss put the run on the window list.
+	redisKept, redisLost, redisFailovers, redisWriteBacks, redisGapResends int
+	redisWindow                                                            bool
 }
 
 // runScenario runs one seed; shape, if not nil, adjusts the schedule the
@@ -195,6 +209,10 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 		sc.ahead = append(sc.ahead, sc.lifetime/3)
 	}
 	r.sc = sc
+	if sc.redis != nil {
+		r.rd = newSimRedis(w, r, sc.redis)
+		w.redis = r.rd
+	}
 	r.slots = make([]*simInstance, sc.instances)
 	for i := range sc.instances {
 		r.start(i)
@@ -204,6 +222,9 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 	end := clockStart.Add(5 * sc.lifetime)
 	w.faults = sc.faults
 	r.scheduleChaos(end)
+	if r.rd != nil {
+		r.rd.schedule()
+	}
 	for i := range r.slots {
 		r.requests(i, end.Add(3*sc.lifetime))
 	}
@@ -229,7 +250,13 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 		}
 	}
 	r.finalChecks()
-	return sc, simResult{violations: w.violations, events: r.obs.events, installed: r.installed, injected: w.injected, kills: r.kills}
+	res = simResult{violations: w.violations, events: r.obs.events, installed: r.installed, injected: w.injected, kills: r.kills}
+	if rd := r.rd; rd != nil {
+		res.redisKept, res.redisLost, res.redisFailovers, res.redisWriteBacks = rd.kept, rd.lost, rd.failovers, rd.writeBacks
+		res.redisGapResends = rd.gapResends
+		res.redisWindow = len(rd.lostMarks) > 0 || len(rd.forgotten) > 0 || slices.ContainsFunc(r.window, func(s string) bool { return strings.HasPrefix(s, "Redis ") })
+	}
+	return sc, res
 }
 
 // simObserver counts a run's events (one goroutine runs at a time).
@@ -252,12 +279,16 @@ func (r *simRun) start(i int) {
 	if r.log != nil {
 		logger = r.log().With(zap.String("instance", inst.name))
 	}
-	src, err := New(Config{
+	cfg := Config{
 		Account: simAccount, ClientID: "client", ClientSecret: "secret", TokenURL: "http://restream.invalid/oauth/token",
 		Seed: r.seed, RefreshAhead: sc.ahead[i], Timeout: sc.timeouts[i],
 		Storage: &simStorage{kv: w.kv, inst: inst}, HTTPClient: &http.Client{Transport: &simTransport{m: w.model, inst: inst}},
 		Logger: logger, Clock: inst.clock, Owner: inst.owner, Keyring: r.key, Observer: r.obs,
-	})
+	}
+	if r.rd != nil {
+		cfg.Storage, cfg.Store = nil, r.rd.store(inst, logger)
+	}
+	src, err := New(cfg)
 	if err != nil {
 		panic(err)
 	}
@@ -267,6 +298,9 @@ func (r *simRun) start(i int) {
 	r.slots[i] = inst
 	w.trace("start %s (skew %s, timeout %s)", inst.name, inst.clock.skew, inst.timeout)
 	inst.actor = w.spawn(inst, inst.name+"/refresher", func(p *simProc) { inst.actorLoop(r, p) })
+	if r.rd != nil {
+		r.rd.watch(inst, cfg.Store)
+	}
 }
 
 // actorLoop is Source.run, driven by the simulation.
@@ -361,6 +395,9 @@ func (r *simRun) kill(inst *simInstance, why string) {
 		r.kills++
 	}
 	inst.killed = true
+	if r.rd != nil {
+		r.rd.gone(inst)
+	}
 	for _, t := range inst.timers {
 		*t = true
 	}
@@ -389,15 +426,27 @@ func (r *simRun) markedBy(inst *simInstance) bool {
 		return false
 	}
 	next := r.seed
-	if b, ok := r.w.kv.data[RecordKey(simAccount)]; ok {
-		if rec, err := decodeRecord(b, RecordKey(simAccount), simAccount, r.key); err == nil && rec.HasPair() {
+	if b, key, ok := r.record(); ok {
+		if rec, err := decodeRecord(b, key, simAccount, r.key); err == nil && rec.HasPair() {
 			next = rec.RefreshToken
 		}
 	}
 	return l.Mark == Fingerprint(next)
 }
 
+// record is the stored record and the key it is sealed to.
+func (r *simRun) record() ([]byte, string, bool) {
+	if r.rd != nil {
+		return r.rd.record()
+	}
+	b, ok := r.w.kv.data[RecordKey(simAccount)]
+	return b, RecordKey(simAccount), ok
+}
+
 func (r *simRun) lease() *leaseRecord {
+	if r.rd != nil {
+		return r.rd.lease()
+	}
 	var l leaseRecord
 	if b, ok := r.w.kv.data[LeaseKey(simAccount)]; ok && json.Unmarshal(b, &l) == nil {
 		return &l
@@ -437,6 +486,9 @@ func (r *simRun) scheduleChaos(end time.Time) {
 				inst.src.beginClose()
 				by := inst.clock.closeDeadline()
 				inst.closeBy = &by
+				if r.rd != nil {
+					r.rd.gone(inst)
+				}
 				inst.kickClosing()
 				// At the deadline the Source's context is cancelled: what is
 				// still waiting on storage or the endpoint ends.
@@ -601,12 +653,12 @@ func (r *simRun) finalChecks() {
 	if r.sc.deadSeed && !r.installed {
 		return // no chain was ever alive
 	}
-	b, ok := w.kv.data[RecordKey(simAccount)]
+	b, key, ok := r.record()
 	if !ok {
 		w.violate("no record stored at the end")
 		return
 	}
-	rec, err := decodeRecord(b, RecordKey(simAccount), simAccount, r.key)
+	rec, err := decodeRecord(b, key, simAccount, r.key)
 	if err != nil || !rec.HasPair() {
 		w.violate("the stored record is unusable at the end: %v", err)
 		return
@@ -646,6 +698,11 @@ func (r *simRun) finalChecks() {
 }
 
 func TestSimulation(t *testing.T) {
+	switch simRedisMode = os.Getenv("RESTREAM_SIM_REDIS"); simRedisMode {
+	case "", "all", "none":
+	default:
+		t.Fatalf("RESTREAM_SIM_REDIS=%q: want all, none, or unset (a quarter of the seeds)", simRedisMode)
+	}
 	if s := os.Getenv("RESTREAM_SIM_SEED"); s != "" {
 		seed, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
@@ -721,6 +778,9 @@ func TestSimulation(t *testing.T) {
 type simStats struct {
 	runs, instances, killed, faulted, lost, closes, installs, deadSeeds int
 	injected, kills, violations                                         int
+	redis, redisKept, redisLost, redisFailovers, redisWriteBacks        int
+	redisWindows, redisGapResends                                       int
+	gapSeeds                                                            []uint64
 }
 
 func (s *simStats) add(sc simSchedule, res simResult) {
@@ -728,6 +788,20 @@ func (s *simStats) add(sc simSchedule, res simResult) {
 	s.injected += res.injected
 	s.kills += res.kills
 	s.violations += len(res.violations)
+	if sc.redis != nil {
+		s.redis++
+		s.redisKept += res.redisKept
+		s.redisLost += res.redisLost
+		s.redisFailovers += res.redisFailovers
+		s.redisWriteBacks += res.redisWriteBacks
+		if res.redisGapResends > 0 {
+			s.redisGapResends += res.redisGapResends
+			s.gapSeeds = append(s.gapSeeds, sc.seed)
+		}
+		if res.redisWindow {
+			s.redisWindows++
+		}
+	}
 	if sc.deadSeed {
 		s.deadSeeds++
 	}
@@ -750,6 +824,9 @@ func (s *simStats) add(sc simSchedule, res simResult) {
 }
 
 func (s simStats) String() string {
-	return fmt.Sprintf("%d instances in all; %d faults injected (%d kills); %d invariant violations; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed",
-		s.instances, s.injected, s.kills, s.violations, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds)
+	return fmt.Sprintf("%d instances in all; %d faults injected (%d kills); %d invariant violations; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed; "+
+		"%d on the Redis model: %d Redis restarts keeping the data, %d losing it, %d failovers, %d write-backs, %d runs where a data loss took a mark or the only copy of a record, "+
+			"%d spent tokens resent between a data loss and its write-back (answered invalid_grant, chain kept; seeds %v)",
+		s.instances, s.injected, s.kills, s.violations, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds,
+		s.redis, s.redisKept, s.redisLost, s.redisFailovers, s.redisWriteBacks, s.redisWindows, s.redisGapResends, s.gapSeeds[:min(len(s.gapSeeds), 5)])
 }

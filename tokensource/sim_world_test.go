@@ -59,6 +59,7 @@ type simWorld struct {
 	queue  simQueue
 	baton  chan struct{} // a simulated goroutine gives control back
 	kv     *simKV
+	redis  *simRedis // the store's backend when not nil (sim_redis_test.go)
 	model  *simRestream
 	faults simFaults
 	trace  func(format string, args ...any)
@@ -423,7 +424,7 @@ func (s *simStorage) Store(ctx context.Context, key string, value []byte) error 
 		}
 		s.kv.data[key] = bytes.Clone(value)
 		if strings.HasSuffix(key, "/token.json") {
-			s.kv.w.model.stored(value, s.inst)
+			s.kv.w.model.stored(key, value, s.inst)
 		}
 		return nil
 	})
@@ -630,8 +631,8 @@ func (m *simRestream) issue(chain int) (string, string) {
 }
 
 // stored notes a record write, for the I2 check.
-func (m *simRestream) stored(value []byte, inst *simInstance) {
-	rec, err := decodeRecord(value, RecordKey(simAccount), simAccount, inst.keyring)
+func (m *simRestream) stored(key string, value []byte, inst *simInstance) {
+	rec, err := decodeRecord(value, key, simAccount, inst.keyring)
 	if err != nil {
 		m.w.violate("a written record does not decode: %v", err)
 		return
@@ -723,7 +724,8 @@ type simAnswer struct {
 func (m *simRestream) handle(inst *simInstance, rt string) *simAnswer {
 	w, f := m.w, m.w.faults
 	st := m.tokens[rt]
-	if st != nil && !st.live {
+	lostMark, lostLease := w.redis.spared(rt, inst)
+	if st != nil && !st.live && !lostMark {
 		// I1: a refresh token that may be spent is sent only by the instance
 		// that spent it, after an answer it did not get.
 		switch {
@@ -735,7 +737,7 @@ func (m *simRestream) handle(inst *simInstance, rt string) *simAnswer {
 			w.violate("I1: %s resent a refresh token whose new pair it had received", inst.name)
 		}
 	}
-	if holder := m.w.kv.leaseOwner(); holder != inst.owner {
+	if holder := m.w.leaseOwner(); holder != inst.owner && !lostLease {
 		w.violate("I3: %s sent a refresh token while the lease is %q's", inst.name, holder)
 	}
 	switch {
@@ -781,6 +783,13 @@ func (m *simRestream) handle(inst *simInstance, rt string) *simAnswer {
 }
 
 // leaseOwner is the lease's owner as stored ("" if none or released).
+func (w *simWorld) leaseOwner() string {
+	if w.redis != nil {
+		return w.redis.leaseOwner()
+	}
+	return w.kv.leaseOwner()
+}
+
 func (kv *simKV) leaseOwner() string {
 	var l leaseRecord
 	if b, ok := kv.data[LeaseKey(simAccount)]; ok && json.Unmarshal(b, &l) == nil {
