@@ -826,7 +826,7 @@ func (s *simStats) add(sc simSchedule, res simResult) {
 func (s simStats) String() string {
 	return fmt.Sprintf("%d instances in all; %d faults injected (%d kills); %d invariant violations; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed; "+
 		"%d on the Redis model: %d Redis restarts keeping the data, %d losing it, %d failovers, %d write-backs, %d runs where a data loss took a mark or the only copy of a record, "+
-			"%d spent tokens resent between a data loss and its write-back (answered invalid_grant, chain kept; seeds %v)",
+		"%d spent tokens resent between a data loss and its write-back (answered invalid_grant, chain kept; seeds %v)",
 		s.instances, s.injected, s.kills, s.violations, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds,
 		s.redis, s.redisKept, s.redisLost, s.redisFailovers, s.redisWriteBacks, s.redisWindows, s.redisGapResends, s.gapSeeds[:min(len(s.gapSeeds), 5)])
 }
