@@ -409,12 +409,13 @@ func alertRules(t *testing.T) []alertRule {
 	return rules
 }
 
-// readmeAnchors are the anchors GitHub makes for README.md's headings.
-func readmeAnchors(t *testing.T) map[string]bool {
+// runbookAnchors are the anchors GitHub makes for the headings of
+// docs/operations.md, where the alerts' runbooks live.
+func runbookAnchors(t *testing.T) map[string]bool {
 	t.Helper()
 	out := map[string]bool{}
 	inFence := false
-	for _, line := range strings.Split(string(readFile(t, "../README.md")), "\n") {
+	for _, line := range strings.Split(string(readFile(t, "../docs/operations.md")), "\n") {
 		if strings.HasPrefix(line, "```") {
 			inFence = !inFence
 		}
@@ -439,12 +440,12 @@ func readmeAnchors(t *testing.T) map[string]bool {
 // TestAlertRules checks alerts.yml: every expression uses the plugin's
 // metrics and labels as they are exported; every alert has a severity, a
 // summary, a description and a runbook that points at a section of
-// README.md; and alerts_test.yml shows every alert firing and, in the
+// docs/operations.md; and alerts_test.yml shows every alert firing and, in the
 // healthy run, not firing.
 func TestAlertRules(t *testing.T) {
 	metrics, values := exportedMetrics(t), labelValues(t)
-	anchors := readmeAnchors(t)
-	const readme = "https://github.com/restream-sidecar/caddy-restream-auth/blob/main/README.md#"
+	anchors := runbookAnchors(t)
+	const runbooks = "https://github.com/restream-sidecar/caddy-restream-auth/blob/main/docs/operations.md#"
 	rules := alertRules(t)
 	for _, r := range rules {
 		where := "alerts.yml: " + r.Alert
@@ -461,8 +462,8 @@ func TestAlertRules(t *testing.T) {
 				t.Errorf("%s: no %s annotation", where, a)
 			}
 		}
-		if anchor, ok := strings.CutPrefix(r.Annotations["runbook_url"], readme); !ok || !anchors[anchor] {
-			t.Errorf("%s: runbook_url %q: want %s<a heading of README.md>", where, r.Annotations["runbook_url"], readme)
+		if anchor, ok := strings.CutPrefix(r.Annotations["runbook_url"], runbooks); !ok || !anchors[anchor] {
+			t.Errorf("%s: runbook_url %q: want %s<a heading of docs/operations.md>", where, r.Annotations["runbook_url"], runbooks)
 		}
 		kept := keptLabels(r.Expr, metrics)
 		for _, l := range legendRE.FindAllStringSubmatch(r.Annotations["summary"]+r.Annotations["description"], -1) {
