@@ -231,6 +231,14 @@ type simRedis struct {
 	gapClosed  time.Time // and a round after: an instance may have read before the write-back
 	gapSpent   map[string]bool
 	gapResends int
+	// Findings the model tolerates, counted (see simRedisStrict):
+	// historyOverGap counts history-only records (a dead seed's, no chain)
+	// written into a Redis that lost a chain's record: the write-back rule
+	// (only over a missing record or an older generation of the same chain)
+	// then never restores the chain, and every instance needs re-auth;
+	// marksBack counts cleared marks a failover brought back (min_replicas
+	// 0): all instances stay in doubt while the token is live.
+	historyOverGap, marksBack int
 	// unrestored is a record a data loss took that a running instance
 	// knows, until Redis holds it (or newer) again.
 	unrestored *simVersion
@@ -375,6 +383,11 @@ func (rd *simRedis) do(ctx context.Context, inst *simInstance, cmd redis.Cmder) 
 				rd.loaded[sha] = true
 			}
 			v, err := sc.run(rd, inst, keys, argv)
+			if inst.killed && sc.name == "renewLease" && argv[2] != "" && v == int64(1) {
+				// A mark sent before the kill lands after it: the instance
+				// died about to send, inside the rotation window.
+				rd.r.window = append(rd.r.window, fmt.Sprintf("%s's mark landed after it was killed", inst.name))
+			}
 			if sc.name != "load" || err == nil && v.([]any)[0] == "restored" {
 				rd.mutated()
 			}
@@ -742,6 +755,10 @@ func (rd *simRedis) landRecord(inst *simInstance, keys []string, gen, chain, dat
 			w.violate("fence: %s (%s) wrote generation %s while its lease is gone (the lease is %q's)", inst.name, how, gen, simLeaseOwner(holder))
 		}
 	}
+	if chain == "" && rd.gap != nil {
+		rd.historyOverGap++
+		rd.finding("%s wrote a history-only record over the lost generation %d of chain %q; no write-back can restore it", inst.name, rd.gap.gen, rd.gap.chain)
+	}
 	rd.data[keys[0]] = &simRedisKey{hash: map[string]string{"gen": gen, "chain": chain, "data": data}}
 	w.model.stored(keys[0], []byte(data), inst)
 	if g := rd.gap; g != nil {
@@ -850,8 +867,13 @@ func (rd *simRedis) lossChecks(before simRedisData, e simRedisEvent) {
 	recBefore, leaseBefore, markBefore := rd.version(), rd.leaseOwner(), rd.lease()
 	rd.data = now
 	recAfter, leaseAfter, markAfter := rd.version(), rd.leaseOwner(), rd.lease()
+	rd.w.trace("redis: back after %s: record %v -> %v, lease %q -> %q, mark %+v -> %+v", e.kind, recBefore, recAfter, leaseBefore, leaseAfter, markBefore, markAfter)
 	if leaseBefore != "" && leaseBefore != leaseAfter {
 		rd.lostLeases[leaseBefore] = true
+	}
+	if markAfter != nil && markAfter.Mark != "" && (markBefore == nil || markBefore.Mark != markAfter.Mark) {
+		rd.marksBack++
+		rd.finding("Redis %s brought back %s's cleared mark", e.kind, markAfter.MarkedBy)
 	}
 	if markBefore != nil && markBefore.Mark != "" && (markAfter == nil || markAfter.Mark != markBefore.Mark || markAfter.MarkedBy != markBefore.MarkedBy) {
 		rd.lostMarks[markBefore.Mark] = true
@@ -879,6 +901,21 @@ func (rd *simRedis) lossChecks(before simRedisData, e simRedisEvent) {
 // simGapRound is how long after a write-back a round that read before it
 // may still send: the longest timeout, the storage operations, and slack.
 const simGapRound = 20*time.Second + 3*StorageTimeout + leaseSlack
+
+// simRedisStrict is RESTREAM_SIM_REDIS_STRICT: the tolerated findings fail.
+var simRedisStrict bool
+
+// finding records a redisstore weakness the model found: on the window list
+// (no survival check), or a violation with RESTREAM_SIM_REDIS_STRICT=1.
+func (rd *simRedis) finding(format string, args ...any) {
+	msg := "redisstore finding: " + fmt.Sprintf(format, args...)
+	if simRedisStrict {
+		rd.w.violate("%s", msg)
+		return
+	}
+	rd.w.trace("%s", msg)
+	rd.r.window = append(rd.r.window, msg)
+}
 
 // forget notes the tokens spent so far as forgotten.
 func (rd *simRedis) forget() {

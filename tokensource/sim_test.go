@@ -174,6 +174,7 @@ type simResult struct {
 	// On the Redis model: restarts that kept and lost the data, failovers,
 	// write-backs, and whether a data loss put the run on the window list.
 	redisKept, redisLost, redisFailovers, redisWriteBacks, redisGapResends int
+	redisHistoryOverGap, redisMarksBack                                    int
 	redisWindow                                                            bool
 }
 
@@ -253,7 +254,7 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 	res = simResult{violations: w.violations, events: r.obs.events, installed: r.installed, injected: w.injected, kills: r.kills}
 	if rd := r.rd; rd != nil {
 		res.redisKept, res.redisLost, res.redisFailovers, res.redisWriteBacks = rd.kept, rd.lost, rd.failovers, rd.writeBacks
-		res.redisGapResends = rd.gapResends
+		res.redisGapResends, res.redisHistoryOverGap, res.redisMarksBack = rd.gapResends, rd.historyOverGap, rd.marksBack
 		res.redisWindow = len(rd.lostMarks) > 0 || len(rd.forgotten) > 0 || slices.ContainsFunc(r.window, func(s string) bool { return strings.HasPrefix(s, "Redis ") })
 	}
 	return sc, res
@@ -698,6 +699,7 @@ func (r *simRun) finalChecks() {
 }
 
 func TestSimulation(t *testing.T) {
+	simRedisStrict = os.Getenv("RESTREAM_SIM_REDIS_STRICT") != ""
 	switch simRedisMode = os.Getenv("RESTREAM_SIM_REDIS"); simRedisMode {
 	case "", "all", "none":
 	default:
@@ -781,6 +783,7 @@ type simStats struct {
 	redis, redisKept, redisLost, redisFailovers, redisWriteBacks        int
 	redisWindows, redisGapResends                                       int
 	gapSeeds                                                            []uint64
+	historyOverGap, marksBack                                           []uint64 // seeds
 }
 
 func (s *simStats) add(sc simSchedule, res simResult) {
@@ -794,6 +797,12 @@ func (s *simStats) add(sc simSchedule, res simResult) {
 		s.redisLost += res.redisLost
 		s.redisFailovers += res.redisFailovers
 		s.redisWriteBacks += res.redisWriteBacks
+		if res.redisHistoryOverGap > 0 {
+			s.historyOverGap = append(s.historyOverGap, sc.seed)
+		}
+		if res.redisMarksBack > 0 {
+			s.marksBack = append(s.marksBack, sc.seed)
+		}
 		if res.redisGapResends > 0 {
 			s.redisGapResends += res.redisGapResends
 			s.gapSeeds = append(s.gapSeeds, sc.seed)
@@ -826,7 +835,9 @@ func (s *simStats) add(sc simSchedule, res simResult) {
 func (s simStats) String() string {
 	return fmt.Sprintf("%d instances in all; %d faults injected (%d kills); %d invariant violations; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed; "+
 		"%d on the Redis model: %d Redis restarts keeping the data, %d losing it, %d failovers, %d write-backs, %d runs where a data loss took a mark or the only copy of a record, "+
-		"%d spent tokens resent between a data loss and its write-back (answered invalid_grant, chain kept; seeds %v)",
+		"%d spent tokens resent between a data loss and its write-back (answered invalid_grant, chain kept; seeds %v); "+
+		"findings (RESTREAM_SIM_REDIS_STRICT=1 fails them): %d runs where a history-only record blocked the write-back of a lost chain (seeds %v), %d where a failover brought back a cleared mark (seeds %v)",
 		s.instances, s.injected, s.kills, s.violations, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds,
-		s.redis, s.redisKept, s.redisLost, s.redisFailovers, s.redisWriteBacks, s.redisWindows, s.redisGapResends, s.gapSeeds[:min(len(s.gapSeeds), 5)])
+		s.redis, s.redisKept, s.redisLost, s.redisFailovers, s.redisWriteBacks, s.redisWindows, s.redisGapResends, s.gapSeeds[:min(len(s.gapSeeds), 5)],
+		len(s.historyOverGap), s.historyOverGap[:min(len(s.historyOverGap), 5)], len(s.marksBack), s.marksBack[:min(len(s.marksBack), 5)])
 }
