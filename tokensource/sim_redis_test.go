@@ -755,7 +755,7 @@ func (rd *simRedis) landRecord(inst *simInstance, keys []string, gen, chain, dat
 			w.violate("fence: %s (%s) wrote generation %s while its lease is gone (the lease is %q's)", inst.name, how, gen, simLeaseOwner(holder))
 		}
 	}
-	if chain == "" && rd.gap != nil {
+	if chain == "" && rd.gap != nil && rd.gap.chain != "" { // a lost history-only record holds no chain
 		rd.historyOverGap++
 		rd.finding("%s wrote a history-only record over the lost generation %d of chain %q; no write-back can restore it", inst.name, rd.gap.gen, rd.gap.chain)
 	}
