@@ -555,6 +555,12 @@ func (s *Source) publish(rec *Record, how string) bool {
 	}
 	s.cur.Store(t)
 	s.user = rec.User
+	// Under the same lock as the token: a caller that got this token sees a
+	// status that explains it.
+	s.lastResult = how
+	if how == "refreshed" {
+		s.lastResult, s.lastRefresh = "ok", s.clock.Now()
+	}
 	s.limited = nil // the rate limit's verdict was about an older token
 	s.signal()
 	s.obs.Published(s.cfg.Account, t)
