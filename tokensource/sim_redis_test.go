@@ -71,8 +71,8 @@ var simRedisScripts = map[string]simRedisScript{
 	"532068f7b016a43b331dd9df5fc110cfe21ec77e": {name: "takeLease", run: (*simRedis).takeLease, fail: func(f simFaults) float64 { return f.lockFail }},
 	"a9db129266d65f0990dfe3d77c7a794b35b9a499": {name: "renewLease", run: (*simRedis).renewLease, fail: func(f simFaults) float64 { return f.storeFail }},
 	"2a324b626ef67be37285edda4d8dbfd7f7eafad7": {name: "releaseLease", run: (*simRedis).releaseLease, fail: func(f simFaults) float64 { return f.storeFail }},
-	"1a357182c076791bb654eef5ad6b99725e9f2b47": {name: "compareAndStore", run: (*simRedis).compareAndStore, fail: func(f simFaults) float64 { return f.storeFail }},
-	"f2a5d469fccb8e2e0dfbcb32281731df50006a84": {name: "load", run: (*simRedis).load, fail: func(f simFaults) float64 { return f.loadFail }},
+	"604f12f6fe5fa98ef24531bc3659e66a4e1d6bae": {name: "compareAndStore", run: (*simRedis).compareAndStore, fail: func(f simFaults) float64 { return f.storeFail }},
+	"75e66530d064d35d42b355af964d60666db47a40": {name: "load", run: (*simRedis).load, fail: func(f simFaults) float64 { return f.loadFail }},
 }
 
 type simRedisScript struct {
@@ -233,9 +233,8 @@ type simRedis struct {
 	gapResends int
 	// Findings the model tolerates, counted (see simRedisStrict):
 	// historyOverGap counts history-only records (a dead seed's, no chain)
-	// written into a Redis that lost a chain's record: the write-back rule
-	// (only over a missing record or an older generation of the same chain)
-	// then never restores the chain, and every instance needs re-auth;
+	// written into a Redis that lost a chain's record; the write-back
+	// replaces them (the chain survives if a running instance holds it);
 	// marksBack counts cleared marks a failover brought back (min_replicas
 	// 0): all instances stay in doubt while the token is live.
 	historyOverGap, marksBack int
@@ -668,7 +667,13 @@ func simNum(s string) float64 { f, _ := strconv.ParseFloat(s, 64); return f }
 
 // newer is the scripts' newer.
 func simNewer(gen, chain string, cur *simRedisRecordFields) bool {
-	return chain != "" && cur.chain == chain && simNum(cur.gen) < simNum(gen)
+	if chain == "" {
+		return false
+	}
+	if cur.chain == "" && simNum(cur.gen) == 0 {
+		return true
+	}
+	return cur.chain == chain && simNum(cur.gen) < simNum(gen)
 }
 
 // compareAndStore: KEYS record, lease; ARGV base_gen, base_chain, gen,
@@ -744,7 +749,7 @@ func (rd *simRedis) landRecord(inst *simInstance, keys []string, gen, chain, dat
 	w := rd.w
 	if strings.HasSuffix(how, "restored") {
 		rd.writeBacks++
-		if cur != nil && !(cur.chain == chain && simNum(cur.gen) < simNum(gen)) {
+		if cur != nil && !simNewer(gen, chain, cur) {
 			w.violate("write-back: %s (%s) wrote generation %s of chain %q over generation %s of chain %q",
 				inst.name, how, gen, chain, cur.gen, cur.chain)
 		}
@@ -755,12 +760,17 @@ func (rd *simRedis) landRecord(inst *simInstance, keys []string, gen, chain, dat
 			w.violate("fence: %s (%s) wrote generation %s while its lease is gone (the lease is %q's)", inst.name, how, gen, simLeaseOwner(holder))
 		}
 	}
-	if chain == "" && rd.gap != nil && rd.gap.chain != "" { // a lost history-only record holds no chain
+	if chain == "" && rd.gap != nil && rd.gap.chain != "" {
+		// A history-only record (a dead seed sent into the emptied Redis)
+		// does not restore the lost chain, and no longer blocks its
+		// write-back: the gap stays open.
 		rd.historyOverGap++
-		rd.finding("%s wrote a history-only record over the lost generation %d of chain %q; no write-back can restore it", inst.name, rd.gap.gen, rd.gap.chain)
 	}
 	rd.data[keys[0]] = &simRedisKey{hash: map[string]string{"gen": gen, "chain": chain, "data": data}}
 	w.model.stored(keys[0], []byte(data), inst)
+	if chain == "" {
+		return
+	}
 	if g := rd.gap; g != nil {
 		if n, _ := strconv.ParseUint(gen, 10, 64); chain != g.chain || n >= g.gen {
 			rd.gap, rd.gapClosed = nil, w.now

@@ -836,7 +836,7 @@ func (s simStats) String() string {
 	return fmt.Sprintf("%d instances in all; %d faults injected (%d kills); %d invariant violations; %d schedules with kills, %d with storage or endpoint faults (%d with lost rotations), %d with reloads, %d with installs, %d starting from a spent seed; "+
 		"%d on the Redis model: %d Redis restarts keeping the data, %d losing it, %d failovers, %d write-backs, %d runs where a data loss took a mark or the only copy of a record, "+
 		"%d spent tokens resent between a data loss and its write-back (answered invalid_grant, chain kept; seeds %v); "+
-		"findings (RESTREAM_SIM_REDIS_STRICT=1 fails them): %d runs where a history-only record blocked the write-back of a lost chain (seeds %v), %d where a failover brought back a cleared mark (seeds %v)",
+		"%d runs where a history-only record was written over a lost chain before its write-back (seeds %v); findings (RESTREAM_SIM_REDIS_STRICT=1 fails them): %d runs where a failover brought back a cleared mark (seeds %v)",
 		s.instances, s.injected, s.kills, s.violations, s.killed, s.faulted, s.lost, s.closes, s.installs, s.deadSeeds,
 		s.redis, s.redisKept, s.redisLost, s.redisFailovers, s.redisWriteBacks, s.redisWindows, s.redisGapResends, s.gapSeeds[:min(len(s.gapSeeds), 5)],
 		len(s.historyOverGap), s.historyOverGap[:min(len(s.historyOverGap), 5)], len(s.marksBack), s.marksBack[:min(len(s.marksBack), 5)])

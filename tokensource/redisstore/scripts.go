@@ -93,11 +93,20 @@ local function readRecord(key)
 	return {gen = f[1], chain = f[2], data = f[3]}
 end
 
--- newer: a record of the same chain as cur with a higher generation. Only
--- a Redis that lost writes (restarted without persistence, failed over to a
--- replica that lagged) holds an older generation of a chain than a client.
+-- newer: a record of the same chain as cur with a higher generation, or
+-- any chain's record over a history-only one (no chain, generation 0: the
+-- dead seed an instance sent into a Redis that had lost the chain). Only a
+-- Redis that lost writes (restarted without persistence, failed over to a
+-- replica that lagged) holds an older generation of a chain than a client,
+-- or history where a client holds a live chain; the live pair wins.
 local function newer(gen, chain, cur)
-	return chain ~= '' and cur.chain == chain and tonumber(cur.gen) < tonumber(gen)
+	if chain == '' then
+		return false
+	end
+	if cur.chain == '' and tonumber(cur.gen) == 0 then
+		return true
+	end
+	return cur.chain == chain and tonumber(cur.gen) < tonumber(gen)
 end
 `
 

@@ -463,6 +463,16 @@ func TestLostRecordIsWrittenBack(t *testing.T) {
 		t.Fatalf("Load over an older generation: %d, want 2", got.Generation)
 	}
 
+	// A history-only record (a dead seed sent into the emptied Redis: no
+	// chain, generation 0) is replaced by the live chain, or every
+	// instance would end up needing re-authorization.
+	hist := tokensource.Record{Version: 1, DeadTokens: []string{tokensource.Fingerprint("rt-seed")}}
+	srv.MustDo("DEL", recordKey())
+	mustStore(t, b, &hist, tokensource.Version{})
+	if got := mustLoad(t, a); got == nil || got.Generation != 2 || got.Chain != "c" {
+		t.Fatalf("Load over a history-only record: %+v, want c/2 written back", got)
+	}
+
 	// Another chain is never replaced, whatever its generation.
 	x1 := pair("x", 1)
 	srv.MustDo("DEL", recordKey())
