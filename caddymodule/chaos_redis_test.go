@@ -3,7 +3,6 @@ package caddymodule_test
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -180,20 +179,31 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 		s, _ := gen.(string)
 		return err == nil && s == fmt.Sprint(fake.Stats().RefreshOK)
 	}
-	leaseFree := func() bool {
-		v, err := srv.Do("GET", leaseKey)
-		if err != nil {
-			return false
+	// The driver holds the refresh lease itself while it checks and kills,
+	// as an instance would: no instance can then be between marking a
+	// refresh token and storing its answer, so no refresh can start between
+	// the check and the kill (a free lease alone let one start in that gap
+	// under load, and the kill landed in the window no client survives).
+	// Instances meet it as a lease of an unknown owner and wait.
+	const driverLease = `{"owner":"chaos driver","nonce":"driver"}`
+	claim := func() bool {
+		v, err := srv.Do("SET", leaseKey, driverLease, "NX", "PX", "5000")
+		return err == nil && v == "OK"
+	}
+	unclaim := func() {
+		_, _ = srv.Do("EVAL", "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+			"1", leaseKey, driverLease)
+	}
+	safe := func() bool {
+		if !claim() {
+			return false // held by an instance, or the settle lease of a write-back
 		}
-		if v == nil {
+		if fake.TokenIdleFor() >= chaosQuiet && persisted() {
 			return true
 		}
-		// The settle lease after a write-back from memory is nobody's.
-		var l struct{ Owner string }
-		s, _ := v.(string)
-		return json.Unmarshal([]byte(s), &l) == nil && strings.HasPrefix(l.Owner, "written back from memory")
+		unclaim()
+		return false
 	}
-	safe := func() bool { return fake.TokenIdleFor() >= chaosQuiet && leaseFree() && persisted() }
 
 	// Redis is killed at evenly spread times, give or take a second.
 	var redisAt []time.Time
@@ -269,10 +279,12 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 		in.down = append(in.down, downtime{from: time.Now()})
 		in.mu.Unlock()
 		if err := p.cmd.Process.Kill(); err != nil {
+			unclaim()
 			driverErr = fmt.Errorf("kill instance %d (pid %d): %v; its output ends:\n%s", in.idx, p.cmd.Process.Pid, err, tailString(p.Output(), 30))
 			break
 		}
 		<-p.exited
+		unclaim()
 		kills++
 		np := startProcess(t, in.cfg.Caddyfile())
 		journal.add("driver: restarted instance %d as pid %d", in.idx, np.cmd.Process.Pid)
