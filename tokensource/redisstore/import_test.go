@@ -120,3 +120,28 @@ func TestNoImportOverRedisRecord(t *testing.T) {
 		t.Fatalf("Load with nothing anywhere: %+v", got)
 	}
 }
+
+// An install takes the lease before it reads the record. On a Redis that
+// has not imported the account yet, the import must not then fail against
+// the lease its own store holds: it runs before the lease is taken.
+func TestImportBeforeLeaseTakenFirst(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	rec := pair("c", 4)
+	fs, _ := caddyStorage(t, rec)
+	s := newStore(t, srv, redisstore.Options{ImportFrom: fs})
+	l, err := s.TakeLease(ctxT(t), "instance/install", time.Minute)
+	if err != nil {
+		t.Fatalf("TakeLease on a Redis still to import: %v", err)
+	}
+	got, err := s.Load(ctxT(t))
+	if err != nil || got == nil || got.Generation != 4 || got.Chain != "c" {
+		t.Fatalf("Load under the install's lease: %+v, %v (want the imported c/4)", got, err)
+	}
+	next := pair("n", 5)
+	if err := s.CompareAndStore(ctxT(t), next, tokensource.Version{Generation: 4, Chain: "c"}); err != nil {
+		t.Fatalf("installing over the imported record: %v", err)
+	}
+	if err := s.ReleaseLease(ctxT(t), l); err != nil {
+		t.Fatal(err)
+	}
+}

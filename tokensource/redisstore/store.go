@@ -400,6 +400,14 @@ func (s *Store) TakeLease(ctx context.Context, owner string, ttl time.Duration) 
 	if ttl < time.Millisecond {
 		return nil, fmt.Errorf("lease TTL %s: must be at least 1ms", ttl)
 	}
+	// The one-time import runs before any lease of this store is taken: it
+	// takes the Redis lease itself, so a caller that took the lease first
+	// and then loaded (an install) would find it held by its own store.
+	if owner != s.importer.owner {
+		if err := s.importOnce(ctx, s); err != nil {
+			return nil, err
+		}
+	}
 	l := &tokensource.Lease{Owner: owner, Nonce: randomID(), TTL: ttl}
 	tok := leaseToken(l)
 	start := s.opts.Clock.Now()
