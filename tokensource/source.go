@@ -555,15 +555,17 @@ func (s *Source) publish(rec *Record, how string) bool {
 	}
 	s.cur.Store(t)
 	s.user = rec.User
-	// Under the same lock as the token: a caller that got this token sees a
-	// status that explains it.
+	// Under the same lock as the token, what succeeded would record next: a
+	// caller that got this token sees a status that explains it.
 	s.lastResult = how
 	if how == "refreshed" {
 		s.lastResult, s.lastRefresh = "ok", s.clock.Now()
 	}
+	s.lastErr, s.failures, s.nextAttempt = nil, 0, time.Time{}
 	s.limited = nil // the rate limit's verdict was about an older token
 	s.signal()
 	s.obs.Published(s.cfg.Account, t)
+	s.obs.StateChanged(s.cfg.Account, s.stateLocked())
 	if how == "adopted" {
 		s.log.Debug("adopted stored token pair", zap.Uint64("generation", t.Generation), zap.Time("access_expires_at", t.Expiry))
 	}
@@ -618,7 +620,7 @@ func (s *Source) failed(now time.Time, result string, e *Error) time.Time {
 		}
 	}
 	s.nextAttempt = now.Add(d)
-	failures, state := s.failures, s.stateLocked()
+	failures, state, next := s.failures, s.stateLocked(), s.nextAttempt
 	s.mu.Unlock()
 	switch e.Kind {
 	case Terminal:
@@ -633,7 +635,7 @@ func (s *Source) failed(now time.Time, result string, e *Error) time.Time {
 			zap.Int("failures", failures), zap.Duration("retry_in", d), zap.Bool("unknown_outcome", e.Unknown))
 	}
 	s.obs.StateChanged(s.cfg.Account, state)
-	return s.nextAttempt
+	return next
 }
 
 // backoff is 1s doubling to 1m, with ±20% jitter (j in [0, 1)) so replicas
