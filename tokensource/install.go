@@ -96,13 +96,7 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 	if err != nil {
 		return nil, fmt.Errorf("%s", s.named("storing the new chain: "+err.Error()))
 	}
-	s.publish(&next, "installed")
-	s.mu.Lock()
-	s.lastErr, s.failures, s.nextAttempt, s.limited = nil, 0, time.Time{}, nil
-	s.lastRefresh, s.lastResult = s.clock.Now(), "installed"
-	state := s.stateLocked()
-	s.mu.Unlock()
-	s.obs.StateChanged(s.cfg.Account, state)
+	s.publish(&next, "installed") // also clears the error and backoff, and reports the state
 	s.wake()
 	s.log.Info("installed a new token chain", zap.Uint64("generation", next.Generation),
 		zap.Time("access_expires_at", next.Expiry))

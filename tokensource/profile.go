@@ -117,7 +117,9 @@ func parseProfile(body []byte, contentType string) (*User, error) {
 // and writes it into that record, keeping its version. The pair is stored
 // before its access token is used for this (persist before use), and the
 // compare-and-set keeps the write from replacing anything newer: if the
-// record changed meanwhile, the user is not written. A failure is logged
+// record changed meanwhile, the user is not written. Callers hold the lease:
+// the compare-and-set checks only the version, and writes of the same
+// version (a dead token recorded) happen only under the lease. A failure is logged
 // once per chain; the chain's next rotation tries again. It never blocks a
 // refresh: it runs after the round's work, bounded by Config.Timeout.
 func (s *Source) recordUser(ctx context.Context, rec *Record) {

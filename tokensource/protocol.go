@@ -393,8 +393,11 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 			zap.Time("access_expires_at", next.Expiry), optionalTime("refresh_expires_at", next.RefreshExpiry),
 			zap.Duration("took", took))
 		s.clearMark(fp)
+		// Stored first, so its token may be used; still under the lease, so
+		// no same-generation write (a dead token recorded by another
+		// instance) can land between its read and its compare-and-set.
+		s.recordUser(ctx, next)
 		s.releaseLease(ctx)
-		s.recordUser(ctx, next) // stored first: now its token may be used
 		return s.refreshAt(next.token())
 	case errors.Is(err, ErrConflict):
 		// Only an install (a new chain) replaces the record under a live

@@ -558,8 +558,11 @@ func (s *Source) publish(rec *Record, how string) bool {
 	// Under the same lock as the token, what succeeded would record next: a
 	// caller that got this token sees a status that explains it.
 	s.lastResult = how
-	if how == "refreshed" {
+	switch how {
+	case "refreshed":
 		s.lastResult, s.lastRefresh = "ok", s.clock.Now()
+	case "installed":
+		s.lastRefresh = s.clock.Now()
 	}
 	s.lastErr, s.failures, s.nextAttempt = nil, 0, time.Time{}
 	s.limited = nil // the rate limit's verdict was about an older token
