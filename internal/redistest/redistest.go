@@ -21,6 +21,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // RequireEnv, set to 1, makes a missing redis-server fail the tests that
@@ -53,12 +55,8 @@ type Server struct {
 	Port int
 	Dir  string
 
-	mu     sync.Mutex // guards cmd and exited
-	cmd    *exec.Cmd
-	exited chan struct{}
-
-	outMu  sync.Mutex // guards output
-	output *bytes.Buffer
+	mu   sync.Mutex        // guards proc
+	proc *testproc.Process // the current run; a Restart replaces it
 }
 
 // Binary returns the redis-server to run; it skips the test (or fails it
@@ -85,7 +83,7 @@ func Start(t testing.TB, opts Options) *Server {
 	s := &Server{t: t, bin: Binary(t), opts: opts, Dir: t.TempDir()}
 	var err error
 	for range 3 { // a free port can be taken between the probe and the bind
-		s.Port = freePort(t)
+		s.Port = testproc.Port(t)
 		if err = s.start(); err == nil {
 			break
 		}
@@ -135,44 +133,31 @@ func (s *Server) args() []string {
 
 // start runs the process and waits for PING; on failure the process is gone.
 func (s *Server) start() error {
-	out := new(bytes.Buffer)
-	cmd := exec.Command(s.bin, s.args()...)
-	w := lockedWriter{mu: &s.outMu, b: out}
-	cmd.Stdout, cmd.Stderr = w, w
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
+	p := testproc.Start(s.t, "redis-server", exec.Command(s.bin, s.args()...))
 	s.mu.Lock()
-	s.cmd, s.exited = cmd, exited
+	s.proc = p
 	s.mu.Unlock()
-	s.outMu.Lock()
-	s.output = out
-	s.outMu.Unlock()
 
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		// Ask for the server's pid: the port may have been taken, between
-		// freePort and the bind, by another test's redis-server.
+		// testproc.Port and the bind, by another test's redis-server.
 		info, err := s.Do("INFO", "server")
 		if err == nil {
-			if str, _ := info.(string); strings.Contains(str, "process_id:"+strconv.Itoa(cmd.Process.Pid)+"\r\n") {
+			if str, _ := info.(string); strings.Contains(str, "process_id:"+strconv.Itoa(p.PID())+"\r\n") {
 				return nil
 			}
-			_ = cmd.Process.Kill()
-			<-exited
+			p.Kill()
 			return fmt.Errorf("port %d answers for another redis-server", s.Port)
 		}
 		select {
-		case <-exited:
-			return fmt.Errorf("redis-server exited: %s", s.Output())
+		case <-p.Exited():
+			return fmt.Errorf("redis-server exited: %s", p.Output())
 		default:
 		}
 		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			<-exited
-			return fmt.Errorf("redis-server on port %d never answered PING: %v\n%s", s.Port, err, s.Output())
+			p.Kill()
+			return fmt.Errorf("redis-server on port %d never answered PING: %v\n%s", s.Port, err, p.Output())
 		}
 		// An external process offers no readiness signal; poll briefly.
 		time.Sleep(10 * time.Millisecond)
@@ -181,31 +166,25 @@ func (s *Server) start() error {
 
 // Stop shuts the server down (SIGTERM, SIGKILL after 10s) and waits for it.
 // Stopping a stopped server does nothing.
-func (s *Server) Stop() { s.signal(syscall.SIGTERM) }
+func (s *Server) Stop() {
+	if p := s.current(); p != nil {
+		if _, err := p.Stop(syscall.SIGTERM, 10*time.Second); err != nil {
+			s.t.Error(err)
+		}
+	}
+}
 
 // Kill ends the server with SIGKILL, as a crash would, and waits for it.
-func (s *Server) Kill() { s.signal(syscall.SIGKILL) }
+func (s *Server) Kill() {
+	if p := s.current(); p != nil {
+		p.Kill()
+	}
+}
 
-func (s *Server) signal(sig syscall.Signal) {
+func (s *Server) current() *testproc.Process {
 	s.mu.Lock()
-	cmd, exited := s.cmd, s.exited
-	s.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	select {
-	case <-exited:
-		return
-	default:
-	}
-	_ = cmd.Process.Signal(sig)
-	select {
-	case <-exited:
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		<-exited
-		s.t.Errorf("redis-server (pid %d) did not stop on %v; killed", cmd.Process.Pid, sig)
-	}
+	defer s.mu.Unlock()
+	return s.proc
 }
 
 // Restart stops the server if it runs and starts it again on the same port
@@ -219,14 +198,12 @@ func (s *Server) Restart() {
 	}
 }
 
-// Output is what the server has printed.
+// Output is what the server has printed since it was last (re)started.
 func (s *Server) Output() string {
-	s.outMu.Lock()
-	defer s.outMu.Unlock()
-	if s.output == nil {
-		return ""
+	if p := s.current(); p != nil {
+		return p.Output()
 	}
-	return s.output.String()
+	return ""
 }
 
 // Do sends one command on a new connection (authenticated if the server has
@@ -349,25 +326,4 @@ func readReply(r *bufio.Reader) (any, error) {
 		return out, nil
 	}
 	return nil, fmt.Errorf("unexpected reply %q", line)
-}
-
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	b  *bytes.Buffer
-}
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
 }

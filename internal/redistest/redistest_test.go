@@ -40,6 +40,21 @@ func TestReplica(t *testing.T) {
 	}
 }
 
+// A server whose port another redis-server holds does not take that one
+// for its own: start checks the PID of whoever answers.
+func TestStartRefusesAnotherServersPort(t *testing.T) {
+	other := Start(t, Options{})
+	s := &Server{t: t, bin: Binary(t), Dir: t.TempDir(), Port: other.Port}
+	if err := s.start(); err == nil {
+		t.Fatalf("started on port %d, which another redis-server holds", other.Port)
+	} else {
+		t.Logf("start on a taken port: %v", err)
+	}
+	if got := other.MustDo("PING"); got != "PONG" {
+		t.Fatalf("the other server: PING = %v", got)
+	}
+}
+
 // fakeTB records how Binary ends a test without ending this one.
 type fakeTB struct {
 	testing.TB
