@@ -21,6 +21,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/certmagic"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // newStorage is a fault storage in a fresh temporary directory.
@@ -426,31 +428,25 @@ func TestCountAcrossProcesses(t *testing.T) {
 	const procs, loads, count = 4, 25, 7
 	setRules(t, s, Rule{Op: OpLoad, KeySuffix: "token.json", Action: ActionFail, Count: count})
 	cfg, _ := json.Marshal(s)
-	cmds := make([]*exec.Cmd, procs)
-	outs := make([]*bytes.Buffer, procs)
-	for i := range cmds {
+	helpers := make([]*testproc.Process, procs)
+	for i := range helpers {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestHelperLoads$", "-test.count=1")
 		cmd.Env = append(os.Environ(), "FAULTSTORAGE_HELPER="+string(cfg), "FAULTSTORAGE_HELPER_LOADS="+strconv.Itoa(loads))
-		outs[i] = new(bytes.Buffer)
-		cmd.Stdout, cmd.Stderr = outs[i], outs[i]
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		cmds[i] = cmd
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		helpers[i] = testproc.Start(t, fmt.Sprintf("helper %d", i), cmd)
 	}
 	total := 0
 	pids := map[int]bool{}
-	for i, cmd := range cmds {
-		if err := cmd.Wait(); err != nil {
-			t.Fatalf("helper %d: %v\n%s", i, err, outs[i])
+	for i, p := range helpers {
+		<-p.Exited()
+		if !p.Cmd.ProcessState.Success() {
+			t.Fatalf("helper %d: %v\n%s", i, p.Cmd.ProcessState, p.Output())
 		}
 		var n int
-		if _, err := fmt.Sscanf(lastLine(outs[i].String(), "faults="), "faults=%d", &n); err != nil {
-			t.Fatalf("helper %d output: %v\n%s", i, err, outs[i])
+		if _, err := fmt.Sscanf(lastLine(p.Output(), "faults="), "faults=%d", &n); err != nil {
+			t.Fatalf("helper %d output: %v\n%s", i, err, p.Output())
 		}
 		total += n
-		pids[cmd.Process.Pid] = true
+		pids[p.PID()] = true
 	}
 	if total != count {
 		t.Fatalf("%d faults across %d processes, want %d", total, procs, count)

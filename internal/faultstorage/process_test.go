@@ -5,45 +5,27 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// builds holds the Caddy binaries the tests build, once per test binary.
+var builds testproc.Builds
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if err := builds.Cleanup(); err != nil {
+		fmt.Fprintln(os.Stderr, "removing the built binaries:", err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// syncBuffer collects a process's output.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (w *syncBuffer) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
-
-func (w *syncBuffer) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.String()
+	os.Exit(code)
 }
 
 // TestRealProcess builds cmd/caddy-faults, adapts and validates a Caddyfile
@@ -55,18 +37,14 @@ func TestRealProcess(t *testing.T) {
 		t.Skip("builds and runs a Caddy binary")
 	}
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "caddy-faults")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/caddy-faults")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := builds.MustBinary(t, "./cmd/caddy-faults")
 	env := append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	storageDir, control, jpath := filepath.Join(dir, "storage"), filepath.Join(dir, "faults.json"), filepath.Join(dir, "journal.jsonl")
 	storageBlock := fmt.Sprintf("\tstorage restream_test_faults {\n\t\troot %s\n\t\tcontrol %s\n\t\tjournal %s\n\t}\n", storageDir, control, jpath)
 
 	// adapt and validate.
 	simple := filepath.Join(dir, "Caddyfile.simple")
-	writeFile(t, simple, "{\n\tadmin off\n"+storageBlock+"}\n\nhttp://127.0.0.1:"+fmt.Sprint(freePort(t))+" {\n\trespond ok\n}\n")
+	writeFile(t, simple, "{\n\tadmin off\n"+storageBlock+"}\n\nhttp://127.0.0.1:"+fmt.Sprint(testproc.Port(t))+" {\n\trespond ok\n}\n")
 	cmd := exec.Command(bin, "adapt", "--config", simple, "--adapter", "caddyfile")
 	cmd.Env = env
 	var stderr bytes.Buffer
@@ -100,7 +78,7 @@ func TestRealProcess(t *testing.T) {
 	// run, in front of the fake.
 	fake := fakerestream.New(fakerestream.Options{Logf: t.Logf})
 	t.Cleanup(fake.Close)
-	port, adminPort := freePort(t), freePort(t)
+	port, adminPort := testproc.Port(t), testproc.Port(t)
 	runCfg := filepath.Join(dir, "Caddyfile")
 	writeFile(t, runCfg, fmt.Sprintf(`{
 	admin 127.0.0.1:%d
@@ -118,22 +96,15 @@ http://127.0.0.1:%d {
 	reverse_proxy %s
 }
 `, adminPort, storageBlock, port, fake.Seed(), fake.TokenURL(), fake.URL()))
-	var output syncBuffer
-	proc := exec.Command(bin, "run", "--config", runCfg, "--adapter", "caddyfile")
-	proc.Env = env
-	proc.Stdout, proc.Stderr = &output, &output
-	if err := proc.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = proc.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = proc.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("caddy-faults output:\n%s", output.String())
+	cmd = exec.Command(bin, "run", "--config", runCfg, "--adapter", "caddyfile")
+	cmd.Env = env
+	var proc *testproc.Process
+	t.Cleanup(func() { // runs after proc is stopped, so the output is complete
+		if t.Failed() && proc != nil {
+			t.Logf("caddy-faults output:\n%s", proc.Output())
 		}
 	})
+	proc = testproc.Start(t, "caddy-faults", cmd)
 
 	// The first request gets a token: the record went through the wrapped
 	// storage. (Polling: the other process gives no signal when it is up.)
@@ -148,8 +119,8 @@ http://127.0.0.1:%d {
 			break
 		}
 		select {
-		case <-exited:
-			t.Fatalf("caddy-faults exited early:\n%s", output.String())
+		case <-proc.Exited():
+			t.Fatalf("caddy-faults exited early:\n%s", proc.Output())
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -186,8 +157,8 @@ http://127.0.0.1:%d {
 	if len(j) != 1 {
 		t.Fatalf("journal %+v, want one injected fault", j)
 	}
-	if e := j[0]; e.PID != proc.Process.Pid || e.Key != "restream_auth/default/token.json" || e.Action != ActionFail {
-		t.Fatalf("journal entry %+v, want a fail on restream_auth/default/token.json by pid %d", e, proc.Process.Pid)
+	if e := j[0]; e.PID != proc.PID() || e.Key != "restream_auth/default/token.json" || e.Action != ActionFail {
+		t.Fatalf("journal entry %+v, want a fail on restream_auth/default/token.json by pid %d", e, proc.PID())
 	}
 	c, err := ReadControl(control)
 	if err != nil || c.Rules[0].Fired != 1 {
