@@ -1,13 +1,11 @@
 package deploy_test
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -21,27 +19,19 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
-// buildCaddy builds cmd/caddy (Caddy, the standard modules and this plugin).
-func buildCaddy(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "caddy")
-	out, err := exec.Command("go", "build", "-o", bin, "../cmd/caddy").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build ../cmd/caddy: %v\n%s", err, out)
-	}
-	return bin
-}
+// builds holds cmd/caddy (Caddy, the standard modules and this plugin),
+// built once per test binary.
+var builds testproc.Builds
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if err := builds.Cleanup(); err != nil {
+		fmt.Fprintln(os.Stderr, "removing the built binaries:", err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	os.Exit(code)
 }
 
 func randomHex(t *testing.T, n int) string {
@@ -76,11 +66,8 @@ type replica struct {
 	name      string
 	api, ops  string // base URLs
 	adminSock string
-	shutdown  time.Duration // the longest a stop may take
-	cmd       *exec.Cmd
-	mu        sync.Mutex
-	out       bytes.Buffer
-	exited    chan struct{}
+	shutdown  time.Duration     // the longest a stop may take
+	proc      *testproc.Process // the current run; start replaces it
 }
 
 // start runs the replica, and stops it when the test ends.
@@ -90,19 +77,14 @@ func (r *replica) start(t *testing.T) {
 	if err := os.WriteFile(cfgPath, []byte(r.config), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	r.exited = make(chan struct{})
-	r.cmd = exec.Command(r.bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
-	r.cmd.Env = append([]string{"HOME=" + r.dir, "XDG_DATA_HOME=" + r.dir, "XDG_CONFIG_HOME=" + r.dir, "PATH=" + os.Getenv("PATH")}, r.env...)
-	r.cmd.Stdout, r.cmd.Stderr = r, r
-	if err := r.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	cmd, exited := r.cmd, r.exited
-	go func() { _ = cmd.Wait(); close(exited) }()
+	cmd := exec.Command(r.bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
+	cmd.Env = append([]string{"HOME=" + r.dir, "XDG_DATA_HOME=" + r.dir, "XDG_CONFIG_HOME=" + r.dir, "PATH=" + os.Getenv("PATH")}, r.env...)
+	p := testproc.Start(t, r.name, cmd)
+	r.proc = p
 	t.Cleanup(func() {
 		r.stop(t)
 		if t.Failed() {
-			t.Logf("%s output:\n%s", r.name, r.output())
+			t.Logf("%s output:\n%s", r.name, p.Output())
 		}
 	})
 }
@@ -118,8 +100,8 @@ func (r *replica) waitReady(t *testing.T) {
 			return
 		}
 		select {
-		case <-r.exited:
-			t.Fatalf("%s exited:\n%s", r.name, r.output())
+		case <-r.proc.Exited():
+			t.Fatalf("%s exited:\n%s", r.name, r.proc.Output())
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -129,37 +111,15 @@ func (r *replica) waitReady(t *testing.T) {
 	}
 }
 
-func (r *replica) Write(p []byte) (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.out.Write(p)
-}
-
-func (r *replica) output() string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.out.String()
-}
-
 // stop sends SIGTERM, as docker stop and the kubelet do, and returns how
-// long Caddy took to exit.
+// long Caddy took to exit; after 30 s it kills Caddy and fails the test.
 func (r *replica) stop(t *testing.T) time.Duration {
 	t.Helper()
-	start := time.Now()
-	select {
-	case <-r.exited:
-		return 0
-	default:
+	took, err := r.proc.Stop(syscall.SIGTERM, 30*time.Second)
+	if err != nil {
+		t.Error(err)
 	}
-	_ = r.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-r.exited:
-	case <-time.After(30 * time.Second):
-		_ = r.cmd.Process.Kill()
-		<-r.exited
-		t.Errorf("%s (pid %d) did not stop within 30 s of SIGTERM; killed", r.name, r.cmd.Process.Pid)
-	}
-	return time.Since(start)
+	return took
 }
 
 func get200(url string) (int, string, error) {
@@ -193,7 +153,7 @@ func TestReplicasShareOneChain(t *testing.T) {
 	redis := redistest.Start(t, redistest.Options{Password: redisPassword, AppendOnly: true})
 	fake := fakerestream.New(fakerestream.Options{AccessTTL: 6 * time.Second, Latency: time.Second})
 	t.Cleanup(fake.Close)
-	bin := buildCaddy(t)
+	bin := builds.MustBinary(t, "../cmd/caddy")
 
 	key := make([]byte, 32)
 	if _, err := rand.Read(key); err != nil {
@@ -211,7 +171,7 @@ func TestReplicasShareOneChain(t *testing.T) {
 	var replicas []*replica
 	for _, cf := range deployCaddyfiles(t) {
 		dir := t.TempDir()
-		apiPort, opsPort := freePort(t), freePort(t)
+		apiPort, opsPort := testproc.Port(t), testproc.Port(t)
 		r := &replica{
 			bin:       bin,
 			dir:       dir,
