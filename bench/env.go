@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // setup is one of the three Caddy configurations.
@@ -154,11 +155,9 @@ func goTool() string {
 
 // proc is a started Caddy.
 type proc struct {
-	cmd  *exec.Cmd
-	pid  int
+	*testproc.Process
 	port int
 	log  string
-	done chan struct{} // closed when the process has exited
 }
 
 // caddyfile returns the Caddyfile of setup s listening on 127.0.0.1:port.
@@ -229,7 +228,7 @@ func (e *env) start(ctx context.Context, s setup, name string, adminPort int) (*
 			return nil, err
 		}
 	}
-	port, err := freePort()
+	port, err := testproc.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -249,17 +248,14 @@ func (e *env) start(ctx context.Context, s setup, name string, adminPort int) (*
 	xdg := filepath.Join(dir, "xdg")
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+xdg, "XDG_CONFIG_HOME="+xdg, "XDG_CACHE_HOME="+xdg)
 	dieWithParent(cmd)
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting Caddy: %w", err)
+	started, err := testproc.Launch("caddy", cmd)
+	if err != nil {
+		return nil, err
 	}
-	p := &proc{cmd: cmd, pid: cmd.Process.Pid, port: port, log: logPath, done: make(chan struct{})}
+	p := &proc{Process: started, port: port, log: logPath}
 	e.mu.Lock()
-	e.procs[p.pid] = p
+	e.procs[p.PID()] = p
 	e.mu.Unlock()
-	go func() {
-		_ = cmd.Wait()
-		close(p.done)
-	}()
 	if err := e.waitReady(ctx, p); err != nil {
 		e.kill(p)
 		return nil, err
@@ -269,28 +265,10 @@ func (e *env) start(ctx context.Context, s setup, name string, adminPort int) (*
 
 // kill kills p by its PID and waits for it to exit.
 func (e *env) kill(p *proc) {
-	select {
-	case <-p.done:
-	default:
-		_ = p.cmd.Process.Kill()
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			e.logf("caddy pid %d did not exit after SIGKILL", p.pid)
-		}
-	}
+	p.Kill()
 	e.mu.Lock()
-	delete(e.procs, p.pid)
+	delete(e.procs, p.PID())
 	e.mu.Unlock()
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // waitReady waits until Caddy accepts connections (at most 30 s).
@@ -299,7 +277,7 @@ func (e *env) waitReady(ctx context.Context, p *proc) error {
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(p.port))
 	for {
 		select {
-		case <-p.done:
+		case <-p.Exited():
 			return fmt.Errorf("caddy exited during start-up: %s", tail(p.log))
 		case <-ctx.Done():
 			return ctx.Err()
@@ -441,7 +419,7 @@ func snapshot(runs []*setupRun) cpuSnapshot {
 	s.ok = ok1 && ok2
 	for i, r := range runs {
 		var ok bool
-		if s.caddy[i], ok = readCPU(r.p.pid); !ok {
+		if s.caddy[i], ok = readCPU(r.p.PID()); !ok {
 			s.ok = false
 		}
 	}
@@ -508,7 +486,7 @@ func (e *env) measureRound(ctx context.Context, cfg config, round int) ([]result
 	results := make([]result, len(runs))
 	for i, r := range runs {
 		select {
-		case <-r.p.done:
+		case <-r.p.Exited():
 			return nil, fmt.Errorf("setup %s: caddy exited during the measurement: %s", r.res.Setup.Key, tail(r.p.log))
 		default:
 		}
@@ -526,7 +504,7 @@ func (e *env) measureRound(ctx context.Context, cfg config, round int) ([]result
 		if res.Setup.Key == "A" {
 			res.Refreshes = refreshes // B and C never refresh
 		}
-		res.PeakRSS = readPeakRSS(r.p.pid)
+		res.PeakRSS = readPeakRSS(r.p.PID())
 		results[i] = res
 	}
 	return results, nil
@@ -536,7 +514,7 @@ func (e *env) measureRound(ctx context.Context, cfg config, round int) ([]result
 // a CPU profile of Caddy under load (about -duration long) to dir. It is not
 // a measurement: the admin endpoint and the profiler change the figures.
 func (e *env) profile(ctx context.Context, cfg config, s setup, dir string) (string, error) {
-	adminPort, err := freePort()
+	adminPort, err := testproc.FreePort()
 	if err != nil {
 		return "", err
 	}

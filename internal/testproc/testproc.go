@@ -2,7 +2,7 @@
 // redis-server) on free loopback ports and stops each one by its PID, so
 // tests stay hermetic when packages run in parallel.
 //
-// Production code never imports it.
+// Production code never imports it; tests and the benchmark (bench/) do.
 package testproc
 
 import (
@@ -74,6 +74,22 @@ type Process struct {
 // the test (a process that ignores SIGINT is a bug worth seeing).
 func Start(t testing.TB, name string, cmd *exec.Cmd) *Process {
 	t.Helper()
+	p, err := Launch(name, cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if _, err := p.Stop(os.Interrupt, 10*time.Second); err != nil {
+			t.Error(err)
+		}
+	})
+	return p
+}
+
+// Launch starts cmd as Start does but outside a test, for the benchmark:
+// the caller stops the process (Stop or Kill). Its stdout and stderr are
+// collected (Output) unless cmd sets them.
+func Launch(name string, cmd *exec.Cmd) (*Process, error) {
 	p := &Process{Name: name, Cmd: cmd, exited: make(chan struct{})}
 	if cmd.Stdout == nil {
 		cmd.Stdout = &p.output
@@ -82,15 +98,10 @@ func Start(t testing.TB, name string, cmd *exec.Cmd) *Process {
 		cmd.Stderr = &p.output
 	}
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	go func() { _ = cmd.Wait(); close(p.exited) }()
-	t.Cleanup(func() {
-		if _, err := p.Stop(os.Interrupt, 10*time.Second); err != nil {
-			t.Error(err)
-		}
-	})
-	return p
+	return p, nil
 }
 
 // Output returns what the process has written to stdout and stderr so far.

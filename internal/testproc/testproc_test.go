@@ -101,3 +101,19 @@ func TestBuildsOncePerPackage(t *testing.T) {
 		t.Fatalf("binary still there after Cleanup: %v", err)
 	}
 }
+
+// Launch, outside a test, collects the output and reports the exit; a
+// command that cannot start is an error.
+func TestLaunch(t *testing.T) {
+	p, err := Launch("echo", exec.Command("echo", "hi"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-p.Exited()
+	if got := p.Output(); got != "hi\n" {
+		t.Fatalf("Output = %q", got)
+	}
+	if _, err := Launch("missing", exec.Command(t.TempDir()+"/no-such-binary")); err == nil || !strings.Contains(err.Error(), "start missing") {
+		t.Fatalf("Launch of a missing binary = %v", err)
+	}
+}
