@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // hermetic points every directory Caddy or the demo could write to at
@@ -25,14 +27,10 @@ func hermetic(t *testing.T) string {
 	return tmp
 }
 
+// freeAddr is a loopback address for the demo's sidecar to listen on.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return "127.0.0.1:" + strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	return "127.0.0.1:" + strconv.Itoa(testproc.Port(t))
 }
 
 // A full token is "at_"/"rt_" and 40 hex digits; the client secret is 64 hex
