@@ -1,6 +1,9 @@
 package fakerestream
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -8,6 +11,78 @@ import (
 	"sync/atomic"
 	"testing"
 )
+
+func TestAPI(t *testing.T) {
+	s := newServer(t, Options{})
+	for _, p := range []string{"/v2/platform/all", "/v2/server/all"} {
+		r := call(t, "GET", s.URL()+p, "", "", nil)
+		if r.status != 200 || !strings.HasPrefix(r.raw, "[") {
+			t.Errorf("%s: %d %s", p, r.status, r.raw)
+		}
+	}
+
+	at, _ := s.SeedPair()
+	body := strings.Repeat("x", 1<<20)
+	sum := sha256.Sum256([]byte(body))
+	r := call(t, "PATCH", s.URL()+"/v2/user/channel/1?a=1&b=2", "text/plain", body, map[string]string{"Authorization": "Bearer " + at})
+	if r.status != 200 || r.body["method"] != "PATCH" || r.body["path"] != "/v2/user/channel/1" || r.body["query"] != "a=1&b=2" ||
+		r.body["body_sha256"] != hex.EncodeToString(sum[:]) || r.body["body_len"] != float64(len(body)) ||
+		r.body["authorization"] != "Bearer "+at || r.body["access_token_query"] != "" {
+		t.Fatalf("echo: %d %s", r.status, r.raw)
+	}
+
+	// Query parameter is used only without an Authorization header.
+	r = call(t, "GET", s.URL()+"/v2/user/profile?accessToken="+at, "", "", nil)
+	if r.status != 200 || r.body["access_token_query"] != at || r.body["authorization"] != "" {
+		t.Fatalf("query token: %s", r.raw)
+	}
+	r = call(t, "GET", s.URL()+"/v2/user/profile?accessToken="+at, "", "", map[string]string{"Authorization": "Bearer at_wrong"})
+	if r.status != 401 {
+		t.Fatalf("header should win over query: %s", r.raw)
+	}
+	r = call(t, "POST", s.URL()+"/v2/user/profile", "", body, nil)
+	e, _ := r.body["error"].(map[string]any)
+	if r.status != 401 || e["statusCode"] != 401.0 || e["message"] != "Invalid token: access token is invalid" {
+		t.Fatalf("missing token: %s", r.raw)
+	}
+	if st := s.Stats(); st.APICalls != 6 || st.API401 != 2 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+func TestCloseAPIConnections(t *testing.T) {
+	s := newServer(t, Options{})
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Transport: tr}
+	for range 2 {
+		res, err := c.Get(s.URL() + "/v2/platform/all")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+	}
+	if st := s.Stats(); st.OpenAPIConns != 1 || st.OpenTokenConns != 0 {
+		t.Fatalf("OpenAPIConns = %d, OpenTokenConns = %d with one kept-alive API connection", st.OpenAPIConns, st.OpenTokenConns)
+	}
+	if status, _, _, err := post(c, s.TokenURL(), "rt_unknown"); err != nil || status != 400 {
+		t.Fatalf("token call: %d %v", status, err)
+	}
+	if n := s.Stats().OpenTokenConns; n != 1 {
+		t.Fatalf("OpenTokenConns = %d with one kept-alive token connection", n)
+	}
+	s.CloseAPIConnections()
+	waitUntil(t, "the connection to close", func() bool { return s.Stats().OpenAPIConns == 0 })
+	if n := s.Stats().OpenTokenConns; n != 1 {
+		t.Fatalf("CloseAPIConnections closed token connections: %d left", n)
+	}
+	if res, err := c.Get(s.URL() + "/v2/platform/all"); err != nil || res.StatusCode != 200 {
+		t.Fatalf("after CloseAPIConnections: %v", err)
+	} else {
+		res.Body.Close()
+	}
+}
 
 // The profile names the user of the token's chain, on the API and on the
 // token listener, and a chain keeps its user through rotations.
