@@ -56,6 +56,9 @@ var (
 	}
 )
 
+// handleAPI serves /v2/: the public platform and server lists, and for a
+// valid access token an echo of the request (the profile adds the chain's
+// user to it).
 func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
 	// Profile reads on the token listener are the clients' own (they derive
 	// the URL from the token URL); APICalls and API401 count the API on
@@ -78,15 +81,7 @@ func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	authz := r.Header.Get("Authorization")
-	queryTok := r.URL.Query().Get("accessToken")
-	tok := queryTok
-	if authz != "" {
-		tok = ""
-		if scheme, t, ok := strings.Cut(authz, " "); ok && strings.EqualFold(scheme, "Bearer") {
-			tok = strings.TrimSpace(t)
-		}
-	}
+	tok := accessToken(r)
 	profile := r.URL.Path == "/v2/user/profile" && r.Method == http.MethodGet
 	if profile {
 		s.profileCalls.Add(1)
@@ -98,16 +93,7 @@ func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, http.StatusUnauthorized, "invalid_token", "Invalid token: access token is invalid")
 		return
 	}
-	sum := sha256.Sum256(body)
-	echo := map[string]any{
-		"method":             r.Method,
-		"path":               r.URL.Path,
-		"query":              r.URL.RawQuery,
-		"body_sha256":        hex.EncodeToString(sum[:]),
-		"body_len":           len(body),
-		"authorization":      authz,
-		"access_token_query": queryTok,
-	}
+	echo := describeRequest(r, body)
 	if profile && s.writeProfileFault(w, r) {
 		return
 	}
@@ -118,6 +104,36 @@ func (s *Server) handleAPI(w http.ResponseWriter, r *http.Request) {
 		echo["id"], echo["username"], echo["email"] = u.ID, u.Username, u.Email
 	}
 	writeJSON(w, http.StatusOK, echo)
+}
+
+// accessToken is the access token r presents: the Bearer token of its
+// Authorization header, or, without that header, its accessToken query
+// parameter. It is "" if there is none, or if the header is not Bearer.
+func accessToken(r *http.Request) string {
+	authz := r.Header.Get("Authorization")
+	if authz == "" {
+		return r.URL.Query().Get("accessToken")
+	}
+	if scheme, t, ok := strings.Cut(authz, " "); ok && strings.EqualFold(scheme, "Bearer") {
+		return strings.TrimSpace(t)
+	}
+	return ""
+}
+
+// describeRequest is the API's echo of r, for tests that check what a
+// proxy sent: method, path, query, the body's length and hash, and both
+// places a token can travel.
+func describeRequest(r *http.Request, body []byte) map[string]any {
+	sum := sha256.Sum256(body)
+	return map[string]any{
+		"method":             r.Method,
+		"path":               r.URL.Path,
+		"query":              r.URL.RawQuery,
+		"body_sha256":        hex.EncodeToString(sum[:]),
+		"body_len":           len(body),
+		"authorization":      r.Header.Get("Authorization"),
+		"access_token_query": r.URL.Query().Get("accessToken"),
+	}
 }
 
 // writeProfileFault answers a profile call under the current ProfileFault;

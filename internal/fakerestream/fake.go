@@ -157,24 +157,7 @@ type pair struct {
 
 // New starts a Server listening on 127.0.0.1 with a random port.
 func New(opts Options) *Server {
-	if opts.ClientID == "" {
-		opts.ClientID = "test-client"
-	}
-	if opts.ClientSecret == "" {
-		opts.ClientSecret = "test-secret"
-	}
-	if opts.AccessTTL == 0 {
-		opts.AccessTTL = time.Hour
-	}
-	if opts.RefreshTTL == 0 {
-		opts.RefreshTTL = 365 * 24 * time.Hour
-	}
-	if opts.Now == nil {
-		opts.Now = time.Now
-	}
-	if opts.User == (User{}) {
-		opts.User = DefaultUser
-	}
+	opts = opts.withDefaults()
 	s := &Server{
 		opts:       opts,
 		closed:     make(chan struct{}),
@@ -221,6 +204,29 @@ func New(opts Options) *Server {
 	}
 	s.ts.Start()
 	return s
+}
+
+// withDefaults returns o with its zero values replaced by the defaults.
+func (o Options) withDefaults() Options {
+	if o.ClientID == "" {
+		o.ClientID = "test-client"
+	}
+	if o.ClientSecret == "" {
+		o.ClientSecret = "test-secret"
+	}
+	if o.AccessTTL == 0 {
+		o.AccessTTL = time.Hour
+	}
+	if o.RefreshTTL == 0 {
+		o.RefreshTTL = 365 * 24 * time.Hour
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.User == (User{}) {
+		o.User = DefaultUser
+	}
+	return o
 }
 
 // URL returns the base URL of the API, e.g. "http://127.0.0.1:12345". It

@@ -96,6 +96,35 @@ func (s *Server) SetRetryAfter(seconds int) { s.retryAfter.Store(int64(seconds))
 // while status is non-zero (after latency and call counting); 0 restores it.
 func (s *Server) SetDown(status int) { s.down.Store(int64(status)) }
 
+// faultBeforeProcessing answers r, and reports that it did, when SetDown or
+// the current fault leaves the call unprocessed; a call accepted on a token
+// listener that FaultRefuse has since shut down is dropped. Otherwise r is
+// processed, and holdUntil, non-nil under FaultRotateThenHang, is what
+// releases its held answer.
+func (s *Server) faultBeforeProcessing(w http.ResponseWriter, r *http.Request) (holdUntil <-chan struct{}, answered bool) {
+	if st := int(s.down.Load()); st != 0 {
+		s.faulted.Add(1)
+		writeJSON(w, st, map[string]string{"error": "server_error"})
+		return nil, true
+	}
+	fault, released := s.faultState()
+	if s.refused(r) {
+		// Accepted before the listener went down: the connection is gone.
+		// Drop the call unprocessed, whatever the fault is by now.
+		s.faulted.Add(1)
+		panic(http.ErrAbortHandler)
+	}
+	switch fault {
+	case FaultNone, FaultRefuse:
+		return nil, false
+	case FaultRotateThenHang:
+		return released, false
+	}
+	s.faulted.Add(1)
+	s.writeFault(w, r, fault, released)
+	return nil, true
+}
+
 // refused reports whether r came in on an incarnation of the token listener
 // that FaultRefuse (or Close) has shut down since.
 func (s *Server) refused(r *http.Request) bool {

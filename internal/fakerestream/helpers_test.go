@@ -97,7 +97,7 @@ func newServer(t *testing.T, o Options) *Server {
 
 // post sends a refresh grant with its own client, returning transport errors
 // instead of failing the test.
-func post(c *http.Client, u, rt string) (int, http.Header, []byte, error) {
+func post(c *http.Client, u, rt string) (status int, header http.Header, body []byte, err error) {
 	req, err := http.NewRequest("POST", u, strings.NewReader(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}}.Encode()))
 	if err != nil {
 		return 0, nil, nil, err

@@ -8,20 +8,11 @@ import (
 	"time"
 )
 
+// handleToken serves /oauth/token: it counts the call, applies the latency
+// and any outage or fault, checks the request and the client, and hands the
+// grant to its handler. FaultRotateThenHang holds the answer after the work.
 func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
-	n := s.inflight.Add(1)
-	s.callsMu.Lock()
-	s.calls[r] = time.Now()
-	s.callsMu.Unlock()
-	defer func() {
-		s.callsMu.Lock()
-		delete(s.calls, r)
-		s.callsMu.Unlock()
-		s.lastTokenEnd.Store(time.Now().UnixNano())
-		s.inflight.Add(-1)
-	}()
-	for m := s.maxConc.Load(); n > m && !s.maxConc.CompareAndSwap(m, n); m = s.maxConc.Load() {
-	}
+	defer s.trackTokenCall(r)()
 	// Best effort parse (only form bodies of POSTs are read) so calls are
 	// counted by grant type even during an outage or when malformed. Reading
 	// the body before the latency also lets net/http notice a client that
@@ -36,21 +27,8 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	case "authorization_code":
 		s.codeCalls.Add(1)
 	}
-	if st := int(s.down.Load()); st != 0 {
-		s.faulted.Add(1)
-		writeJSON(w, st, map[string]string{"error": "server_error"})
-		return
-	}
-	fault, released := s.faultState()
-	if s.refused(r) {
-		// Accepted before the listener went down: the connection is gone.
-		// Drop the call unprocessed, whatever the fault is by now.
-		s.faulted.Add(1)
-		panic(http.ErrAbortHandler)
-	}
-	if fault != FaultNone && fault != FaultRotateThenHang && fault != FaultRefuse {
-		s.faulted.Add(1)
-		s.writeFault(w, r, fault, released)
+	holdUntil, answered := s.faultBeforeProcessing(w, r)
+	if answered {
 		return
 	}
 	if s.opts.DropDisconnected && r.Context().Err() != nil {
@@ -68,64 +46,95 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	if !s.authClient(w, r) {
 		return
 	}
-	f := r.PostForm
+	var p *pair
 	switch grant {
 	case "refresh_token":
-		rt := f.Get("refresh_token")
-		if rt == "" {
-			writeOAuthError(w, http.StatusBadRequest, "invalid_request", "Missing parameter: refresh_token")
-			return
-		}
-		s.mu.Lock()
-		old := s.pairs[rt]
-		if old == nil || old.refresh != rt || !s.opts.Now().Before(old.refreshExp) {
-			s.mu.Unlock()
-			s.logf("fakerestream: refresh with invalid token %s", short(rt))
-			s.invalidGrantError(w, "Invalid grant: refresh token is invalid")
-			return
-		}
-		s.dropLocked(old)
-		p := s.issueLocked(old.chain)
-		s.mu.Unlock()
-		s.refreshOK.Add(1)
-		s.logf("fakerestream: chain %d rotated %s -> %s", p.chain, short(rt), short(p.refresh))
-		if r.Context().Err() != nil {
-			s.lost.Add(1)
-			s.logf("fakerestream: chain %d rotated for a client that has gone away: the new pair is lost", p.chain)
-		}
-		if fault == FaultRotateThenHang {
-			s.faulted.Add(1)
-			s.hang(r, released)
-		}
-		s.writeTokens(w, p)
-
+		p = s.refreshGrant(w, r)
 	case "authorization_code":
-		code, redirect := f.Get("code"), f.Get("redirect_uri")
-		if code == "" || redirect == "" {
-			writeOAuthError(w, http.StatusBadRequest, "invalid_request", "Missing parameter: code and redirect_uri are required")
-			return
-		}
-		s.mu.Lock()
-		want, ok := s.codes[code]
-		delete(s.codes, code)
-		var p *pair
-		if ok && want.redirectURI == redirect {
-			p = s.newChainLocked(want.user)
-		}
-		s.mu.Unlock()
-		if p == nil {
-			s.invalidGrantError(w, "Invalid grant: authorization code is invalid")
-			return
-		}
-		if fault == FaultRotateThenHang {
-			s.faulted.Add(1)
-			s.hang(r, released)
-		}
-		s.writeTokens(w, p)
-
+		p = s.codeGrant(w, r)
 	default:
 		writeOAuthError(w, http.StatusBadRequest, "unsupported_grant_type", "Unsupported grant type: grant_type is invalid")
 	}
+	if p == nil {
+		return // answered with an error
+	}
+	if holdUntil != nil {
+		s.faulted.Add(1)
+		s.hang(r, holdUntil)
+	}
+	s.writeTokens(w, p)
+}
+
+// trackTokenCall counts r as in progress (Stats.RefreshInFlight and
+// MaxConcurrentRefresh, TokenActivity, TokenIdleFor) until the returned
+// function is called.
+func (s *Server) trackTokenCall(r *http.Request) (done func()) {
+	n := s.inflight.Add(1)
+	s.callsMu.Lock()
+	s.calls[r] = time.Now()
+	s.callsMu.Unlock()
+	for m := s.maxConc.Load(); n > m && !s.maxConc.CompareAndSwap(m, n); m = s.maxConc.Load() {
+	}
+	return func() {
+		s.callsMu.Lock()
+		delete(s.calls, r)
+		s.callsMu.Unlock()
+		s.lastTokenEnd.Store(time.Now().UnixNano())
+		s.inflight.Add(-1)
+	}
+}
+
+// refreshGrant rotates the pair of the presented refresh token: the old
+// access and refresh tokens die the moment the new pair is issued, even if
+// the client has gone away. It returns the new pair, or nil once it has
+// answered with an error.
+func (s *Server) refreshGrant(w http.ResponseWriter, r *http.Request) *pair {
+	rt := r.PostForm.Get("refresh_token")
+	if rt == "" {
+		writeOAuthError(w, http.StatusBadRequest, "invalid_request", "Missing parameter: refresh_token")
+		return nil
+	}
+	s.mu.Lock()
+	old := s.pairs[rt]
+	if old == nil || old.refresh != rt || !s.opts.Now().Before(old.refreshExp) {
+		s.mu.Unlock()
+		s.logf("fakerestream: refresh with invalid token %s", short(rt))
+		s.invalidGrantError(w, "Invalid grant: refresh token is invalid")
+		return nil
+	}
+	s.dropLocked(old)
+	p := s.issueLocked(old.chain)
+	s.mu.Unlock()
+	s.refreshOK.Add(1)
+	s.logf("fakerestream: chain %d rotated %s -> %s", p.chain, short(rt), short(p.refresh))
+	if r.Context().Err() != nil {
+		s.lost.Add(1)
+		s.logf("fakerestream: chain %d rotated for a client that has gone away: the new pair is lost", p.chain)
+	}
+	return p
+}
+
+// codeGrant redeems an authorization code for the first pair of a new
+// chain. Any attempt spends the code, even one with the wrong redirect_uri.
+// It returns the new pair, or nil once it has answered with an error.
+func (s *Server) codeGrant(w http.ResponseWriter, r *http.Request) *pair {
+	code, redirect := r.PostForm.Get("code"), r.PostForm.Get("redirect_uri")
+	if code == "" || redirect == "" {
+		writeOAuthError(w, http.StatusBadRequest, "invalid_request", "Missing parameter: code and redirect_uri are required")
+		return nil
+	}
+	s.mu.Lock()
+	want, ok := s.codes[code]
+	delete(s.codes, code)
+	var p *pair
+	if ok && want.redirectURI == redirect {
+		p = s.newChainLocked(want.user)
+	}
+	s.mu.Unlock()
+	if p == nil {
+		s.invalidGrantError(w, "Invalid grant: authorization code is invalid")
+	}
+	return p
 }
 
 // handleRevoke implements RFC 7009-style revocation: either token of a pair

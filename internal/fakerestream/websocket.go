@@ -156,6 +156,9 @@ func (s *WSServer) Close() {
 	s.wg.Wait()
 }
 
+// handleWS accepts a websocket whose accessToken query parameter is one
+// valid access token, refuses any other handshake with 401, and serves the
+// connection until either side ends it.
 func (s *WSServer) handleWS(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	if s.closed {
@@ -172,10 +175,7 @@ func (s *WSServer) handleWS(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
 		s.refused++
 		s.mu.Unlock()
-		writeJSON(w, http.StatusUnauthorized, map[string]any{"error": map[string]any{
-			"statusCode": 401, "status": 401, "code": 401,
-			"message": "Invalid token: access token is invalid", "name": "invalid_token",
-		}})
+		writeAPIError(w, http.StatusUnauthorized, "invalid_token", "Invalid token: access token is invalid")
 		return
 	}
 	c, err := websocket.Accept(w, r, nil)
@@ -198,7 +198,12 @@ func (s *WSServer) handleWS(w http.ResponseWriter, r *http.Request) {
 		delete(s.conns, c)
 		s.mu.Unlock()
 	}()
+	s.serve(c, id)
+}
 
+// serve sends the hello, then echoes each text message, until the peer
+// closes, the connection breaks or the server closes.
+func (s *WSServer) serve(c *websocket.Conn, id int) {
 	if err := s.writeAction(c, map[string]any{
 		"action": "connection_info",
 		"payload": map[string]any{

@@ -13,7 +13,7 @@ import (
 	"github.com/coder/websocket"
 )
 
-// The helpers here are independent of fake_test.go's.
+// The helpers here are independent of helpers_test.go's.
 
 // newWSPair starts a Server and a WSServer that checks tokens against it,
 // and returns them with the access token of a fresh pair.
