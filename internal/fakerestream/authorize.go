@@ -47,7 +47,7 @@ func (s *Server) AuthorizeHandler() http.Handler {
 		}
 		cb := url.Values{
 			"code":  {s.IssueCode(redirect)},
-			"scope": {strings.ReplaceAll(Scope, " ", ",")},
+			"scope": {strings.Join(s.opts.Scopes, ",")},
 		}
 		if st := q.Get("state"); st != "" {
 			cb.Set("state", st)

@@ -34,13 +34,17 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// Scope is the space-separated scope string returned with every token pair.
-const Scope = "profile.default.read channels.read chat.default.read stream.default.read"
+// Scope is what the fake grants unless Options.Scopes says otherwise: the
+// scope names of Restream's documentation, space separated as in the token
+// answer's scope field.
+const Scope = "profile.read channels.read chat.read stream.read"
 
 // User is a Restream account of the fake. Every chain belongs to the user
 // who authorized it; GET /v2/user/profile answers with that user.
@@ -61,6 +65,14 @@ type Options struct {
 
 	AccessTTL  time.Duration // default 1h
 	RefreshTTL time.Duration // default 365*24h
+
+	// Scopes are the scope names granted to every chain: in the token
+	// answer's scope (space separated) and scopeJson (an array), and in the
+	// consent callback's scope (comma separated). Default: the names in
+	// Scope. Real grants show other names, such as profile.default.read;
+	// tests set those here to show a client does not match scopes exactly.
+	// A name must be non-empty, without spaces or commas.
+	Scopes []string
 
 	// User is the user signed in at the fake: seeds, codes and the consent
 	// page start chains of this user until SetUser changes it. Default
@@ -158,6 +170,7 @@ type pair struct {
 // New starts a Server listening on 127.0.0.1 with a random port.
 func New(opts Options) *Server {
 	opts = opts.withDefaults()
+	opts.check()
 	s := &Server{
 		opts:       opts,
 		closed:     make(chan struct{}),
@@ -226,7 +239,22 @@ func (o Options) withDefaults() Options {
 	if o.User == (User{}) {
 		o.User = DefaultUser
 	}
+	if len(o.Scopes) == 0 {
+		o.Scopes = strings.Fields(Scope)
+	} else {
+		o.Scopes = slices.Clone(o.Scopes)
+	}
 	return o
+}
+
+// check panics, naming the field, on options no real server could have.
+// New has no error to return; the fake serves tests only.
+func (o Options) check() {
+	for _, name := range o.Scopes {
+		if name == "" || strings.ContainsAny(name, " ,\t\r\n") {
+			panic(fmt.Sprintf("fakerestream: Options.Scopes: %q is not a scope name (empty, or holds a space or comma)", name))
+		}
+	}
 }
 
 // URL returns the base URL of the API, e.g. "http://127.0.0.1:12345". It

@@ -229,7 +229,7 @@ func (s *Server) writeTokens(w http.ResponseWriter, p *pair) {
 		"expires":                  p.accessExp.Unix(),
 		"expires_in":               accessIn,
 		"refresh_token":            p.refresh,
-		"scope":                    Scope,
+		"scope":                    strings.Join(s.opts.Scopes, " "),
 		"token_type":               "Bearer",
 		"accessToken":              p.access,
 		"accessTokenExpiresIn":     accessIn,
@@ -239,7 +239,7 @@ func (s *Server) writeTokens(w http.ResponseWriter, p *pair) {
 		"refreshTokenExpiresIn":    refreshIn,
 		"refreshTokenExpiresAt":    p.refreshExp.UTC().Format(iso),
 		"refreshTokenExpiresEpoch": p.refreshExp.Unix(),
-		"scopeJson":                strings.Fields(Scope),
+		"scopeJson":                s.opts.Scopes,
 		"tokenType":                "Bearer",
 	})
 }

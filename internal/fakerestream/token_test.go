@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -68,6 +69,58 @@ func TestRotation(t *testing.T) {
 	st := s.Stats()
 	if st.RefreshCalls != 4 || st.RefreshOK != 3 || st.InvalidGrant != 1 || st.APICalls != 3 || st.API401 != 1 {
 		t.Errorf("stats %+v", st)
+	}
+}
+
+// The token answer grants the scope names of Restream's documentation by
+// default, space separated in scope and as an array in scopeJson, for a
+// refresh and a code alike; Options.Scopes grants other names.
+func TestScopes(t *testing.T) {
+	documented := "profile.read channels.read chat.read stream.read"
+	realNames := []string{"profile.default.read", "chat.default.read", "channels.write"}
+	for _, tc := range []struct {
+		name   string
+		scopes []string
+		want   []string
+	}{
+		{"default", nil, strings.Fields(documented)},
+		{"real grant names", realNames, realNames},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newServer(t, Options{Scopes: tc.scopes})
+			code := s.IssueCode("https://app.example/cb")
+			for grant, r := range map[string]resp{
+				"refresh":            refresh(t, s, s.Seed()),
+				"authorization_code": token(t, s, url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {"https://app.example/cb"}}),
+			} {
+				var scopeJSON []string
+				for _, v := range r.list("scopeJson") {
+					scopeJSON = append(scopeJSON, fmt.Sprint(v))
+				}
+				if r.status != 200 || r.str("scope") != strings.Join(tc.want, " ") || !slices.Equal(scopeJSON, tc.want) {
+					t.Errorf("%s: scope %q, scopeJson %q; want %q (%d %s)", grant, r.str("scope"), scopeJSON, tc.want, r.status, r.raw)
+				}
+			}
+		})
+	}
+	if Scope != documented {
+		t.Errorf("Scope = %q, want the documented %q", Scope, documented)
+	}
+}
+
+// A scope name no server could send is refused when the fake starts.
+func TestScopesRefuseBadNames(t *testing.T) {
+	for _, bad := range []string{"", "chat.read stream.read", "chat.read,stream.read"} {
+		func() {
+			defer func() {
+				msg, _ := recover().(string)
+				if !strings.Contains(msg, "Options.Scopes") {
+					t.Errorf("New with scope %q: panic %q, want one naming Options.Scopes", bad, msg)
+				}
+			}()
+			s := New(Options{Scopes: []string{"profile.read", bad}})
+			s.Close()
+		}()
 	}
 }
 
