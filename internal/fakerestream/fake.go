@@ -23,6 +23,16 @@
 // id, username and email, on URL() and on the token listener, so a client
 // that derives the profile URL from the token URL finds it; SetProfileFault
 // and SetProfileRedirect make it fail.
+//
+// AuthorizeHandler stands in for Restream's login and consent page, and
+// NewWebsocket for its chat and streaming websockets. Where Restream's
+// documentation is silent the fake makes assumptions, listed in
+// docs/testing.md ("What the fake assumes").
+//
+// The files follow the endpoints: token.go (/oauth/token and
+// /oauth/revoke), faults.go (the token endpoint's failure modes), api.go
+// (/v2/ and the profile), authorize.go, websocket.go; fake.go holds the
+// Server, its options and its chains, stats.go the counters.
 package fakerestream
 
 import (
