@@ -665,6 +665,9 @@ func runPromtool(t *testing.T, dir string, args ...string) {
 // TestPromtool runs promtool on the alerts and their unit tests, and checks
 // the dashboard's expressions parse (as recording rules).
 func TestPromtool(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs promtool on the alert rules, their tests and the dashboard's expressions")
+	}
 	runPromtool(t, "prometheus", "check", "rules", "alerts.yml")
 	runPromtool(t, "prometheus", "test", "rules", "alerts_test.yml")
 

@@ -38,6 +38,9 @@ func freeAddr(t *testing.T) string {
 var longHex = regexp.MustCompile(`[0-9a-f]{12,}`)
 
 func TestRunRotates(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the demo for 3 s, until a token rotates")
+	}
 	tmp := hermetic(t)
 	var out bytes.Buffer
 	res, err := Run(context.Background(), Options{
@@ -95,6 +98,9 @@ func TestListenBusy(t *testing.T) {
 }
 
 func TestRunInterrupted(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the demo for 1.5 s before interrupting it")
+	}
 	tmp := hermetic(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 	defer cancel()

@@ -334,6 +334,7 @@ func TestRevoke(t *testing.T) {
 func TestClientGoneDuringLatency(t *testing.T) {
 	for _, drop := range []bool{false, true} {
 		t.Run(fmt.Sprintf("DropDisconnected=%v", drop), func(t *testing.T) {
+			t.Parallel() // each waits out its own server's latency
 			s := newServer(t, Options{Latency: 300 * time.Millisecond, DropDisconnected: drop})
 			rt := s.Seed()
 			if s.TokenIdleFor() <= 0 {
