@@ -30,7 +30,7 @@ const (
 
 // SetProfileFault makes GET /v2/user/profile fail as f describes, for
 // valid tokens, until the next call; ProfileNone restores it.
-func (s *Server) SetProfileFault(f ProfileFault) { s.profFault.Store(int64(f)) }
+func (s *Server) SetProfileFault(f ProfileFault) { s.profileFault.Store(int64(f)) }
 
 // SetProfileRedirect makes GET /v2/user/profile answer 302 to target (the
 // ProfileRedirect fault); "" restores it.
@@ -39,10 +39,10 @@ func (s *Server) SetProfileRedirect(target string) {
 	s.profileTo = target
 	s.mu.Unlock()
 	if target == "" {
-		s.profFault.Store(int64(ProfileNone))
+		s.profileFault.Store(int64(ProfileNone))
 		return
 	}
-	s.profFault.Store(int64(ProfileRedirect))
+	s.profileFault.Store(int64(ProfileRedirect))
 }
 
 var (
@@ -139,7 +139,7 @@ func describeRequest(r *http.Request, body []byte) map[string]any {
 // writeProfileFault answers a profile call under the current ProfileFault;
 // false if there is none.
 func (s *Server) writeProfileFault(w http.ResponseWriter, r *http.Request) bool {
-	switch ProfileFault(s.profFault.Load()) {
+	switch ProfileFault(s.profileFault.Load()) {
 	case ProfileForbidden:
 		writeAPIError(w, http.StatusForbidden, "insufficient_scope", "Insufficient scope: authorized scope is insufficient")
 	case Profile500:

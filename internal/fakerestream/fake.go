@@ -115,17 +115,17 @@ type Options struct {
 // Server is a running fake. All methods are safe for concurrent use.
 type Server struct {
 	opts      Options
-	ts        *httptest.Server
+	apiServer *httptest.Server
 	closed    chan struct{}
 	closeOnce sync.Once
 	down      atomic.Int64 // status to answer on /oauth/token, 0 = healthy
 
-	fault      atomic.Int64 // current Fault
-	profFault  atomic.Int64 // current ProfileFault
-	retryAfter atomic.Int64 // seconds, for Fault429
-	tokenMux   *http.ServeMux
-	tokenAddr  string         // host:port of the token listener, fixed for the Server's life
-	handlers   sync.WaitGroup // token listener: Serve loops and their handlers
+	fault        atomic.Int64 // current Fault
+	profileFault atomic.Int64 // current ProfileFault
+	retryAfter   atomic.Int64 // seconds, for Fault429
+	tokenMux     *http.ServeMux
+	tokenAddr    string         // host:port of the token listener, fixed for the Server's life
+	handlers     sync.WaitGroup // token listener: Serve loops and their handlers
 
 	faultMu  sync.Mutex    // serializes SetFault and Close; guards the fields below
 	released chan struct{} // closed (and replaced) whenever the fault changes
@@ -141,12 +141,12 @@ type Server struct {
 	profileTo  string       // where ProfileRedirect sends the caller
 	issued     []string     // every token ever issued, for leak checks
 
-	inflight                                                     atomic.Int64
-	refreshCalls, refreshOK, codeCalls, invalidGrant, invalidCli atomic.Int64
-	maxConc, apiCalls, api401                                    atomic.Int64
-	faulted, hangs, hanging, lost, dropped, profileCalls         atomic.Int64
-	lastTokenEnd                                                 atomic.Int64 // unix nanos
-	apiConns, tokenConns                                         atomic.Int64
+	inflight                                                        atomic.Int64
+	refreshCalls, refreshOK, codeCalls, invalidGrant, invalidClient atomic.Int64
+	maxConcurrent, apiCalls, api401                                 atomic.Int64
+	faulted, hangs, hanging, lost, dropped, profileCalls            atomic.Int64
+	lastTokenEnd                                                    atomic.Int64 // unix nanos
+	apiConns, tokenConns                                            atomic.Int64
 
 	callsMu sync.Mutex
 	calls   map[*http.Request]time.Time // /oauth/token calls in progress -> start
@@ -204,20 +204,20 @@ func New(opts Options) *Server {
 	// URL from the token URL (same scheme and host, as at api.restream.io).
 	s.tokenMux.HandleFunc("/v2/user/profile", s.handleAPI)
 
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	apiListener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		panic("fakerestream: listen: " + err.Error())
 	}
-	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	tokenListener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		panic("fakerestream: listen: " + err.Error())
 	}
-	s.tokenAddr = tl.Addr().String()
-	s.startTokenServerLocked(tl)
-	s.ts = httptest.NewUnstartedServer(mux)
-	s.ts.Listener.Close()
-	s.ts.Listener = l
-	s.ts.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+	s.tokenAddr = tokenListener.Addr().String()
+	s.startTokenServerLocked(tokenListener)
+	s.apiServer = httptest.NewUnstartedServer(mux)
+	s.apiServer.Listener.Close()
+	s.apiServer.Listener = apiListener
+	s.apiServer.Config.ConnState = func(_ net.Conn, st http.ConnState) {
 		switch st {
 		case http.StateNew:
 			s.apiConns.Add(1)
@@ -225,7 +225,7 @@ func New(opts Options) *Server {
 			s.apiConns.Add(-1)
 		}
 	}
-	s.ts.Start()
+	s.apiServer.Start()
 	return s
 }
 
@@ -269,7 +269,7 @@ func (o Options) check() {
 
 // URL returns the base URL of the API, e.g. "http://127.0.0.1:12345". It
 // serves /oauth/token and /oauth/revoke too, unaffected by FaultRefuse.
-func (s *Server) URL() string { return s.ts.URL }
+func (s *Server) URL() string { return s.apiServer.URL }
 
 // TokenURL returns the token endpoint on its own listener,
 // e.g. "http://127.0.0.1:23456/oauth/token". FaultRefuse takes it down.
@@ -283,7 +283,7 @@ func (s *Server) Close() {
 	s.isClosed = true
 	s.stopTokenServerLocked()
 	s.faultMu.Unlock()
-	s.ts.Close()
+	s.apiServer.Close()
 	s.handlers.Wait()
 }
 
@@ -425,7 +425,7 @@ func (s *Server) ValidAccessToken(tok string) bool {
 // CloseAPIConnections closes every connection to URL(), idle or not, such
 // as the kept-alive upstream connections a reverse proxy holds. The token
 // listener is untouched.
-func (s *Server) CloseAPIConnections() { s.ts.CloseClientConnections() }
+func (s *Server) CloseAPIConnections() { s.apiServer.CloseClientConnections() }
 
 func (s *Server) logf(format string, args ...any) {
 	if s.opts.Logf != nil {

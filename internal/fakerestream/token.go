@@ -73,7 +73,7 @@ func (s *Server) trackTokenCall(r *http.Request) (done func()) {
 	s.callsMu.Lock()
 	s.calls[r] = time.Now()
 	s.callsMu.Unlock()
-	for m := s.maxConc.Load(); n > m && !s.maxConc.CompareAndSwap(m, n); m = s.maxConc.Load() {
+	for m := s.maxConcurrent.Load(); n > m && !s.maxConcurrent.CompareAndSwap(m, n); m = s.maxConcurrent.Load() {
 	}
 	return func() {
 		s.callsMu.Lock()
@@ -203,7 +203,7 @@ func (s *Server) authClient(w http.ResponseWriter, r *http.Request) bool {
 	if ok && id == s.opts.ClientID && secret == s.opts.ClientSecret {
 		return true
 	}
-	s.invalidCli.Add(1)
+	s.invalidClient.Add(1)
 	status := http.StatusBadRequest
 	if basic {
 		w.Header().Set("WWW-Authenticate", `Basic realm="restream"`)
