@@ -26,13 +26,7 @@ import (
 // built once per test binary.
 var builds testproc.Builds
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if err := builds.Cleanup(); err != nil {
-		fmt.Fprintln(os.Stderr, "removing the built binaries:", err)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(builds.Run(m)) }
 
 func randomHex(t *testing.T, n int) string {
 	t.Helper()

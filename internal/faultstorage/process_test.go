@@ -20,13 +20,7 @@ import (
 // builds holds the Caddy binaries the tests build, once per test binary.
 var builds testproc.Builds
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if err := builds.Cleanup(); err != nil {
-		fmt.Fprintln(os.Stderr, "removing the built binaries:", err)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(builds.Run(m)) }
 
 // TestRealProcess builds cmd/caddy-faults, adapts and validates a Caddyfile
 // using the module, then runs it in front of a fake Restream and makes a

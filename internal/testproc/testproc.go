@@ -175,7 +175,7 @@ func WaitHTTP(ctx context.Context, url string, p *Process) error {
 }
 
 // Builds compiles Go commands once per test binary into a temporary
-// directory that Cleanup removes (call it from TestMain after m.Run).
+// directory that Cleanup removes (Run calls it after the tests).
 type Builds struct {
 	mu   sync.Mutex
 	dir  string
@@ -234,6 +234,16 @@ func (b *Builds) MustBinary(t testing.TB, pkg string) string {
 		t.Fatal(err)
 	}
 	return path
+}
+
+// Run runs the tests, then removes the built binaries, and returns the exit
+// code: func TestMain(m *testing.M) { os.Exit(builds.Run(m)) }.
+func (b *Builds) Run(m *testing.M) int {
+	code := m.Run()
+	if err := b.Cleanup(); err != nil {
+		fmt.Fprintln(os.Stderr, "testproc: removing the built binaries:", err)
+	}
+	return code
 }
 
 // Cleanup removes the built binaries.
