@@ -162,6 +162,38 @@ func TestReplicasShareOneChain(t *testing.T) {
 		"POD_IP=127.0.0.1",
 	}
 
+	replicas := startReplicas(t, bin, env, redis, fake)
+
+	// Ready: the seed exchanged by one replica, the stored chain adopted by
+	// the other.
+	for _, r := range replicas {
+		r.waitReady(t)
+		if fi, err := os.Stat(r.adminSock); err != nil || fi.Mode()&os.ModeSocket == 0 {
+			t.Errorf("%s: no admin socket at %s: %v", r.name, r.adminSock, err)
+		}
+	}
+
+	loadThroughRotations(t, replicas, fake, 4)
+	checkStoredChain(t, replicas, redis, fake)
+	before := stopDuringRefresh(t, replicas, fake)
+
+	// A replica started afterwards serves with the stored chain.
+	r := replicas[0]
+	r.start(t)
+	r.waitReady(t)
+	if code, body, err := get200(r.api + "/v2/user/profile"); code != http.StatusOK {
+		t.Errorf("%s restarted: GET /v2/user/profile: %d %s %v", r.name, code, body, err)
+	}
+	if st := fake.Stats(); st.InvalidGrant != 0 || st.RefreshOK > before+2 {
+		t.Errorf("after the restart: %d invalid_grant, %d more rotations: want the stored chain used", st.InvalidGrant, st.RefreshOK-before-1)
+	}
+}
+
+// startReplicas starts a replica per Caddyfile of the deployment, only its
+// addresses rewritten: ports, the admin socket, Redis, the token endpoint
+// and the API (the fake).
+func startReplicas(t *testing.T, bin string, env []string, redis *redistest.Server, fake *fakerestream.Server) []*replica {
+	t.Helper()
 	var replicas []*replica
 	for _, cf := range deployCaddyfiles(t) {
 		dir := t.TempDir()
@@ -187,23 +219,20 @@ func TestReplicasShareOneChain(t *testing.T) {
 		r.start(t)
 		replicas = append(replicas, r)
 	}
+	return replicas
+}
 
-	// Ready: the seed exchanged by one replica, the stored chain adopted by
-	// the other.
-	for _, r := range replicas {
-		r.waitReady(t)
-		if fi, err := os.Stat(r.adminSock); err != nil || fi.Mode()&os.ModeSocket == 0 {
-			t.Errorf("%s: no admin socket at %s: %v", r.name, r.adminSock, err)
-		}
-	}
-
-	// Load on both replicas through at least 4 rotations.
+// loadThroughRotations sends requests through every replica until the fake
+// has rotated the chain rotations times: every answer must be 200, with no
+// invalid_grant and one refresh at a time.
+func loadThroughRotations(t *testing.T, replicas []*replica, fake *fakerestream.Server, rotations int64) {
+	t.Helper()
 	statuses := map[int]int{}
 	start := fake.Stats().RefreshOK
 	deadline := time.Now().Add(40 * time.Second)
-	for fake.Stats().RefreshOK < start+4 {
+	for fake.Stats().RefreshOK < start+rotations {
 		if time.Now().After(deadline) {
-			t.Fatalf("only %d rotations in 40 s", fake.Stats().RefreshOK-start)
+			t.Fatalf("only %d rotations in 40 s, want %d", fake.Stats().RefreshOK-start, rotations)
 		}
 		for _, r := range replicas {
 			code, body, err := get200(r.api + "/v2/user/profile")
@@ -225,9 +254,13 @@ func TestReplicasShareOneChain(t *testing.T) {
 	if len(statuses) != 1 || statuses[http.StatusOK] == 0 {
 		t.Errorf("answers %v: want only 200", statuses)
 	}
+}
 
-	// Metrics on the probes listener, state ok; Redis holds the chain under
-	// key_prefix, sealed with encryption_key.
+// checkStoredChain checks the replicas' metrics on the probes listener
+// (state ok), and that Redis holds the chain under key_prefix, sealed with
+// encryption_key.
+func checkStoredChain(t *testing.T, replicas []*replica, redis *redistest.Server, fake *fakerestream.Server) {
+	t.Helper()
 	for _, r := range replicas {
 		_, body, err := get200(r.ops + "/metrics")
 		if err != nil || !strings.Contains(body, `caddy_restream_auth_state{account="default",state="ok"} 1`) {
@@ -265,15 +298,18 @@ func TestReplicasShareOneChain(t *testing.T) {
 			t.Errorf("Redis holds a token in the clear (%.6s…): encryption_key not applied", tok)
 		}
 	}
+}
 
-	// SIGTERM, as docker stop and the kubelet send it, to both replicas
-	// while a refresh is in flight (each token call takes a second at the
-	// fake): each stops within Caddy's grace_period plus a token source's
-	// close (inside stop_grace_period and terminationGracePeriodSeconds),
-	// and the refreshing one stores the new pair before it exits, so the
-	// rotation is not lost and a replica started afterwards serves with the
-	// stored chain.
-	deadline = time.Now().Add(20 * time.Second)
+// stopDuringRefresh sends SIGTERM, as docker stop and the kubelet send it,
+// to every replica while a refresh is in flight (each token call takes a
+// second at the fake): each must stop within Caddy's grace_period plus a
+// token source's close (inside stop_grace_period and
+// terminationGracePeriodSeconds), and the refreshing one must store the
+// new pair before it exits, so the rotation is not lost. It returns the
+// fake's count of rotations from before the stop.
+func stopDuringRefresh(t *testing.T, replicas []*replica, fake *fakerestream.Server) int64 {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
 	for inFlight, _, _ := fake.TokenActivity(); inFlight == 0; inFlight, _, _ = fake.TokenActivity() {
 		if time.Now().After(deadline) {
 			t.Fatal("no refresh in flight within 20 s")
@@ -294,17 +330,9 @@ func TestReplicasShareOneChain(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	st = fake.Stats()
+	st := fake.Stats()
 	if st.RefreshOK != before+1 || st.LostRotations != 0 {
 		t.Errorf("during the stop: %d rotations, %d lost (their pair never stored): want 1 and 0", st.RefreshOK-before, st.LostRotations)
 	}
-	r := replicas[0]
-	r.start(t)
-	r.waitReady(t)
-	if code, body, err := get200(r.api + "/v2/user/profile"); code != http.StatusOK {
-		t.Errorf("%s restarted: GET /v2/user/profile: %d %s %v", r.name, code, body, err)
-	}
-	if st := fake.Stats(); st.InvalidGrant != 0 || st.RefreshOK > before+2 {
-		t.Errorf("after the restart: %d invalid_grant, %d more rotations: want the stored chain used", st.InvalidGrant, st.RefreshOK-before-1)
-	}
+	return before
 }
