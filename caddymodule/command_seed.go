@@ -1,0 +1,144 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"golang.org/x/term"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+// cliMaxSeedInput bounds what the seed command reads from stdin.
+const cliMaxSeedInput = 64 << 10
+
+func cliSeedCommand(fl caddycmd.Flags) (int, error) {
+	account := fl.String("account")
+	if account == "" {
+		account = DefaultAccount
+	}
+	if fl.String("config") == "-" {
+		return 1, errors.New("--config -: stdin carries the refresh token; give the config as a file")
+	}
+	cfg, err := loadCLIConfig(fl.String("config"), fl.String("adapter"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	defer cfg.cancel()
+	h, err := cfg.handlerFor(account)
+	if err != nil {
+		return 1, err
+	}
+	logger := caddy.Log().Named("restream_auth.seed")
+	srcCfg, err := cliSourceConfig(h, logger)
+	if err != nil {
+		return 1, fmt.Errorf("account %q: %w", account, err)
+	}
+	backend := cfg.backend(account, srcCfg.Keyring, logger)
+	src, err := newPooledSource(srcCfg, backend)
+	if err != nil {
+		return 1, fmt.Errorf("account %q: %w", account, err)
+	}
+	defer src.Destruct()
+	// A record that exists but cannot be read is never replaced (it may hold
+	// the only live refresh token): say so before the token is read, let
+	// alone spent. Any other failure to read it fails the install too, so
+	// it is reported now, while the token is still good. On Redis, this
+	// read imports the account from Caddy storage if Redis has none yet.
+	lctx, lcancel := context.WithTimeout(context.Background(), tokensource.StorageTimeout)
+	_, lerr := src.loadRecord(lctx)
+	lcancel()
+	switch {
+	case errors.Is(lerr, tokensource.ErrCorruptRecord) || errors.Is(lerr, tokensource.ErrUnreadableRecord):
+		return 1, fmt.Errorf("account %q: %v; it is never overwritten, as it may hold the only live refresh token: "+
+			"fix it (e.g. configure the encryption key it was written with) or delete it, then seed again; the refresh token was not read", account, lerr)
+	case lerr != nil:
+		return 1, fmt.Errorf("account %q: reading the stored record in %s: %v; nothing was changed and the refresh token was not read",
+			account, backend.identity, lerr)
+	}
+	rt, err := cliReadRefreshToken(os.Stdin, os.Stderr)
+	if err != nil {
+		return 1, err
+	}
+	tok, err := src.InstallSeed(context.Background(), rt)
+	if err != nil {
+		return 1, cliSeedError(account, err)
+	}
+	now := time.Now()
+	fmt.Fprintf(os.Stdout, "account %q: installed a new token chain in %s\n", account, cliClean(backend.identity.String()))
+	fmt.Fprintf(os.Stdout, "  generation      %d\n", tok.Generation)
+	fmt.Fprintf(os.Stdout, "  chain           %s\n", cliClean(tok.Chain))
+	fmt.Fprintf(os.Stdout, "  access expires  %s\n", cliTime(tok.Expiry, now))
+	if !tok.RefreshExpiry.IsZero() {
+		fmt.Fprintf(os.Stdout, "  refresh expires %s\n", cliTime(tok.RefreshExpiry, now))
+	}
+	fmt.Fprintln(os.Stdout, "Running instances that share it adopt it by themselves.")
+	return 0, nil
+}
+
+// cliSeedError explains a failed InstallSeed. A token source's errors name
+// the account already; others get it here, once.
+func cliSeedError(account string, err error) error {
+	var te *tokensource.Error
+	if !errors.As(err, &te) {
+		return fmt.Errorf("account %q: %w", account, err)
+	}
+	prefix := fmt.Sprintf("account %q: ", account)
+	msg := strings.TrimPrefix(te.Msg, prefix)
+	switch {
+	case te.Code == "invalid_grant":
+		return fmt.Errorf("%sthe token endpoint refused the refresh token (%s): it is spent, expired or revoked, or was issued to another client; nothing was stored. Re-authorize to get a new one", prefix, msg)
+	case te.Kind == tokensource.Terminal, te.Kind == tokensource.Misconfigured:
+		return fmt.Errorf("%sthe token endpoint refused the request (%s); check client_id, client_secret and client_auth; nothing was stored", prefix, msg)
+	case te.Unknown:
+		return fmt.Errorf("%s%s; the exchange may have reached the endpoint, in which case the refresh token is spent; nothing was stored", prefix, msg)
+	}
+	return fmt.Errorf("%s%s; nothing was stored", prefix, msg)
+}
+
+// cliReadRefreshToken reads one refresh token: a line typed without echo on a
+// terminal, or the whole input otherwise.
+func cliReadRefreshToken(stdin *os.File, stderr io.Writer) (string, error) {
+	var in []byte
+	if fd := int(stdin.Fd()); term.IsTerminal(fd) {
+		fmt.Fprint(stderr, "reading refresh token from stdin…\n")
+		b, err := term.ReadPassword(fd)
+		fmt.Fprintln(stderr)
+		if err != nil {
+			return "", fmt.Errorf("reading the refresh token from the terminal: %v", err)
+		}
+		in = b
+	} else {
+		b, err := io.ReadAll(io.LimitReader(stdin, cliMaxSeedInput+1))
+		if err != nil {
+			return "", fmt.Errorf("reading the refresh token from stdin: %v", err)
+		}
+		if len(b) > cliMaxSeedInput {
+			return "", fmt.Errorf("stdin holds more than %d bytes: expected one refresh token", cliMaxSeedInput)
+		}
+		in = b
+	}
+	return cliParseRefreshToken(string(in))
+}
+
+// cliParseRefreshToken trims the input and requires a single token.
+func cliParseRefreshToken(in string) (string, error) {
+	rt := strings.TrimSpace(in)
+	switch {
+	case rt == "":
+		return "", errors.New("no refresh token on stdin")
+	case strings.ContainsAny(rt, "\r\n"):
+		return "", errors.New("stdin holds more than one line: expected one refresh token")
+	case strings.ContainsFunc(rt, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }):
+		return "", errors.New("the refresh token on stdin contains spaces or control characters")
+	}
+	return rt, nil
+}

@@ -1,0 +1,378 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/caddyserver/certmagic"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
+)
+
+// Account states as the status command sees them from storage.
+const (
+	cliStateOK             = "ok"
+	cliStateAccessExpired  = "access_expired"
+	cliStateRefreshExpired = "refresh_expired"
+	cliStateReauthRequired = "reauth_required"
+	cliStateInDoubt        = "in_doubt"
+	cliStateNoChain        = "no_chain"
+	cliStateUnreadable     = "unreadable"
+)
+
+// cliStatus is the status command's JSON output.
+type cliStatus struct {
+	CheckedAt time.Time `json:"checked_at"`
+	// Storage names where the accounts live: Caddy storage, or Redis
+	// (address, database, key prefix; never a password).
+	Storage  string             `json:"storage"`
+	Accounts []cliAccountStatus `json:"accounts"`
+}
+
+// cliAccountStatus describes one account's stored chain. It holds no secret.
+type cliAccountStatus struct {
+	Account string `json:"account"`
+	State   string `json:"state"`
+	// Error says why the record is unreadable; it names the key.
+	Error string `json:"error,omitempty"`
+	// Key is the record's storage key, or its Redis key.
+	Key              string    `json:"key"`
+	Generation       uint64    `json:"generation,omitempty"`
+	Chain            string    `json:"chain,omitempty"`
+	IssuedAt         time.Time `json:"issued_at,omitzero"`
+	AccessExpiresAt  time.Time `json:"access_expires_at,omitzero"`
+	AccessExpiresIn  *int64    `json:"access_expires_in_seconds,omitempty"`
+	RefreshExpiresAt time.Time `json:"refresh_expires_at,omitzero"`
+	RefreshExpiresIn *int64    `json:"refresh_expires_in_seconds,omitempty"`
+	ConsumedSeeds    int       `json:"consumed_seeds"`
+	// DeadTokens counts the refresh tokens the endpoint rejected.
+	DeadTokens int `json:"dead_tokens,omitempty"`
+	// User is the Restream account the chain acts as; null while unknown.
+	User *cliUser `json:"user"`
+	// Scope is the chain's granted scope, as the token endpoint gave it.
+	Scope []string `json:"scope,omitempty"`
+	// Lease is set while the lease record names a holder (an instance or
+	// the seed command) or marks a refresh token.
+	Lease *cliLease `json:"lease,omitempty"`
+	// LeaseError is set when the lease record cannot be read.
+	LeaseError string `json:"lease_error,omitempty"`
+}
+
+// cliUser is the Restream account a chain acts as.
+type cliUser struct {
+	ID       string `json:"id"`
+	Username string `json:"username,omitempty"`
+}
+
+func (u *cliUser) String() string {
+	switch {
+	case u == nil:
+		return "unknown"
+	case u.Username == "":
+		return "id " + u.ID
+	}
+	return fmt.Sprintf("%s (id %s)", u.Username, u.ID)
+}
+
+// cliLease is the lease record as the status command shows it. In Caddy
+// storage ExpiresAt is the holder's own reading, and instances judge expiry
+// by observation; in Redis it is now plus what Redis leaves of the lease
+// (TTLLeftMillis), and Redis alone ends it.
+type cliLease struct {
+	// Owner holds the lease; empty once it was released.
+	Owner     string    `json:"owner,omitempty"`
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	TTLMillis int64     `json:"ttl_ms,omitempty"`
+	// TTLLeftMillis is, in Redis, what is left of the lease (PTTL); -1 for
+	// a lease key without expiry.
+	TTLLeftMillis int64 `json:"ttl_left_ms,omitempty"`
+	// Expired says the holder's expiry has passed by this host's clock.
+	// Other instances take the lease over only once they have seen it
+	// unchanged for its TTL.
+	Expired bool `json:"expired,omitempty"`
+	// Marked says a refresh token is marked: MarkedBy was sending it, or
+	// sent it without the answer reaching storage.
+	Marked   bool   `json:"marked"`
+	MarkedBy string `json:"marked_by,omitempty"`
+	// MarksStoredToken says the marked token is the stored refresh token.
+	MarksStoredToken bool `json:"marks_stored_token,omitempty"`
+
+	mark    string // the marked token's fingerprint; never shown
+	inRedis bool
+}
+
+func (a cliAccountStatus) hasChain() bool {
+	return a.State == cliStateOK || a.State == cliStateAccessExpired
+}
+
+func cliStatusCommand(fl caddycmd.Flags) (int, error) {
+	cfg, err := loadCLIConfig(fl.String("config"), fl.String("adapter"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	defer cfg.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st := cliReadStatus(ctx, cfg, time.Now())
+	if fl.Bool("json") {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(st); err != nil {
+			return 1, err
+		}
+	} else if err := cliWriteStatus(os.Stdout, st); err != nil {
+		return 1, err
+	}
+	var missing []string
+	for _, a := range st.Accounts {
+		if !a.hasChain() {
+			missing = append(missing, fmt.Sprintf("%s: %s", a.Account, a.State))
+		}
+	}
+	if len(missing) > 0 {
+		// WrapCommandFuncForCobra turns only an error into a failing exit status.
+		return 1, fmt.Errorf("%d of %d accounts have no usable chain (%s)", len(missing), len(st.Accounts), strings.Join(missing, ", "))
+	}
+	return 0, nil
+}
+
+// cliReadStatus reads every account's record and lease from its backend.
+func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus {
+	st := cliStatus{CheckedAt: now.UTC(), Storage: cfg.place()}
+	logger := caddy.Log().Named("restream_auth.status")
+	for _, account := range cfg.names() {
+		// Decrypt with the account's keys when it encrypts at rest; a key
+		// that does not resolve here shows up as an unreadable record.
+		var keyring *tokensource.Keyring
+		if hs := cfg.accounts[account]; len(hs) > 0 {
+			keyring, _ = resolveKeyring(caddy.NewReplacer(), hs[0].EncryptionKey, hs[0].EncryptionKeyPrevious)
+		}
+		backend := cfg.backend(account, keyring, logger)
+		var got cliStored
+		if backend.redis == nil {
+			got = cliReadStorage(ctx, backend.storage, account, keyring, now)
+		} else {
+			got = cliReadRedis(ctx, backend, now)
+		}
+		a := cliAccountStatus{Account: account, Key: got.key}
+		rec := got.rec
+		storedFP := ""
+		switch {
+		case got.err != nil:
+			a.State, a.Error = cliStateUnreadable, got.err.Error()
+		case rec == nil:
+			a.State = cliStateNoChain
+		case !rec.HasPair():
+			// Only history: fingerprints of spent seeds and rejected tokens.
+			a.State = cliStateNoChain
+			a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
+		default:
+			storedFP = tokensource.Fingerprint(rec.RefreshToken)
+			a.Generation, a.Chain = rec.Generation, rec.Chain
+			a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
+			if rec.User != nil {
+				a.User = &cliUser{ID: rec.User.ID, Username: rec.User.Username}
+			}
+			a.Scope = rec.Scope
+			a.IssuedAt = rec.IssuedAt.UTC()
+			a.AccessExpiresAt = rec.Expiry.UTC()
+			a.AccessExpiresIn = cliPtr(int64(rec.Expiry.Sub(now) / time.Second))
+			if !rec.RefreshExpiry.IsZero() {
+				a.RefreshExpiresAt = rec.RefreshExpiry.UTC()
+				a.RefreshExpiresIn = cliPtr(int64(rec.RefreshExpiry.Sub(now) / time.Second))
+			}
+			switch {
+			case slices.Contains(rec.DeadTokens, storedFP):
+				a.State = cliStateReauthRequired
+			case !rec.RefreshExpiry.IsZero() && !now.Before(rec.RefreshExpiry):
+				a.State = cliStateRefreshExpired
+			case !now.Before(rec.Expiry):
+				a.State = cliStateAccessExpired
+			default:
+				a.State = cliStateOK
+			}
+		}
+		a.Lease, a.LeaseError = got.lease, got.leaseErr
+		if l := a.Lease; l != nil {
+			l.MarksStoredToken = l.mark != "" && l.mark == storedFP
+			if l.Owner == "" && l.MarksStoredToken && a.hasChain() {
+				// Released with the stored token still marked: its sender
+				// stopped before the answer reached storage.
+				a.State = cliStateInDoubt
+			}
+		}
+		st.Accounts = append(st.Accounts, a)
+	}
+	cliCleanStatus(&st)
+	return st
+}
+
+// cliStored is what an account's backend holds, as status reads it.
+type cliStored struct {
+	key      string // the record's key
+	rec      *tokensource.Record
+	err      error // why the record cannot be read
+	lease    *cliLease
+	leaseErr string
+}
+
+// cliReadStorage reads an account's record and lease from Caddy storage.
+func cliReadStorage(ctx context.Context, storage certmagic.Storage, account string, kr *tokensource.Keyring, now time.Time) cliStored {
+	got := cliStored{key: tokensource.RecordKey(account)}
+	got.rec, got.err = tokensource.LoadRecordKeyring(ctx, storage, account, kr)
+	got.lease, got.leaseErr = cliReadLease(ctx, storage, account, now)
+	return got
+}
+
+// cliReadRedis reads an account's record, lease and mark from Redis at
+// once, without importing from Caddy storage or writing anything.
+func cliReadRedis(ctx context.Context, backend sourceBackend, now time.Time) cliStored {
+	cfg := tokensource.Config{Account: backend.account, Keyring: backend.keyring}
+	release, err := backend.open(&cfg)
+	if err != nil {
+		return cliStored{err: err}
+	}
+	defer release()
+	store := cfg.Store.(*redisstore.Store)
+	got := cliStored{key: store.RecordKey()}
+	snap, err := store.Inspect(ctx)
+	if err != nil {
+		got.err, got.leaseErr = err, "not read (see the record's error)"
+		return got
+	}
+	got.rec, got.err = snap.Record, snap.RecordErr
+	if snap.Lease == nil && snap.Mark == "" {
+		return got
+	}
+	l := &cliLease{Marked: snap.Mark != "", MarkedBy: snap.MarkedBy, mark: snap.Mark, inRedis: true}
+	if lv := snap.Lease; lv != nil {
+		l.Owner, l.TTLMillis = lv.Owner, lv.TTL.Milliseconds()
+		if lv.Left >= 0 {
+			l.TTLLeftMillis = max(lv.Left.Milliseconds(), 1)
+			l.ExpiresAt = now.Add(lv.Left).UTC()
+		} else {
+			l.TTLLeftMillis = -1
+		}
+	}
+	got.lease = l
+	return got
+}
+
+// cliReadLease reads the account's lease record: nil if there is none, or
+// if it names no holder and marks no token.
+func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time) (*cliLease, string) {
+	key := tokensource.LeaseKey(account)
+	b, err := storage.Load(ctx, key)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, ""
+	}
+	if err != nil {
+		return nil, fmt.Sprintf("loading %s: %v", key, err)
+	}
+	var rec struct {
+		Owner     string    `json:"owner"`
+		TTLMillis int64     `json:"ttl_ms"`
+		Mark      string    `json:"mark"`
+		MarkedBy  string    `json:"marked_by"`
+		ExpiresAt time.Time `json:"expires_at"`
+	}
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return nil, fmt.Sprintf("%s (%d bytes): not valid JSON", key, len(b))
+	}
+	if rec.Owner == "" && rec.Mark == "" {
+		return nil, ""
+	}
+	l := &cliLease{Owner: rec.Owner, TTLMillis: max(rec.TTLMillis, 0), Marked: rec.Mark != "", MarkedBy: rec.MarkedBy, mark: rec.Mark}
+	if rec.Owner != "" && !rec.ExpiresAt.IsZero() {
+		l.ExpiresAt = rec.ExpiresAt.UTC()
+		l.Expired = !now.Before(rec.ExpiresAt)
+	}
+	return l, ""
+}
+
+func cliWriteStatus(w io.Writer, st cliStatus) error {
+	now := st.CheckedAt
+	fmt.Fprintf(w, "storage: %s\n", st.Storage)
+	for _, a := range st.Accounts {
+		state := a.State
+		if a.Error != "" {
+			state += ": " + a.Error
+		}
+		fmt.Fprintf(w, "\naccount %q: %s\n", a.Account, state)
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		if a.State == cliStateNoChain && a.ConsumedSeeds+a.DeadTokens == 0 {
+			fmt.Fprintf(tw, "  record\tnothing stored at %s\n", a.Key)
+		}
+		if a.Generation != 0 || a.Chain != "" {
+			fmt.Fprintf(tw, "  generation\t%d\n", a.Generation)
+			fmt.Fprintf(tw, "  chain\t%s\n", a.Chain)
+			fmt.Fprintf(tw, "  user\t%s\n", a.User)
+			if len(a.Scope) > 0 {
+				fmt.Fprintf(tw, "  scope\t%s\n", strings.Join(a.Scope, " "))
+			}
+			fmt.Fprintf(tw, "  issued\t%s\n", cliTime(a.IssuedAt, now))
+			fmt.Fprintf(tw, "  access expires\t%s\n", cliTime(a.AccessExpiresAt, now))
+			fmt.Fprintf(tw, "  refresh expires\t%s\n", cliTime(a.RefreshExpiresAt, now))
+			fmt.Fprintf(tw, "  consumed seeds\t%d\n", a.ConsumedSeeds)
+		} else if a.ConsumedSeeds+a.DeadTokens > 0 {
+			fmt.Fprintf(tw, "  record\tno pair; %d consumed seeds, %d rejected tokens\n", a.ConsumedSeeds, a.DeadTokens)
+		}
+		if a.DeadTokens > 0 && (a.Generation != 0 || a.Chain != "") {
+			fmt.Fprintf(tw, "  rejected tokens\t%d\n", a.DeadTokens)
+		}
+		switch l := a.Lease; {
+		case a.LeaseError != "":
+			fmt.Fprintf(tw, "  lease\tunreadable: %s\n", a.LeaseError)
+		case l == nil || l.Owner == "":
+			fmt.Fprintf(tw, "  lease\tfree\n")
+		case l.inRedis && l.TTLLeftMillis < 0:
+			fmt.Fprintf(tw, "  lease\theld by %s, without expiry in Redis (the next instance to try for it gives it one TTL%s)\n", l.Owner, cliTTL(l.TTLMillis))
+		case l.inRedis:
+			ttl := ""
+			if l.TTLMillis > 0 {
+				ttl = ", TTL " + (time.Duration(l.TTLMillis) * time.Millisecond).String()
+			}
+			fmt.Fprintf(tw, "  lease\theld by %s, Redis ends it in %s (at %s%s)\n", l.Owner,
+				(time.Duration(l.TTLLeftMillis) * time.Millisecond).Round(time.Millisecond), l.ExpiresAt.Format(time.RFC3339), ttl)
+		case l.ExpiresAt.IsZero():
+			fmt.Fprintf(tw, "  lease\theld by %s\n", l.Owner)
+		case l.Expired:
+			fmt.Fprintf(tw, "  lease\theld by %s, expired %s by its holder's clock (instances take it over once they have seen it unchanged for its TTL%s)\n",
+				l.Owner, cliTime(l.ExpiresAt, now), cliTTL(l.TTLMillis))
+		default:
+			fmt.Fprintf(tw, "  lease\theld by %s until %s\n", l.Owner, cliTime(l.ExpiresAt, now))
+		}
+		if l := a.Lease; l != nil && l.Marked {
+			which := "an earlier refresh token"
+			if l.MarksStoredToken {
+				which = "the stored refresh token"
+			}
+			fmt.Fprintf(tw, "  marked\t%s, by %s\n", which, l.MarkedBy)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func cliPtr[T any](v T) *T { return &v }
+
+func cliTTL(ms int64) string {
+	if ms <= 0 {
+		return ""
+	}
+	return ", " + (time.Duration(ms) * time.Millisecond).String()
+}
