@@ -22,11 +22,15 @@ import (
 )
 
 // The restream-auth CLI works on the token chains where a config keeps them
-// (the restream_auth app's Redis, or Caddy storage), without a running Caddy: `status` reports what is stored, `seed`
-// installs a new chain from a refresh token read on stdin, `encrypt` seals a
-// stored record with the configured encryption_key. Running instances that
-// share the storage adopt a seeded or sealed chain by themselves. What they
-// print from storage or Redis goes through cliClean first.
+// (the restream_auth app's Redis, or Caddy storage), without a running
+// Caddy: `status` reports what is stored (command_status.go), `seed`
+// installs a new chain from a refresh token read on stdin
+// (command_seed.go), `encrypt` seals a stored record with the configured
+// encryption_key (command_encrypt.go). Running instances that share the
+// storage adopt a seeded or sealed chain by themselves. What the commands
+// print from storage or Redis goes through cliClean first
+// (command_sanitize.go). This file registers the command and loads the
+// config they share.
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
@@ -47,85 +51,16 @@ Caddy is needed, and no token or password is ever printed.
   caddy restream-auth encrypt --config Caddyfile [--account <name>]
 `,
 		CobraFunc: func(cmd *cobra.Command) {
-			status := &cobra.Command{
-				Use:   "status --config <file> [--adapter <name>] [--json]",
-				Short: "Shows each account's stored token chain",
-				Long: `
-For every restream_auth account in the config, shows what the storage (or
-Redis) holds:
-the chain's generation and id, the Restream user it acts as ("unknown"
-until an instance has read it), its scope, when the access and refresh
-tokens expire, how many seeds were consumed, and who holds the refresh
-lease if it is live. Control characters in stored values are shown escaped.
-
-The state is seen from storage only:
-  ok               a stored pair whose access token is still valid
-  access_expired   a stored pair whose access token expired (no instance
-                   is refreshing it, or refreshes fail); its refresh token
-                   may still work
-  refresh_expired  the stored refresh token expired: seed a new chain
-  reauth_required  the token endpoint rejected the stored refresh token
-                   (invalid_grant): seed a new chain
-  in_doubt         an instance marked the stored refresh token in the lease
-                   (it was sending it) and stopped before storing the answer:
-                   the token may be spent, so no instance sends it again;
-                   seed a new chain
-  no_chain         no pair stored (perhaps only the fingerprints of spent or
-                   rejected tokens): seed a chain
-  unreadable       the record cannot be read (the error names the key); it
-                   is never overwritten: fix or delete it. With
-                   encryption_key, a record that is not encrypted, or sealed
-                   by an earlier version, is unreadable too: seal it with
-                   caddy restream-auth encrypt
-
-The lease line shows its holder and the expiry the holder wrote (instances
-do not trust it: they take a lease over only once they have seen it
-unchanged for its TTL), and whether a refresh token is marked in it. On
-Redis it shows what Redis leaves of the lease, which alone ends it, and the
-mark kept in its own key.
-
-A running instance's own view (including reauth_required after an
-invalid_grant) is at its admin endpoint, GET /restream_auth/.
-
-Exit status: 0 when every account has a chain (ok or access_expired),
-1 otherwise.
-`,
-				Args: cobra.NoArgs,
-				RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliStatusCommand)),
-			}
-			status.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
-			status.Flags().StringP("adapter", "a", "", "Name of config adapter")
-			status.Flags().Bool("json", false, "Print JSON")
-			cmd.AddCommand(status)
-
-			seed := &cobra.Command{
-				Use:   "seed --config <file> [--adapter <name>] [--account <name>]",
-				Short: "Starts a new token chain from a refresh token read on stdin",
-				Long: `
-Reads one refresh token from stdin (without echo on a terminal), exchanges it
-at the account's token endpoint with the client credentials of its
-restream_auth handler, and stores the new pair as a new chain, the next
-generation, under the account's refresh lease. The exchange spends the
-refresh token. Instances sharing the storage (or Redis) pick the new chain
-up by themselves; no restart or reload is needed. The handler's own refresh_token
-seed, if any, is marked as used so that a restart does not replace the new
-chain with it.
-
-{env.*} and {file.*} placeholders in the handler are resolved in this
-command's environment: run it with the environment Caddy runs with, and as
-the user Caddy runs as (file_system storage writes files only their owner
-can read; the default storage lives in the caller's data directory).
-`,
-				Args: cobra.NoArgs,
-				RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliSeedCommand)),
-			}
-			seed.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
-			seed.Flags().StringP("adapter", "a", "", "Name of config adapter")
-			seed.Flags().String("account", DefaultAccount, "Account to seed")
-			cmd.AddCommand(seed)
-			cmd.AddCommand(cliEncryptCobra())
+			cmd.AddCommand(cliStatusCobra(), cliSeedCobra(), cliEncryptCobra())
 		},
 	})
+}
+
+// cliConfigFlags adds the flags with which every subcommand finds its
+// config, named as caddy run names them.
+func cliConfigFlags(c *cobra.Command) {
+	c.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
+	c.Flags().StringP("adapter", "a", "", "Name of config adapter")
 }
 
 // cliConfig is what the commands need from a config.

@@ -52,8 +52,7 @@ stored), 1 otherwise.
 		Args: cobra.NoArgs,
 		RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliEncryptCommand)),
 	}
-	c.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
-	c.Flags().StringP("adapter", "a", "", "Name of config adapter")
+	cliConfigFlags(c)
 	c.Flags().String("account", DefaultAccount, "Account whose record to seal")
 	return c
 }

@@ -12,10 +12,39 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
+
+// cliSeedCobra is `caddy restream-auth seed`.
+func cliSeedCobra() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "seed --config <file> [--adapter <name>] [--account <name>]",
+		Short: "Starts a new token chain from a refresh token read on stdin",
+		Long: `
+Reads one refresh token from stdin (without echo on a terminal), exchanges it
+at the account's token endpoint with the client credentials of its
+restream_auth handler, and stores the new pair as a new chain, the next
+generation, under the account's refresh lease. The exchange spends the
+refresh token. Instances sharing the storage (or Redis) pick the new chain
+up by themselves; no restart or reload is needed. The handler's own refresh_token
+seed, if any, is marked as used so that a restart does not replace the new
+chain with it.
+
+{env.*} and {file.*} placeholders in the handler are resolved in this
+command's environment: run it with the environment Caddy runs with, and as
+the user Caddy runs as (file_system storage writes files only their owner
+can read; the default storage lives in the caller's data directory).
+`,
+		Args: cobra.NoArgs,
+		RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliSeedCommand)),
+	}
+	cliConfigFlags(c)
+	c.Flags().String("account", DefaultAccount, "Account to seed")
+	return c
+}
 
 // cliMaxSeedInput bounds what the seed command reads from stdin.
 const cliMaxSeedInput = 64 << 10

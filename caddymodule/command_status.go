@@ -16,10 +16,63 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/caddyserver/certmagic"
+	"github.com/spf13/cobra"
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
 )
+
+// cliStatusCobra is `caddy restream-auth status`.
+func cliStatusCobra() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "status --config <file> [--adapter <name>] [--json]",
+		Short: "Shows each account's stored token chain",
+		Long: `
+For every restream_auth account in the config, shows what the storage (or
+Redis) holds: the chain's generation and id, the Restream user it acts as
+("unknown" until an instance has read it), its scope, when the access and
+refresh tokens expire, how many seeds were consumed, and who holds the
+refresh lease if it is live. Control characters in stored values are shown escaped.
+
+The state is seen from storage only:
+  ok               a stored pair whose access token is still valid
+  access_expired   a stored pair whose access token expired (no instance
+                   is refreshing it, or refreshes fail); its refresh token
+                   may still work
+  refresh_expired  the stored refresh token expired: seed a new chain
+  reauth_required  the token endpoint rejected the stored refresh token
+                   (invalid_grant): seed a new chain
+  in_doubt         an instance marked the stored refresh token in the lease
+                   (it was sending it) and stopped before storing the answer:
+                   the token may be spent, so no instance sends it again;
+                   seed a new chain
+  no_chain         no pair stored (perhaps only the fingerprints of spent or
+                   rejected tokens): seed a chain
+  unreadable       the record cannot be read (the error names the key); it
+                   is never overwritten: fix or delete it. With
+                   encryption_key, a record that is not encrypted, or sealed
+                   by an earlier version, is unreadable too: seal it with
+                   caddy restream-auth encrypt
+
+The lease line shows its holder and the expiry the holder wrote (instances
+do not trust it: they take a lease over only once they have seen it
+unchanged for its TTL), and whether a refresh token is marked in it. On
+Redis it shows what Redis leaves of the lease, which alone ends it, and the
+mark kept in its own key.
+
+A running instance's own view (including reauth_required after an
+invalid_grant) is at its admin endpoint, GET /restream_auth/.
+
+Exit status: 0 when every account has a chain (ok or access_expired),
+1 otherwise.
+`,
+		Args: cobra.NoArgs,
+		RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliStatusCommand)),
+	}
+	cliConfigFlags(c)
+	c.Flags().Bool("json", false, "Print JSON")
+	return c
+}
 
 // Account states as the status command sees them from storage.
 const (
