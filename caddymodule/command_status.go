@@ -5,12 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
-	"slices"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -74,17 +71,6 @@ Exit status: 0 when every account has a chain (ok or access_expired),
 	return c
 }
 
-// Account states as the status command sees them from storage.
-const (
-	cliStateOK             = "ok"
-	cliStateAccessExpired  = "access_expired"
-	cliStateRefreshExpired = "refresh_expired"
-	cliStateReauthRequired = "reauth_required"
-	cliStateInDoubt        = "in_doubt"
-	cliStateNoChain        = "no_chain"
-	cliStateUnreadable     = "unreadable"
-)
-
 // cliStatus is the status command's JSON output.
 type cliStatus struct {
 	CheckedAt time.Time `json:"checked_at"`
@@ -97,7 +83,8 @@ type cliStatus struct {
 // cliAccountStatus describes one account's stored chain. It holds no secret.
 type cliAccountStatus struct {
 	Account string `json:"account"`
-	State   string `json:"state"`
+	// State is judged from storage alone (tokensource.RecordState).
+	State tokensource.RecordState `json:"state"`
 	// Error says why the record is unreadable; it names the key.
 	Error string `json:"error,omitempty"`
 	// Key is the record's storage key, or its Redis key.
@@ -166,10 +153,6 @@ type cliLease struct {
 	inRedis bool
 }
 
-func (a cliAccountStatus) hasChain() bool {
-	return a.State == cliStateOK || a.State == cliStateAccessExpired
-}
-
 func cliStatusCommand(fl caddycmd.Flags) (int, error) {
 	cfg, err := loadCLIConfig(fl.String("config"), fl.String("adapter"))
 	if err != nil {
@@ -190,7 +173,7 @@ func cliStatusCommand(fl caddycmd.Flags) (int, error) {
 	}
 	var missing []string
 	for _, a := range st.Accounts {
-		if !a.hasChain() {
+		if !a.State.HasChain() {
 			missing = append(missing, fmt.Sprintf("%s: %s", a.Account, a.State))
 		}
 	}
@@ -219,57 +202,52 @@ func cliReadStatus(ctx context.Context, cfg *cliConfig, now time.Time) cliStatus
 		} else {
 			got = cliReadRedis(ctx, backend, now)
 		}
-		a := cliAccountStatus{Account: account, Key: got.key}
-		rec := got.rec
-		storedFP := ""
-		switch {
-		case got.err != nil:
-			a.State, a.Error = cliStateUnreadable, got.err.Error()
-		case rec == nil:
-			a.State = cliStateNoChain
-		case !rec.HasPair():
-			// Only history: fingerprints of spent seeds and rejected tokens.
-			a.State = cliStateNoChain
-			a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
-		default:
-			storedFP = tokensource.Fingerprint(rec.RefreshToken)
-			a.Generation, a.Chain = rec.Generation, rec.Chain
-			a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
-			if rec.User != nil {
-				a.User = &cliUser{ID: rec.User.ID, Username: rec.User.Username}
-			}
-			a.Scope = rec.Scope
-			a.IssuedAt = rec.IssuedAt.UTC()
-			a.AccessExpiresAt = rec.Expiry.UTC()
-			a.AccessExpiresIn = cliPtr(int64(rec.Expiry.Sub(now) / time.Second))
-			if !rec.RefreshExpiry.IsZero() {
-				a.RefreshExpiresAt = rec.RefreshExpiry.UTC()
-				a.RefreshExpiresIn = cliPtr(int64(rec.RefreshExpiry.Sub(now) / time.Second))
-			}
-			switch {
-			case slices.Contains(rec.DeadTokens, storedFP):
-				a.State = cliStateReauthRequired
-			case !rec.RefreshExpiry.IsZero() && !now.Before(rec.RefreshExpiry):
-				a.State = cliStateRefreshExpired
-			case !now.Before(rec.Expiry):
-				a.State = cliStateAccessExpired
-			default:
-				a.State = cliStateOK
-			}
-		}
-		a.Lease, a.LeaseError = got.lease, got.leaseErr
-		if l := a.Lease; l != nil {
-			l.MarksStoredToken = l.mark != "" && l.mark == storedFP
-			if l.Owner == "" && l.MarksStoredToken && a.hasChain() {
-				// Released with the stored token still marked: its sender
-				// stopped before the answer reached storage.
-				a.State = cliStateInDoubt
-			}
-		}
-		st.Accounts = append(st.Accounts, a)
+		st.Accounts = append(st.Accounts, cliAccountFrom(account, got, now))
 	}
 	cliCleanStatus(&st)
 	return st
+}
+
+// cliAccountFrom describes what an account's backend holds, and judges its
+// state from the record (tokensource.Record.StateAt), the read error and
+// the lease.
+func cliAccountFrom(account string, got cliStored, now time.Time) cliAccountStatus {
+	a := cliAccountStatus{Account: account, Key: got.key, Lease: got.lease, LeaseError: got.leaseErr}
+	if got.err != nil {
+		a.State, a.Error = tokensource.RecordUnreadable, got.err.Error()
+		return a
+	}
+	rec := got.rec
+	a.State = rec.StateAt(now)
+	if rec != nil {
+		// A record without a pair holds only history: fingerprints of
+		// spent seeds and rejected tokens.
+		a.ConsumedSeeds, a.DeadTokens = len(rec.ConsumedSeeds), len(rec.DeadTokens)
+	}
+	if !rec.HasPair() {
+		return a
+	}
+	a.Generation, a.Chain = rec.Generation, rec.Chain
+	if rec.User != nil {
+		a.User = &cliUser{ID: rec.User.ID, Username: rec.User.Username}
+	}
+	a.Scope = rec.Scope
+	a.IssuedAt = rec.IssuedAt.UTC()
+	a.AccessExpiresAt = rec.Expiry.UTC()
+	a.AccessExpiresIn = cliPtr(int64(rec.Expiry.Sub(now) / time.Second))
+	if !rec.RefreshExpiry.IsZero() {
+		a.RefreshExpiresAt = rec.RefreshExpiry.UTC()
+		a.RefreshExpiresIn = cliPtr(int64(rec.RefreshExpiry.Sub(now) / time.Second))
+	}
+	if l := a.Lease; l != nil {
+		l.MarksStoredToken = l.mark != "" && l.mark == tokensource.Fingerprint(rec.RefreshToken)
+		if l.Owner == "" && l.MarksStoredToken && a.State.HasChain() {
+			// Released with the stored token still marked: its sender
+			// stopped before the answer reached storage.
+			a.State = tokensource.RecordInDoubt
+		}
+	}
+	return a
 }
 
 // cliStored is what an account's backend holds, as status reads it.
@@ -355,77 +333,4 @@ func cliReadLease(ctx context.Context, storage certmagic.Storage, account string
 	return l, ""
 }
 
-func cliWriteStatus(w io.Writer, st cliStatus) error {
-	now := st.CheckedAt
-	fmt.Fprintf(w, "storage: %s\n", st.Storage)
-	for _, a := range st.Accounts {
-		state := a.State
-		if a.Error != "" {
-			state += ": " + a.Error
-		}
-		fmt.Fprintf(w, "\naccount %q: %s\n", a.Account, state)
-		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-		if a.State == cliStateNoChain && a.ConsumedSeeds+a.DeadTokens == 0 {
-			fmt.Fprintf(tw, "  record\tnothing stored at %s\n", a.Key)
-		}
-		if a.Generation != 0 || a.Chain != "" {
-			fmt.Fprintf(tw, "  generation\t%d\n", a.Generation)
-			fmt.Fprintf(tw, "  chain\t%s\n", a.Chain)
-			fmt.Fprintf(tw, "  user\t%s\n", a.User)
-			if len(a.Scope) > 0 {
-				fmt.Fprintf(tw, "  scope\t%s\n", strings.Join(a.Scope, " "))
-			}
-			fmt.Fprintf(tw, "  issued\t%s\n", cliTime(a.IssuedAt, now))
-			fmt.Fprintf(tw, "  access expires\t%s\n", cliTime(a.AccessExpiresAt, now))
-			fmt.Fprintf(tw, "  refresh expires\t%s\n", cliTime(a.RefreshExpiresAt, now))
-			fmt.Fprintf(tw, "  consumed seeds\t%d\n", a.ConsumedSeeds)
-		} else if a.ConsumedSeeds+a.DeadTokens > 0 {
-			fmt.Fprintf(tw, "  record\tno pair; %d consumed seeds, %d rejected tokens\n", a.ConsumedSeeds, a.DeadTokens)
-		}
-		if a.DeadTokens > 0 && (a.Generation != 0 || a.Chain != "") {
-			fmt.Fprintf(tw, "  rejected tokens\t%d\n", a.DeadTokens)
-		}
-		switch l := a.Lease; {
-		case a.LeaseError != "":
-			fmt.Fprintf(tw, "  lease\tunreadable: %s\n", a.LeaseError)
-		case l == nil || l.Owner == "":
-			fmt.Fprintf(tw, "  lease\tfree\n")
-		case l.inRedis && l.TTLLeftMillis < 0:
-			fmt.Fprintf(tw, "  lease\theld by %s, without expiry in Redis (the next instance to try for it gives it one TTL%s)\n", l.Owner, cliTTL(l.TTLMillis))
-		case l.inRedis:
-			ttl := ""
-			if l.TTLMillis > 0 {
-				ttl = ", TTL " + (time.Duration(l.TTLMillis) * time.Millisecond).String()
-			}
-			fmt.Fprintf(tw, "  lease\theld by %s, Redis ends it in %s (at %s%s)\n", l.Owner,
-				(time.Duration(l.TTLLeftMillis) * time.Millisecond).Round(time.Millisecond), l.ExpiresAt.Format(time.RFC3339), ttl)
-		case l.ExpiresAt.IsZero():
-			fmt.Fprintf(tw, "  lease\theld by %s\n", l.Owner)
-		case l.Expired:
-			fmt.Fprintf(tw, "  lease\theld by %s, expired %s by its holder's clock (instances take it over once they have seen it unchanged for its TTL%s)\n",
-				l.Owner, cliTime(l.ExpiresAt, now), cliTTL(l.TTLMillis))
-		default:
-			fmt.Fprintf(tw, "  lease\theld by %s until %s\n", l.Owner, cliTime(l.ExpiresAt, now))
-		}
-		if l := a.Lease; l != nil && l.Marked {
-			which := "an earlier refresh token"
-			if l.MarksStoredToken {
-				which = "the stored refresh token"
-			}
-			fmt.Fprintf(tw, "  marked\t%s, by %s\n", which, l.MarkedBy)
-		}
-		if err := tw.Flush(); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 func cliPtr[T any](v T) *T { return &v }
-
-func cliTTL(ms int64) string {
-	if ms <= 0 {
-		return ""
-	}
-	return ", " + (time.Duration(ms) * time.Millisecond).String()
-}

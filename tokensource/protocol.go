@@ -185,7 +185,7 @@ type plan struct {
 	newSeed bool
 	cause   string
 	wake    time.Time // when nothing is sent: the next round
-	result  string
+	result  RefreshResult
 	err     *Error
 }
 
@@ -386,7 +386,7 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 			"by this host's clock (clock skew?); the pair is stored and retried"})
 	case err == nil:
 		// Stored: publish first, so waiters need not wait for the release.
-		s.publish(next, "refreshed")
+		s.publish(next, ResultOK)
 		s.succeeded("ok")
 		s.obs.Refreshed(s.cfg.Account, "ok", took)
 		s.log.Info("refreshed token pair", zap.Uint64("generation", next.Generation), zap.String("cause", p.cause),
@@ -414,7 +414,7 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 		s.setMemoryOnly(true)
 		s.obs.PersistFailed(s.cfg.Account)
 		s.obs.Refreshed(s.cfg.Account, "ok", took)
-		s.publish(next, "refreshed")
+		s.publish(next, ResultOK)
 		s.succeeded("ok")
 		s.log.Error("storing the new token pair failed; serving it from memory, keeping the lease and retrying",
 			zap.Uint64("generation", next.Generation), zap.Error(err))
@@ -433,7 +433,7 @@ func (s *Source) exchangeFailed(ctx context.Context, rec *Record, p plan, fp str
 		s.operator.Store(false)
 	}
 	now := s.clock.Now()
-	result := e.Code
+	result := RefreshResult(e.Code)
 	if a.resend == fp && e.Kind != Terminal {
 		// An earlier call with this token had no answer: it may be spent
 		// whatever this one says, so the lease and the mark stay (I1).
@@ -535,7 +535,7 @@ func (s *Source) adopt(rec *Record, now time.Time) bool {
 		return false
 	}
 	s.sightedAt(rec, now)
-	if rec.token().ValidAt(now) && s.publish(rec, "adopted") {
+	if rec.token().ValidAt(now) && s.publish(rec, ResultAdopted) {
 		s.obs.Refreshed(s.cfg.Account, "adopted", 0)
 		return true
 	}
