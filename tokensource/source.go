@@ -509,8 +509,8 @@ func (s *Source) round() (wake time.Time) {
 	defer func() {
 		if v := recover(); v != nil {
 			s.log.Error("BUG: token refresher panicked; retrying", zap.Any("panic", v))
-			s.obs.Refreshed(s.cfg.Account, "transient", 0)
-			wake = s.failed(s.clock.Now(), "transient", &Error{Kind: Transient, Msg: "internal error in the token refresher"})
+			s.obs.Refreshed(s.cfg.Account, ResultTransient, 0)
+			wake = s.failed(s.clock.Now(), ResultTransient, &Error{Kind: Transient, Msg: "internal error in the token refresher"})
 			if s.onPanic != nil {
 				s.onPanic(v)
 			}
