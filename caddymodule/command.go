@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
-	"os"
 	"slices"
 	"strings"
 	"time"
@@ -217,23 +215,6 @@ func cliQuoteAll(ss []string) []string {
 		out[i] = fmt.Sprintf("%q", s)
 	}
 	return out
-}
-
-// cliSourceConfig builds a token source configuration from a handler's
-// settings as Provision does: placeholders resolved, defaults applied, the
-// token URL checked. Its backend (cliConfig.backend) sets where it stores.
-func cliSourceConfig(h *Handler, logger *zap.Logger) (tokensource.Config, error) {
-	// The handler's own seed (cfg.Seed) is marked as used by the new chain,
-	// so that a restart does not start yet another chain from it.
-	cfg, err := h.tokenConfig()
-	if err != nil {
-		return tokensource.Config{}, cliPlaceholderError(err)
-	}
-	host, _ := os.Hostname()
-	cfg.HTTPClient = &http.Client{Transport: tokenTransport()}
-	cfg.Logger = logger
-	cfg.Owner = fmt.Sprintf("caddy restream-auth seed (%s, pid %d)", host, os.Getpid())
-	return cfg, nil
 }
 
 func cliPlaceholderError(err error) error {

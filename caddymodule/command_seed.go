@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"strings"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"go.uber.org/zap"
 	"golang.org/x/term"
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
@@ -111,6 +113,23 @@ func cliSeedCommand(fl caddycmd.Flags) (int, error) {
 	}
 	fmt.Fprintln(os.Stdout, "Running instances that share it adopt it by themselves.")
 	return 0, nil
+}
+
+// cliSourceConfig builds a token source configuration from a handler's
+// settings as Provision does: placeholders resolved, defaults applied, the
+// token URL checked. Its backend (cliConfig.backend) sets where it stores.
+func cliSourceConfig(h *Handler, logger *zap.Logger) (tokensource.Config, error) {
+	// The handler's own seed (cfg.Seed) is marked as used by the new chain,
+	// so that a restart does not start yet another chain from it.
+	cfg, err := h.tokenConfig()
+	if err != nil {
+		return tokensource.Config{}, cliPlaceholderError(err)
+	}
+	host, _ := os.Hostname()
+	cfg.HTTPClient = &http.Client{Transport: tokenTransport()}
+	cfg.Logger = logger
+	cfg.Owner = fmt.Sprintf("caddy restream-auth seed (%s, pid %d)", host, os.Getpid())
+	return cfg, nil
 }
 
 // cliSeedError explains a failed InstallSeed. A token source's errors name

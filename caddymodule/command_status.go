@@ -303,7 +303,7 @@ func cliReadRedis(ctx context.Context, backend sourceBackend, now time.Time) cli
 
 // cliReadLease reads the account's lease record: nil if there is none, or
 // if it names no holder and marks no token.
-func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time) (*cliLease, string) {
+func cliReadLease(ctx context.Context, storage certmagic.Storage, account string, now time.Time) (lease *cliLease, readErr string) {
 	key := tokensource.LeaseKey(account)
 	b, err := storage.Load(ctx, key)
 	if errors.Is(err, fs.ErrNotExist) {
