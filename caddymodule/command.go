@@ -61,6 +61,15 @@ func cliConfigFlags(c *cobra.Command) {
 	c.Flags().StringP("adapter", "a", "", "Name of config adapter")
 }
 
+// cliAccountFlag is the account a subcommand's --account flag names: the
+// default account when it is empty, as in a handler without one.
+func cliAccountFlag(fl caddycmd.Flags) string {
+	if account := fl.String("account"); account != "" {
+		return account
+	}
+	return DefaultAccount
+}
+
 // cliConfig is what the commands need from a config.
 type cliConfig struct {
 	storage certmagic.Storage

@@ -69,10 +69,7 @@ const (
 )
 
 func cliEncryptCommand(fl caddycmd.Flags) (int, error) {
-	account := fl.String("account")
-	if account == "" {
-		account = DefaultAccount
-	}
+	account := cliAccountFlag(fl)
 	cfg, err := loadCLIConfig(fl.String("config"), fl.String("adapter"))
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err

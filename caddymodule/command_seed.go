@@ -52,10 +52,7 @@ can read; the default storage lives in the caller's data directory).
 const cliMaxSeedInput = 64 << 10
 
 func cliSeedCommand(fl caddycmd.Flags) (int, error) {
-	account := fl.String("account")
-	if account == "" {
-		account = DefaultAccount
-	}
+	account := cliAccountFlag(fl)
 	if fl.String("config") == "-" {
 		return 1, errors.New("--config -: stdin carries the refresh token; give the config as a file")
 	}
