@@ -70,23 +70,6 @@ func TestAdminShowsSeedsRestreamUser(t *testing.T) {
 	}
 }
 
-// `caddy restream-auth seed` records the new chain's user before it exits.
-func TestCommandSeedRecordsRestreamUser(t *testing.T) {
-	t.Parallel()
-	fake := newFake(t, fakerestream.Options{User: fakerestream.User{ID: 77, Username: "bob"}})
-	storage := t.TempDir()
-	cfgPath := writeCmdConfig(t, cmdCaddyfile(t, storage, fake, cmdAccount{}))
-	res := runCmd(t, newCmdEnv(t), fake.Seed(), "restream-auth", "seed", "--config", cfgPath)
-	if res.code != 0 {
-		t.Fatalf("seed: %s", res)
-	}
-	rec := loadCmdRecord(t, storage, "default")
-	if rec == nil || rec.Generation != 1 || rec.User == nil || rec.User.ID != "77" || rec.User.Username != "bob" {
-		t.Fatalf("stored after the seed command: %v", rec != nil && rec.User != nil)
-	}
-	mustContainNone(t, "seed output", res.stdout+res.stderr, fake.IssuedTokens()...)
-}
-
 // A running instance (the admin API) and `caddy restream-auth status` (the
 // stored record) say the same word for the same state: ok while the chain
 // works, and, once the grant is revoked and a refresh refused,
