@@ -43,18 +43,18 @@ func (a *AdminAPI) Routes() []caddy.AdminRoute {
 // AccountStatus is the JSON form of an account's state. The refresh
 // token's expiry is omitted while it is unknown (the endpoint did not say).
 type AccountStatus struct {
-	Account          string `json:"account"`
-	State            string `json:"state"`
-	Generation       uint64 `json:"generation"`
-	AccessExpiresAt  string `json:"access_expires_at"`
-	RefreshExpiresAt string `json:"refresh_expires_at,omitempty"`
+	Account          string            `json:"account"`
+	State            tokensource.State `json:"state"`
+	Generation       uint64            `json:"generation"`
+	AccessExpiresAt  string            `json:"access_expires_at"`
+	RefreshExpiresAt string            `json:"refresh_expires_at,omitempty"`
 	// Persisted is false while the served pair lives only in memory (state
 	// degraded: its write to storage failed and is being retried).
-	Persisted     bool   `json:"persisted"`
-	LastRefreshAt string `json:"last_refresh_at"`
-	LastResult    string `json:"last_result"`
-	LastError     string `json:"last_error"`
-	NextRefreshAt string `json:"next_refresh_at"`
+	Persisted     bool                      `json:"persisted"`
+	LastRefreshAt string                    `json:"last_refresh_at"`
+	LastResult    tokensource.RefreshResult `json:"last_result"`
+	LastError     string                    `json:"last_error"`
+	NextRefreshAt string                    `json:"next_refresh_at"`
 	// User is the Restream user the chain acts as ({"id":"…","username":"…"});
 	// omitted while unknown.
 	User *tokensource.User `json:"user,omitempty"`

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
 // A seed configured as restream_auth's refresh_token records its user after
@@ -69,19 +70,40 @@ func TestAdminShowsSeedsRestreamUser(t *testing.T) {
 	}
 }
 
-// `caddy restream-auth seed` records the new chain's user before it exits.
-func TestCommandSeedRecordsRestreamUser(t *testing.T) {
-	t.Parallel()
-	fake := newFake(t, fakerestream.Options{User: fakerestream.User{ID: 77, Username: "bob"}})
-	storage := t.TempDir()
-	cfgPath := writeCmdConfig(t, cmdCaddyfile(t, storage, fake, cmdAccount{}))
-	res := runCmd(t, newCmdEnv(t), fake.Seed(), "restream-auth", "seed", "--config", cfgPath)
-	if res.code != 0 {
-		t.Fatalf("seed: %s", res)
+// A running instance (the admin API) and `caddy restream-auth status` (the
+// stored record) say the same word for the same state: ok while the chain
+// works, and, once the grant is revoked and a refresh refused,
+// reauth_required, tokensource's one declared word for it.
+func TestAdminAndCLIStatusSayTheSameState(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Logf: quiet})
+	cfg := siteConfig{Port: freePort(t), AdminPort: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed()}
+	runInProcess(t, cfg.Caddyfile())
+	cfgPath := writeCmdConfig(t, cfg.Caddyfile())
+	admin := fmt.Sprintf("http://127.0.0.1:%d", cfg.AdminPort)
+	cliState := func() string {
+		t.Helper()
+		res := runCmd(t, newCmdEnv(t), "", "restream-auth", "status", "--json", "--config", cfgPath)
+		var out struct {
+			Accounts []struct{ Account, State string }
+		}
+		if err := json.Unmarshal([]byte(res.stdout), &out); err != nil || len(out.Accounts) != 1 || out.Accounts[0].Account != "default" {
+			t.Fatalf("status --json: %v\n%s", err, res)
+		}
+		return out.Accounts[0].State
 	}
-	rec := loadCmdRecord(t, storage, "default")
-	if rec == nil || rec.Generation != 1 || rec.User == nil || rec.User.ID != "77" || rec.User.Username != "bob" {
-		t.Fatalf("stored after the seed command: %v", rec != nil && rec.User != nil)
+	if status, body, _ := do(t, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/v2/platform/all", cfg.Port), nil, nil); status != http.StatusOK {
+		t.Fatalf("proxied request: %d %s", status, body)
 	}
-	mustContainNone(t, "seed output", res.stdout+res.stderr, fake.IssuedTokens()...)
+	if live, stored := adminStatus(t, admin)["default"].State, cliState(); live != string(tokensource.StateOK) || stored != live {
+		t.Fatalf("a working chain: admin API %q, status command %q; want both %q", live, stored, tokensource.StateOK)
+	}
+
+	revokeGrant(t, fake, loadCmdRecord(t, cfg.StorageDir, "default").RefreshToken)
+	if status, body, _ := do(t, http.MethodPost, admin+"/restream_auth/default/refresh", nil, nil); status != http.StatusBadGateway {
+		t.Fatalf("forced refresh of a revoked chain: %d %s", status, body)
+	}
+	live, stored := adminStatus(t, admin)["default"].State, cliState()
+	if live != string(tokensource.StateReauthRequired) || stored != string(tokensource.RecordReauthRequired) || stored != live {
+		t.Fatalf("a revoked chain: admin API %q, status command %q; want both %q", live, stored, tokensource.StateReauthRequired)
+	}
 }

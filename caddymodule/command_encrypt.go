@@ -52,8 +52,7 @@ stored), 1 otherwise.
 		Args: cobra.NoArgs,
 		RunE: caddycmd.WrapCommandFuncForCobra(cliCommand(cliEncryptCommand)),
 	}
-	c.Flags().StringP("config", "c", "", "Configuration file (Caddyfile or JSON)")
-	c.Flags().StringP("adapter", "a", "", "Name of config adapter")
+	cliConfigFlags(c)
 	c.Flags().String("account", DefaultAccount, "Account whose record to seal")
 	return c
 }
@@ -70,10 +69,7 @@ const (
 )
 
 func cliEncryptCommand(fl caddycmd.Flags) (int, error) {
-	account := fl.String("account")
-	if account == "" {
-		account = DefaultAccount
-	}
+	account := cliAccountFlag(fl)
 	cfg, err := loadCLIConfig(fl.String("config"), fl.String("adapter"))
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
@@ -91,11 +87,11 @@ func cliEncryptCommand(fl caddycmd.Flags) (int, error) {
 	// The migration keyring reads plain records and legacy envelopes too,
 	// never one sealed for another account or key; it writes with kr's
 	// current key.
-	target, release, err := cliSealTargetFor(cfg.backend(account, kr.ForMigration(), logger), logger)
+	target, err := cliSealTargetFor(cfg.backend(account, kr.ForMigration(), logger), logger)
 	if err != nil {
 		return 1, fmt.Errorf("account %q: %w", account, err)
 	}
-	defer release()
+	defer target.release()
 	msg, err := cliEncrypt(ctx, target, account, kr, owner, os.Stderr, logger)
 	if err != nil {
 		return 1, fmt.Errorf("account %q: %w", account, err)
@@ -136,30 +132,33 @@ type cliSealTarget struct {
 	// raw returns the record as stored; an error wrapping fs.ErrNotExist
 	// if there is none.
 	raw func(ctx context.Context) ([]byte, error)
+	// release gives back what cliSealTargetFor opened.
+	release func()
 }
 
 // cliSealTargetFor opens the backend's record: in Caddy storage (behind
 // the lock guard), or in Redis, where the record's key is its Redis key.
-// release gives back what it opened.
-func cliSealTargetFor(backend sourceBackend, logger *zap.Logger) (cliSealTarget, func(), error) {
+func cliSealTargetFor(backend sourceBackend, logger *zap.Logger) (cliSealTarget, error) {
 	if backend.redis == nil {
 		key := tokensource.RecordKey(backend.account)
 		st := backend.storage
 		return cliSealTarget{
-			store: tokensource.NewStorageStore(st, backend.account, backend.keyring, nil, logger),
-			key:   key,
-			raw:   func(ctx context.Context) ([]byte, error) { return st.Load(ctx, key) },
-		}, func() {}, nil
+			store:   tokensource.NewStorageStore(st, backend.account, backend.keyring, nil, logger),
+			key:     key,
+			raw:     func(ctx context.Context) ([]byte, error) { return st.Load(ctx, key) },
+			release: func() {},
+		}, nil
 	}
 	cfg := tokensource.Config{Account: backend.account, Keyring: backend.keyring}
 	release, err := backend.open(&cfg)
 	if err != nil {
-		return cliSealTarget{}, nil, err
+		return cliSealTarget{}, err
 	}
 	store := cfg.Store.(*redisstore.Store)
 	return cliSealTarget{
-		store: store,
-		key:   store.RecordKey(),
+		store:   store,
+		key:     store.RecordKey(),
+		release: release,
 		raw: func(ctx context.Context) ([]byte, error) {
 			snap, err := store.Inspect(ctx)
 			switch {
@@ -172,7 +171,7 @@ func cliSealTargetFor(backend sourceBackend, logger *zap.Logger) (cliSealTarget,
 			}
 			return nil, fs.ErrNotExist
 		},
-	}, release, nil
+	}, nil
 }
 
 // cliEncrypt seals account's stored record with kr's current key, under the

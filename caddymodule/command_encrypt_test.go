@@ -25,17 +25,19 @@ import (
 
 // Tests of `caddy restream-auth encrypt`, run from the built binary.
 
-func newTestKey(t *testing.T) ([]byte, string, *tokensource.Keyring) {
+// newTestKey makes a random encryption key: its bytes, the base64 text a
+// config gives it as, and its keyring.
+func newTestKey(t *testing.T) (key []byte, configText string, kr *tokensource.Keyring) {
 	t.Helper()
-	k := make([]byte, 32)
-	if _, err := rand.Read(k); err != nil {
+	key = make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
 		t.Fatal(err)
 	}
-	kr, err := tokensource.NewKeyring(k)
+	kr, err := tokensource.NewKeyring(key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return k, base64.StdEncoding.EncodeToString(k), kr
+	return key, base64.StdEncoding.EncodeToString(key), kr
 }
 
 // An operator turns encryption on over a plain chain: a running instance

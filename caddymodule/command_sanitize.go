@@ -67,7 +67,9 @@ func cliCleanStatus(st *cliStatus) {
 	st.Storage = cliClean(st.Storage)
 	for i := range st.Accounts {
 		a := &st.Accounts[i]
-		for _, p := range []*string{&a.Account, &a.State, &a.Error, &a.Key, &a.Chain, &a.LeaseError} {
+		// a.State is a declared word (tokensource.RecordStates), never
+		// storage content.
+		for _, p := range []*string{&a.Account, &a.Error, &a.Key, &a.Chain, &a.LeaseError} {
 			*p = cliClean(*p)
 		}
 		for j := range a.Scope {

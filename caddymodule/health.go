@@ -54,7 +54,7 @@ func (h *Health) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.H
 	status := http.StatusServiceUnavailable
 	for _, src := range sourcesFor(h.Account) {
 		st := src.Status()
-		body = healthBody{Account: h.Account, State: st.State, Generation: st.Generation, AccessExpiresAt: rfc3339(st.AccessExpiry)}
+		body = healthBody{Account: h.Account, State: string(st.State), Generation: st.Generation, AccessExpiresAt: rfc3339(st.AccessExpiry)}
 		if src.CanServe() {
 			status = http.StatusOK
 			break

@@ -73,7 +73,7 @@ func (l *Login) page(w http.ResponseWriter, r *http.Request, status int, p login
 // restream_auth's status, or, when none runs in this config, the stored
 // record.
 type accountView struct {
-	state           string // a tokensource.State*, or stateStored, stateUnreadable, stateStorageFailed
+	state           tokensource.State // a tokensource.State*, or stateStored, stateUnreadable, stateStorageFailed
 	user            *tokensource.User
 	generation      uint64
 	access, refresh time.Time
@@ -169,7 +169,7 @@ func (l *Login) status(w http.ResponseWriter, r *http.Request) error {
 	} else if v.generation > 0 {
 		p.Facts = append(p.Facts, pageFact{"Restream user", "not known yet"})
 	}
-	p.Facts = append(p.Facts, pageFact{"State", v.state})
+	p.Facts = append(p.Facts, pageFact{"State", string(v.state)})
 	if v.generation > 0 {
 		p.Facts = append(p.Facts, pageFact{"Generation", strconv.FormatUint(v.generation, 10)})
 	}

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -12,14 +13,11 @@ import (
 
 // Label values of the metrics. Series for every value exist from
 // provisioning, so dashboards and alerts see them before the first event.
+// Results and states are tokensource's words, declared there once.
 var (
-	refreshResults = []string{"ok", "invalid_grant", "invalid_client", "transient", "adopted"}
+	refreshResults = tokensource.RefreshResults()
 	replayReasons  = []string{"refreshed", "newer_token", "not_replayable", "second_401"}
-	// accountStates are the states a token source reports (tokensource.State*).
-	accountStates = []string{
-		tokensource.StateOK, tokensource.StateRefreshing, tokensource.StateBackoff, tokensource.StateDegraded,
-		tokensource.StateMisconfigured, tokensource.StateReauthRequired, tokensource.StateNoChain,
-	}
+	accountStates  = tokensource.States()
 )
 
 // metrics are package-level because Caddy creates a registry per config and
@@ -102,7 +100,7 @@ func registerMetrics(registry *prometheus.Registry, account string) error {
 		}
 	}
 	for _, r := range refreshResults {
-		metrics.refreshes.WithLabelValues(account, r)
+		metrics.refreshes.WithLabelValues(account, string(r))
 	}
 	for _, r := range replayReasons {
 		metrics.replays.WithLabelValues(account, r)
@@ -115,7 +113,7 @@ func registerMetrics(registry *prometheus.Registry, account string) error {
 	metrics.unavailable.WithLabelValues(account)
 	metrics.reauthRequired.WithLabelValues(account)
 	for _, st := range accountStates {
-		metrics.state.WithLabelValues(account, st)
+		metrics.state.WithLabelValues(account, string(st))
 	}
 	metrics.persistFailures.WithLabelValues(account)
 	return nil
@@ -125,16 +123,15 @@ func registerMetrics(registry *prometheus.Registry, account string) error {
 // account names and fixed words only: never a token or secret.
 type metricsObserver struct{}
 
-func (metricsObserver) Refreshed(account, result string, took time.Duration) {
-	switch result {
-	case "unauthorized_client":
-		result = "invalid_client"
-	case "ok", "invalid_grant", "invalid_client", "transient", "adopted":
-	default:
-		return // no_chain, rate_limited, in_doubt: no token call happened
+func (metricsObserver) Refreshed(account string, result tokensource.RefreshResult, took time.Duration) {
+	if result == tokensource.ResultUnauthorizedClient {
+		result = tokensource.ResultInvalidClient // the same refusal, counted once
 	}
-	metrics.refreshes.WithLabelValues(account, result).Inc()
-	if result != "adopted" { // an adoption is a storage read, not an attempt
+	if !slices.Contains(refreshResults, result) {
+		return // not an attempt: no series to count it in
+	}
+	metrics.refreshes.WithLabelValues(account, string(result)).Inc()
+	if result != tokensource.ResultAdopted { // an adoption is a storage read, not an attempt
 		metrics.refreshDuration.WithLabelValues(account).Observe(took.Seconds())
 	}
 }
@@ -161,10 +158,10 @@ func (metricsObserver) PersistFailed(account string) {
 // chain: a misconfigured account (the endpoint refuses the client
 // credentials) keeps its chain, needs a configuration fix rather than a new
 // seed, and shows as state="misconfigured".
-func (metricsObserver) StateChanged(account, state string) {
+func (metricsObserver) StateChanged(account string, state tokensource.State) {
 	metrics.reauthRequired.WithLabelValues(account).Set(boolGauge(state == tokensource.StateReauthRequired))
 	for _, st := range accountStates {
-		metrics.state.WithLabelValues(account, st).Set(boolGauge(st == state))
+		metrics.state.WithLabelValues(account, string(st)).Set(boolGauge(st == state))
 	}
 }
 

@@ -17,6 +17,8 @@ import (
 	"unicode"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
 // metric is one series name the plugin exports.
@@ -201,9 +203,10 @@ func stringList(e ast.Expr) ([]string, bool) {
 	return out, true
 }
 
-// labelValues are the values a label of the plugin's metrics takes, from
-// the lists in caddymodule/metrics.go (the states from tokensource's State
-// constants). A matcher for any other value never matches.
+// labelValues are the values a label of the plugin's metrics takes: the
+// replay reasons from the list in caddymodule/metrics.go, the results and
+// states from tokensource's lists. A matcher for any other value never
+// matches.
 func labelValues(t *testing.T) map[string][]string {
 	t.Helper()
 	fset := token.NewFileSet()
@@ -259,11 +262,21 @@ func labelValues(t *testing.T) map[string][]string {
 		}
 		return true
 	})
-	out := map[string][]string{"result": lists["refreshResults"], "reason": lists["replayReasons"], "state": lists["accountStates"]}
+	// Results and states are tokensource's declared lists, which metrics.go
+	// takes as they are (refreshResults, accountStates).
+	out := map[string][]string{"result": words(tokensource.RefreshResults()), "reason": lists["replayReasons"], "state": words(tokensource.States())}
 	for l, vs := range out {
 		if len(vs) == 0 {
-			t.Fatalf("metrics.go: no values found for label %q (refreshResults, replayReasons, accountStates)", l)
+			t.Fatalf("no values found for label %q (tokensource.RefreshResults, metrics.go's replayReasons, tokensource.States)", l)
 		}
+	}
+	return out
+}
+
+func words[W ~string](list []W) []string {
+	out := make([]string, len(list))
+	for i, w := range list {
+		out[i] = string(w)
 	}
 	return out
 }

@@ -96,7 +96,7 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 	if err != nil {
 		return nil, fmt.Errorf("%s", s.named("storing the new chain: "+err.Error()))
 	}
-	s.publish(&next, "installed") // also clears the error and backoff, and reports the state
+	s.publish(&next, ResultInstalled) // also clears the error and backoff, and reports the state
 	s.wake()
 	s.log.Info("installed a new token chain", zap.Uint64("generation", next.Generation),
 		zap.Time("access_expires_at", next.Expiry))

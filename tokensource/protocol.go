@@ -124,7 +124,7 @@ func (s *Source) tick(ctx context.Context) time.Time {
 		a.lastFlush = now
 		if err := s.flush(ctx); err != nil {
 			// Waiters get the verdict; status still says degraded.
-			a.flushAt = s.failed(now, "transient", &Error{Kind: Transient,
+			a.flushAt = s.failed(now, ResultTransient, &Error{Kind: Transient,
 				Msg: "the newest token pair is not in storage yet, so no refresh can start: " + err.Error()})
 			return s.holdLease(a.flushAt)
 		}
@@ -144,7 +144,7 @@ func (s *Source) tick(ctx context.Context) time.Time {
 		if inBackoff {
 			return s.holdLease(nextAttempt)
 		}
-		return s.holdLease(s.failed(now, "transient", &Error{Kind: Transient, Msg: err.Error()}))
+		return s.holdLease(s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: err.Error()}))
 	}
 	if err != nil {
 		s.log.Error("stored token record is unusable", zap.Error(err))
@@ -155,7 +155,7 @@ func (s *Source) tick(ctx context.Context) time.Time {
 	adopted := err == nil && s.adopt(rec, now)
 	p := s.plan(rec, err, now)
 	if adopted && p.result == "" {
-		p.result = "adopted"
+		p.result = ResultAdopted
 	}
 	switch {
 	case p.err != nil:
@@ -185,7 +185,7 @@ type plan struct {
 	newSeed bool
 	cause   string
 	wake    time.Time // when nothing is sent: the next round
-	result  string
+	result  RefreshResult
 	err     *Error
 }
 
@@ -194,7 +194,7 @@ type plan struct {
 func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 	a := &s.act
 	if bad != nil {
-		return plan{result: "no_chain", err: &Error{Kind: NoChain, Code: "no_chain", Msg: fmt.Sprintf(
+		return plan{result: ResultNoChain, err: &Error{Kind: NoChain, Code: "no_chain", Msg: fmt.Sprintf(
 			"%v; fix or delete it (it is never overwritten: it may hold the only live refresh token)", bad)}}
 	}
 	if s.seedPending(rec) {
@@ -202,13 +202,13 @@ func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 	}
 	if !rec.HasPair() {
 		if s.seedFP != "" {
-			return plan{result: "invalid_grant", err: &Error{Kind: Terminal, Code: "invalid_grant",
+			return plan{result: ResultInvalidGrant, err: &Error{Kind: Terminal, Code: "invalid_grant",
 				Msg: "the configured refresh_token is spent or was rejected, and no chain is stored: " + reauthHint}}
 		}
-		return plan{result: "no_chain", err: &Error{Kind: NoChain, Code: "no_chain", Msg: "no token chain yet: " + onboardHint}}
+		return plan{result: ResultNoChain, err: &Error{Kind: NoChain, Code: "no_chain", Msg: "no token chain yet: " + onboardHint}}
 	}
 	if rec.dead() || a.localDead[Fingerprint(rec.RefreshToken)] {
-		return plan{result: "invalid_grant", err: &Error{Kind: Terminal, Code: "invalid_grant",
+		return plan{result: ResultInvalidGrant, err: &Error{Kind: Terminal, Code: "invalid_grant",
 			Msg: "the refresh token chain is dead (invalid_grant): " + reauthHint}}
 	}
 	t := rec.token()
@@ -221,7 +221,7 @@ func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 			s.limited = rj
 			s.mu.Unlock()
 			s.rejected.CompareAndSwap(rj, nil)
-			return plan{wake: s.refreshAt(t), result: "rate_limited"}
+			return plan{wake: s.refreshAt(t), result: ResultRateLimited}
 		}
 		cause = CauseRejected
 	}
@@ -280,7 +280,7 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 			s.setRefreshing(true) // another instance's refresh, awaited
 			return now.Add(leasePoll)
 		case err != nil:
-			return s.failed(now, "transient", &Error{Kind: Transient, Msg: "taking the refresh lease: " + err.Error()})
+			return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "taking the refresh lease: " + err.Error()})
 		}
 		a.lease = l
 		// Re-read under the lease and plan again: another instance may
@@ -288,7 +288,7 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 		again, err := s.load(ctx)
 		if err != nil && !errors.Is(err, ErrCorruptRecord) && !errors.Is(err, ErrUnreadableRecord) {
 			s.releaseLease(ctx)
-			return s.failed(now, "transient", &Error{Kind: Transient, Msg: err.Error()})
+			return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: err.Error()})
 		}
 		if err == nil {
 			s.adopt(again, now)
@@ -316,7 +316,7 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 			return now
 		}
 		s.staleIfRejected()
-		return s.failed(now, "in_doubt", &Error{Kind: Terminal, Code: "in_doubt", Msg: "the refresh token may have been " +
+		return s.failed(now, ResultInDoubt, &Error{Kind: Terminal, Code: "in_doubt", Msg: "the refresh token may have been " +
 			"spent by another instance that stopped before storing the answer, so it is not sent again: " + reauthHint})
 	}
 	if l.Mark != fp || l.MarkedBy != s.cfg.Owner || l.Remaining(s.clock.Now()) < s.sendBudget() {
@@ -331,7 +331,7 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 			if errors.Is(err, ErrLeaseLost) {
 				a.lease = nil
 			}
-			return s.failed(now, "transient", &Error{Kind: Transient, Msg: "marking the refresh lease: " + err.Error()})
+			return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "marking the refresh lease: " + err.Error()})
 		}
 	}
 	if s.closing() {
@@ -342,7 +342,7 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 	if l.Remaining(s.clock.Now()) < s.cfg.Timeout+StorageTimeout {
 		s.clearMark(fp)
 		s.releaseLease(ctx)
-		return s.failed(now, "transient", &Error{Kind: Transient, Msg: "storage is too slow to keep the refresh lease"})
+		return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "storage is too slow to keep the refresh lease"})
 	}
 
 	s.setRefreshing(true)
@@ -382,13 +382,13 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 		// expired by this host's clock: back off instead of looping.
 		s.clearMark(fp)
 		s.releaseLease(ctx)
-		return s.failed(s.clock.Now(), "transient", &Error{Kind: Transient, Msg: "the token endpoint's answer expires in the past " +
+		return s.failed(s.clock.Now(), ResultTransient, &Error{Kind: Transient, Msg: "the token endpoint's answer expires in the past " +
 			"by this host's clock (clock skew?); the pair is stored and retried"})
 	case err == nil:
 		// Stored: publish first, so waiters need not wait for the release.
-		s.publish(next, "refreshed")
-		s.succeeded("ok")
-		s.obs.Refreshed(s.cfg.Account, "ok", took)
+		s.publish(next, ResultOK)
+		s.succeeded(ResultOK)
+		s.obs.Refreshed(s.cfg.Account, ResultOK, took)
 		s.log.Info("refreshed token pair", zap.Uint64("generation", next.Generation), zap.String("cause", p.cause),
 			zap.Time("access_expires_at", next.Expiry), optionalTime("refresh_expires_at", next.RefreshExpiry),
 			zap.Duration("took", took))
@@ -413,9 +413,9 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 		a.flushAt = s.clock.Now().Add(backoff(1, s.jitter()))
 		s.setMemoryOnly(true)
 		s.obs.PersistFailed(s.cfg.Account)
-		s.obs.Refreshed(s.cfg.Account, "ok", took)
-		s.publish(next, "refreshed")
-		s.succeeded("ok")
+		s.obs.Refreshed(s.cfg.Account, ResultOK, took)
+		s.publish(next, ResultOK)
+		s.succeeded(ResultOK)
 		s.log.Error("storing the new token pair failed; serving it from memory, keeping the lease and retrying",
 			zap.Uint64("generation", next.Generation), zap.Error(err))
 		return s.holdLease(a.flushAt)
@@ -433,7 +433,7 @@ func (s *Source) exchangeFailed(ctx context.Context, rec *Record, p plan, fp str
 		s.operator.Store(false)
 	}
 	now := s.clock.Now()
-	result := e.Code
+	result := RefreshResult(e.Code)
 	if a.resend == fp && e.Kind != Terminal {
 		// An earlier call with this token had no answer: it may be spent
 		// whatever this one says, so the lease and the mark stay (I1).
@@ -453,18 +453,18 @@ func (s *Source) exchangeFailed(ctx context.Context, rec *Record, p plan, fp str
 		e.Msg += "; the refresh token chain is dead: " + reauthHint
 	case e.Unknown:
 		a.resend = fp // keep the lease and the mark; resend under them
-		result = "transient"
+		result = ResultTransient
 	case e.Kind == Misconfigured:
 		a.resend = ""
 		s.clearMark(fp)
 		s.releaseLease(ctx)
 		a.resend = fp // keep the lease and the mark; resend under them
-		result = "transient"
+		result = ResultTransient
 	default:
 		a.resend = ""
 		s.clearMark(fp)
 		s.releaseLease(ctx)
-		result = "transient"
+		result = ResultTransient
 	}
 	s.obs.Refreshed(s.cfg.Account, result, now.Sub(started))
 	return s.holdLease(s.failed(now, result, e))
@@ -535,8 +535,8 @@ func (s *Source) adopt(rec *Record, now time.Time) bool {
 		return false
 	}
 	s.sightedAt(rec, now)
-	if rec.token().ValidAt(now) && s.publish(rec, "adopted") {
-		s.obs.Refreshed(s.cfg.Account, "adopted", 0)
+	if rec.token().ValidAt(now) && s.publish(rec, ResultAdopted) {
+		s.obs.Refreshed(s.cfg.Account, ResultAdopted, 0)
 		return true
 	}
 	s.noteUser(rec) // another instance may have recorded the served chain's user

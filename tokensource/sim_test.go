@@ -263,11 +263,13 @@ func runScenario(seed uint64, shape func(*simSchedule), logger func() *zap.Logge
 // simObserver counts a run's events (one goroutine runs at a time).
 type simObserver struct{ events map[string]int }
 
-func (o *simObserver) Refreshed(_, result string, _ time.Duration) { o.events[result]++ }
-func (o *simObserver) LockWaited(string, time.Duration)            {}
-func (o *simObserver) Published(string, *Token)                    {}
-func (o *simObserver) PersistFailed(string)                        { o.events["persist_failed"]++ }
-func (o *simObserver) StateChanged(_, state string)                { o.events["state_"+state]++ }
+func (o *simObserver) Refreshed(_ string, result RefreshResult, _ time.Duration) {
+	o.events[string(result)]++
+}
+func (o *simObserver) LockWaited(string, time.Duration)   {}
+func (o *simObserver) Published(string, *Token)           {}
+func (o *simObserver) PersistFailed(string)               { o.events["persist_failed"]++ }
+func (o *simObserver) StateChanged(_ string, state State) { o.events["state_"+string(state)]++ }
 
 // start boots a new incarnation of slot i, configured with the original
 // seed (stale after the first rotation).

@@ -87,7 +87,7 @@ type Config struct {
 // It holds no secret.
 type Status struct {
 	Account    string
-	State      string // see the State* constants
+	State      State
 	Generation uint64
 	// AccessExpiry is when the served access token expires.
 	AccessExpiry time.Time
@@ -95,7 +95,7 @@ type Status struct {
 	// endpoint did not say.
 	RefreshExpiry time.Time
 	LastRefresh   time.Time
-	LastResult    string
+	LastResult    RefreshResult
 	LastError     string
 	NextRefresh   time.Time
 	// Persisted is false while the served pair lives only in memory.
@@ -145,7 +145,7 @@ type Source struct {
 	failures    int
 	refreshing  bool
 	lastRefresh time.Time
-	lastResult  string
+	lastResult  RefreshResult
 	lastLoad    time.Time
 	memoryOnly  bool        // the served pair is not in storage (I2)
 	user        *User       // the Restream user of the served generation, nil while unknown
@@ -456,7 +456,7 @@ func (s *Source) Status() Status {
 	return st
 }
 
-func (s *Source) stateLocked() string {
+func (s *Source) stateLocked() State {
 	switch {
 	case s.refreshing:
 		return StateRefreshing
@@ -509,8 +509,8 @@ func (s *Source) round() (wake time.Time) {
 	defer func() {
 		if v := recover(); v != nil {
 			s.log.Error("BUG: token refresher panicked; retrying", zap.Any("panic", v))
-			s.obs.Refreshed(s.cfg.Account, "transient", 0)
-			wake = s.failed(s.clock.Now(), "transient", &Error{Kind: Transient, Msg: "internal error in the token refresher"})
+			s.obs.Refreshed(s.cfg.Account, ResultTransient, 0)
+			wake = s.failed(s.clock.Now(), ResultTransient, &Error{Kind: Transient, Msg: "internal error in the token refresher"})
 			if s.onPanic != nil {
 				s.onPanic(v)
 			}
@@ -533,7 +533,7 @@ func (s *Source) signal() {
 
 // publish makes t the served token, unless it would step back within its
 // chain, and arms the timer that marks it stale.
-func (s *Source) publish(rec *Record, how string) bool {
+func (s *Source) publish(rec *Record, how RefreshResult) bool {
 	t := rec.token()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -558,10 +558,7 @@ func (s *Source) publish(rec *Record, how string) bool {
 	// Under the same lock as the token, what succeeded would record next: a
 	// caller that got this token sees a status that explains it.
 	s.lastResult = how
-	switch how {
-	case "refreshed":
-		s.lastResult, s.lastRefresh = "ok", s.clock.Now()
-	case "installed":
+	if how == ResultOK || how == ResultInstalled {
 		s.lastRefresh = s.clock.Now()
 	}
 	s.lastErr, s.failures, s.nextAttempt = nil, 0, time.Time{}
@@ -569,7 +566,7 @@ func (s *Source) publish(rec *Record, how string) bool {
 	s.signal()
 	s.obs.Published(s.cfg.Account, t)
 	s.obs.StateChanged(s.cfg.Account, s.stateLocked())
-	if how == "adopted" {
+	if how == ResultAdopted {
 		s.log.Debug("adopted stored token pair", zap.Uint64("generation", t.Generation), zap.Time("access_expires_at", t.Expiry))
 	}
 	return true
@@ -586,11 +583,11 @@ func (s *Source) named(msg string) string {
 }
 
 // succeeded records a round that left the account serving.
-func (s *Source) succeeded(result string) {
+func (s *Source) succeeded(result RefreshResult) {
 	s.mu.Lock()
 	changed := s.lastErr != nil
 	s.lastErr, s.failures, s.nextAttempt = nil, 0, time.Time{}
-	if result == "ok" {
+	if result == ResultOK {
 		s.lastRefresh = s.clock.Now()
 	}
 	if result != "" {
@@ -604,7 +601,7 @@ func (s *Source) succeeded(result string) {
 }
 
 // failed records a failed round and returns when the next attempt may run.
-func (s *Source) failed(now time.Time, result string, e *Error) time.Time {
+func (s *Source) failed(now time.Time, result RefreshResult, e *Error) time.Time {
 	s.mu.Lock()
 	e.Msg = s.named(e.Msg)
 	s.lastErr, s.lastResult, s.refreshing = e, result, false
