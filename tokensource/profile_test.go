@@ -3,7 +3,6 @@ package tokensource
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -56,17 +55,6 @@ func (e *testEnv) userStored() (signal <-chan *round, src *atomic.Pointer[Source
 		return nil
 	})
 	return ch, src
-}
-
-func waitSignal[T any](t *testing.T, what string, ch <-chan T) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(10 * time.Second):
-		t.Fatalf("timed out waiting for %s", what)
-		panic("unreachable")
-	}
 }
 
 func TestProfileURLFor(t *testing.T) {
@@ -296,46 +284,4 @@ func TestInstallRecordsOwnUser(t *testing.T) {
 	if st := cli.Status(); st.User != nil {
 		t.Fatalf("status still shows the replaced chain's user %+v", st.User)
 	}
-}
-
-// An install check that refuses leaves storage as it was and returns its
-// error; the pair it was handed is not published.
-func TestInstallCheckRefuses(t *testing.T) {
-	t.Parallel()
-	env := newTestEnv(t, fakerestream.Options{User: alice})
-	s := env.source(t, withProfile(env.config(env.fake.Seed(), "o")))
-	first := mustToken(t, s)
-	env.clk.runRealtime(t) // the install polls the lease on the clock
-	before := env.record(t)
-	const redirect = "https://sidecar.example/restream/callback"
-	login := env.source(t, env.config("", "login"))
-	pair, err := login.ExchangeCode(context.Background(), env.fake.IssueCodeFor(redirect, bob), redirect)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair.User = &User{ID: "77", Username: "bob"}
-	refuse := errors.New("another account")
-	_, err = s.InstallPair(context.Background(), pair, func(stored *Record) error {
-		if stored == nil || stored.Chain != first.Chain {
-			t.Errorf("check saw %+v", stored)
-		}
-		return refuse
-	})
-	if !errors.Is(err, refuse) {
-		t.Fatalf("InstallPair: %v, want the check's error", err)
-	}
-	after := env.record(t)
-	if after.Chain != before.Chain || after.Generation != before.Generation || after.AccessToken != before.AccessToken {
-		t.Fatal("a refused install changed the stored record")
-	}
-	if cur := s.Current(); cur.Chain != first.Chain {
-		t.Fatal("a refused install published its pair")
-	}
-	// Accepted, the pair is installed with the user it brought.
-	if _, err := s.InstallPair(context.Background(), pair); err != nil {
-		t.Fatal(err)
-	}
-	got := env.record(t)
-	wantUser(t, "installed", got.User, bob)
-	wantUser(t, "status", s.Status().User, bob)
 }
