@@ -2,15 +2,20 @@ package tokensource
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
@@ -25,6 +30,8 @@ type testEnv struct {
 	st   *spyStorage
 }
 
+// newTestEnv builds a testEnv whose fake Restream runs on its clock
+// (unless opts sets one) and accepts the test client's credentials.
 func newTestEnv(t *testing.T, opts fakerestream.Options) *testEnv {
 	t.Helper()
 	clk := newFakeClock()
@@ -37,6 +44,7 @@ func newTestEnv(t *testing.T, opts fakerestream.Options) *testEnv {
 	return &testEnv{clk: clk, fake: fake, st: &spyStorage{FileStorage: &certmagic.FileStorage{Path: t.TempDir()}}}
 }
 
+// config is a Source configuration for the env's account, fake and storage.
 func (e *testEnv) config(seed, owner string) Config {
 	return Config{
 		Account:      testAccount,
@@ -63,6 +71,14 @@ func (e *testEnv) source(t *testing.T, cfg Config) *Source {
 	return s
 }
 
+// seededSource is a Source of owner configured with a fresh seed from the
+// fake: its first round starts a new chain.
+func (e *testEnv) seededSource(t *testing.T, owner string) *Source {
+	t.Helper()
+	return e.source(t, e.config(e.fake.Seed(), owner))
+}
+
+// record is the account's stored record (nil if none).
 func (e *testEnv) record(t *testing.T) *Record {
 	t.Helper()
 	rec, err := LoadRecord(context.Background(), e.st, testAccount)
@@ -162,6 +178,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// mustToken is s.Token, failing the test on an error.
 func mustToken(t *testing.T, s *Source) *Token {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -173,6 +190,7 @@ func mustToken(t *testing.T, s *Source) *Token {
 	return tok
 }
 
+// wantGeneration fails the test unless tok is of generation gen.
 func wantGeneration(t *testing.T, tok *Token, gen uint64) {
 	t.Helper()
 	if tok == nil || tok.Generation != gen {
@@ -184,9 +202,9 @@ func wantGeneration(t *testing.T, tok *Token, gen uint64) {
 	}
 }
 
-// rej names the token of generation gen on s's current chain, as a request
-// that got a 401 would.
-func rej(s *Source, gen uint64) *Token {
+// rejectedGeneration is the token of generation gen on s's current chain,
+// as a request that got a 401 with it names it.
+func rejectedGeneration(s *Source, gen uint64) *Token {
 	t := &Token{Generation: gen}
 	if cur := s.Current(); cur != nil {
 		t.Chain = cur.Chain
@@ -195,15 +213,62 @@ func rej(s *Source, gen uint64) *Token {
 }
 
 // tokenNewerThan is TokenNewerThan in the shape these tests were written
-// for: ok reports a newer token; the rate-limited case is (current, false, nil).
-func tokenNewerThan(s *Source, ctx context.Context, rejected *Token) (*Token, bool, bool, error) {
-	t, refreshed, err := s.TokenNewerThan(ctx, rejected)
+// for: newer reports a newer token; the rate-limited case is (current,
+// false, nil).
+func tokenNewerThan(ctx context.Context, s *Source, rejected *Token) (tok *Token, newer bool, err error) {
+	tok, _, err = s.TokenNewerThan(ctx, rejected)
 	if errors.Is(err, ErrRejectedAgain) {
-		return s.Current(), refreshed, false, nil
+		return s.Current(), false, nil
 	}
-	return t, refreshed, err == nil, err
+	return tok, err == nil, err
 }
 
+// concurrently runs call(0) … call(n-1) in n goroutines released at the
+// same moment, and returns when all have returned.
+func concurrently(n int, call func(i int)) {
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			call(i)
+		}()
+	}
+	close(start)
+	wg.Wait()
+}
+
+// waitLeaseReleased waits until the stored lease has no owner: the round
+// that held it (what) has given it back.
+func (e *testEnv) waitLeaseReleased(t *testing.T, what string) {
+	t.Helper()
+	eventually(t, what, func() bool {
+		l := e.lease()
+		return l != nil && l.Owner == ""
+	})
+}
+
+// lease is the account's stored lease, nil if there is none or it does not
+// read.
+func (e *testEnv) lease() *leaseRecord {
+	var l leaseRecord
+	raw, err := e.st.FileStorage.Load(context.Background(), LeaseKey(testAccount))
+	if err != nil || json.Unmarshal(raw, &l) != nil {
+		return nil
+	}
+	return &l
+}
+
+// observedLogger is a logger whose entries at level and above the test
+// reads back.
+func observedLogger(level zapcore.Level, opts ...zap.Option) (*zap.Logger, *observer.ObservedLogs) {
+	core, logs := observer.New(level)
+	return zap.New(core, opts...), logs
+}
+
+// waitSignal receives from ch, failing the test after a real-time bound.
 func waitSignal[T any](t *testing.T, what string, ch <-chan T) T {
 	t.Helper()
 	select {

@@ -43,8 +43,8 @@ func TestInstallPairRevivesDeadAccount(t *testing.T) {
 	// The token is published inside the round that adopts it; the round
 	// clears the reauth_required verdict when it ends.
 	eventually(t, "state ok after adopting the installed chain", func() bool { return running.Status().State == StateOK })
-	if fs := env.fake.Stats(); fs.RefreshCalls != 1 || fs.InvalidGrant != 1 || fs.CodeCalls != 1 {
-		t.Fatalf("fake stats %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 1 || fakeStats.InvalidGrant != 1 || fakeStats.CodeCalls != 1 {
+		t.Fatalf("fake stats %+v", fakeStats)
 	}
 	// The installed chain rotates normally.
 	env.clk.Advance(time.Hour)
@@ -60,7 +60,7 @@ func TestInstallPairRevivesDeadAccount(t *testing.T) {
 func TestInstallSeedReplacesChain(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	first := mustToken(t, s)
 	env.clk.runRealtime(t) // the install polls s's lease on the clock until s releases it
 	cli := env.source(t, env.config("", "cli"))

@@ -37,29 +37,21 @@ func TestSourcesSharingStorage(t *testing.T) {
 		if round > 1 {
 			env.clk.Advance(time.Hour) // every token is expired now
 		}
-		start := make(chan struct{})
-		var wg sync.WaitGroup
 		toks := make([][]*Token, len(sources))
-		errs := make(chan error, len(sources)*callers)
-		for i, s := range sources {
+		for i := range sources {
 			toks[i] = make([]*Token, callers)
-			for j := range callers {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					<-start
-					ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-					defer cancel()
-					tok, err := s.Token(ctx)
-					if err != nil {
-						errs <- err
-					}
-					toks[i][j] = tok
-				}()
-			}
 		}
-		close(start)
-		wg.Wait()
+		errs := make(chan error, len(sources)*callers)
+		concurrently(len(sources)*callers, func(k int) {
+			i, j := k/callers, k%callers
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			tok, err := sources[i].Token(ctx)
+			if err != nil {
+				errs <- err
+			}
+			toks[i][j] = tok
+		})
 		close(errs)
 		for err := range errs {
 			t.Fatalf("round %d: Token: %v", round, err)
@@ -92,18 +84,11 @@ func TestSourcesSharingStorage(t *testing.T) {
 func TestDeadOwnersLeaseDelaysRefresh(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "alive"))
+	s := env.seededSource(t, "alive")
 	mustToken(t, s)
-	leaseKey := LeaseKey(testAccount)
-	var l leaseRecord
-	var raw []byte
-	eventually(t, "the seed exchange's lease to be released", func() bool {
-		var err error
-		raw, err = env.st.FileStorage.Load(context.Background(), leaseKey)
-		return err == nil && json.Unmarshal(raw, &l) == nil && l.Owner == ""
-	})
+	env.waitLeaseReleased(t, "the seed exchange's lease to be released")
 	lease, _ := json.Marshal(leaseRecord{Owner: "crashed", Nonce: "n", TTLMillis: 30_000})
-	if err := env.st.Store(context.Background(), leaseKey, lease); err != nil {
+	if err := env.st.Store(context.Background(), LeaseKey(testAccount), lease); err != nil {
 		t.Fatal(err)
 	}
 	env.clk.Advance(time.Hour) // the pair is expired now
@@ -137,9 +122,8 @@ func TestDeadOwnersLeaseDelaysRefresh(t *testing.T) {
 	wantGeneration(t, mustToken(t, s), 2)
 	env.wantCalls(t, 2)
 	eventually(t, "the lease to be released after the refresh", func() bool {
-		var after leaseRecord
-		raw, _ = env.st.FileStorage.Load(context.Background(), leaseKey)
-		return json.Unmarshal(raw, &after) == nil && after.Owner == "" && after.Mark == ""
+		l := env.lease()
+		return l != nil && l.Owner == "" && l.Mark == ""
 	})
 }
 
@@ -154,11 +138,7 @@ func TestLeaseWaiterAdoptsHoldersPair(t *testing.T) {
 	aCfg.RefreshAhead = time.Minute
 	a := env.source(t, aCfg)
 	mustToken(t, a)
-	eventually(t, "a to release its lease", func() bool {
-		var l leaseRecord
-		raw, err := env.st.FileStorage.Load(context.Background(), LeaseKey(testAccount))
-		return err == nil && json.Unmarshal(raw, &l) == nil && l.Owner == ""
-	})
+	env.waitLeaseReleased(t, "a to release its lease")
 
 	// b shares the directory through its own storage value; its token call
 	// and the release of its lease are held until the test says so.
@@ -218,7 +198,7 @@ func TestLeaseExpiryIgnoresTimestamps(t *testing.T) {
 	t.Parallel()
 	for _, expires := range []time.Duration{24 * time.Hour, -24 * time.Hour} {
 		env := newTestEnv(t, fakerestream.Options{})
-		s := env.source(t, env.config(env.fake.Seed(), "o"))
+		s := env.seededSource(t, "o")
 		b, _ := json.Marshal(leaseRecord{Owner: "skewed-host", Nonce: "n", TTLMillis: 20_000, ExpiresAt: env.clk.Now().Add(expires)})
 		if err := env.st.Store(context.Background(), keysFor(testAccount).lease, b); err != nil {
 			t.Fatal(err)

@@ -12,7 +12,6 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
@@ -196,9 +195,8 @@ func TestSeedUserUnknownRetriedAtRotation(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{User: alice})
 	env.fake.SetProfileFault(fakerestream.ProfileForbidden)
-	core, logs := observer.New(zapcore.DebugLevel)
 	unknown := make(chan struct{}, 8)
-	logger := zap.New(core, zap.Hooks(func(e zapcore.Entry) error {
+	logger, logs := observedLogger(zapcore.DebugLevel, zap.Hooks(func(e zapcore.Entry) error {
 		if strings.Contains(e.Message, "user of the token chain is unknown") {
 			unknown <- struct{}{}
 		}

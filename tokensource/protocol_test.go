@@ -192,7 +192,7 @@ func TestPersistBeforeUse(t *testing.T) {
 		checked.Add(1)
 		return nil
 	})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	src.Store(s)
 	s.Start()
 	for gen := uint64(1); gen <= 6; gen++ {
@@ -228,12 +228,12 @@ func TestForcedRefreshAdoptsOtherReplicasPair(t *testing.T) {
 	env.wantCalls(t, 1)
 
 	// a's upstream rejected generation 1; a rotates.
-	if tok, _, ok, err := tokenNewerThan(a, context.Background(), rej(a, 1)); err != nil || !ok || tok.Generation != 2 {
+	if tok, ok, err := tokenNewerThan(context.Background(), a, rejectedGeneration(a, 1)); err != nil || !ok || tok.Generation != 2 {
 		t.Fatalf("a: %v %v", ok, err)
 	}
 	env.wantCalls(t, 2)
 	// b still holds generation 1, now dead; its 401 must not rotate again.
-	tok, _, ok, err := tokenNewerThan(b, context.Background(), rej(b, 1))
+	tok, ok, err := tokenNewerThan(context.Background(), b, rejectedGeneration(b, 1))
 	if err != nil || !ok {
 		t.Fatalf("b: %v %v", ok, err)
 	}
@@ -273,8 +273,8 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 	if ra := s.RetryAfter(); ra != ReauthPollInterval {
 		t.Fatalf("RetryAfter %v, want %v", ra, ReauthPollInterval)
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 2 || fs.InvalidGrant != 1 {
-		t.Fatalf("fake stats %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 2 || fakeStats.InvalidGrant != 1 {
+		t.Fatalf("fake stats %+v", fakeStats)
 	}
 
 	// Later attempts, from callers and from the refresher, never resend the
@@ -283,7 +283,7 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 		if _, err := s.Token(context.Background()); !IsTerminal(err) {
 			t.Fatalf("Token: %v", err)
 		}
-		if _, _, ok, err := tokenNewerThan(s, context.Background(), rej(s, 1)); ok || !IsTerminal(err) {
+		if _, ok, err := tokenNewerThan(context.Background(), s, rejectedGeneration(s, 1)); ok || !IsTerminal(err) {
 			t.Fatalf("TokenNewerThan: %v %v", ok, err)
 		}
 		env.clk.Advance(ReauthPollInterval)
@@ -295,8 +295,8 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 		env.clk.AdvanceTo(next)
 	}
 	env.clk.waitForWaiter(t, env.clk.Now().Add(ReauthPollInterval))
-	if fs := env.fake.Stats(); fs.RefreshCalls != 2 || fs.InvalidGrant != 1 {
-		t.Fatalf("the dead refresh token was sent again: %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 2 || fakeStats.InvalidGrant != 1 {
+		t.Fatalf("the dead refresh token was sent again: %+v", fakeStats)
 	}
 	if st := s.Status(); st.State != "reauth_required" {
 		t.Fatalf("State %q", st.State)
@@ -304,7 +304,7 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 
 	// Another instance starts a new chain from a new seed; this one picks it
 	// up at its next poll, without any call of its own.
-	other := env.source(t, env.config(env.fake.Seed(), "other"))
+	other := env.seededSource(t, "other")
 	fresh := mustToken(t, other)
 	wantGeneration(t, fresh, 2)
 	env.clk.Advance(ReauthPollInterval)
@@ -318,8 +318,8 @@ func TestInvalidGrantIsTerminal(t *testing.T) {
 	if st := s.Status(); st.State != "ok" || st.LastError != "" {
 		t.Fatalf("Status after recovery %+v", st)
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 3 || fs.InvalidGrant != 1 {
-		t.Fatalf("fake stats %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 3 || fakeStats.InvalidGrant != 1 {
+		t.Fatalf("fake stats %+v", fakeStats)
 	}
 }
 
@@ -338,8 +338,8 @@ func TestSpentSeedIsTerminal(t *testing.T) {
 			t.Fatalf("Token: %v", err)
 		}
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 1 || fs.InvalidGrant != 1 {
-		t.Fatalf("a rejected seed was sent again: %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 1 || fakeStats.InvalidGrant != 1 {
+		t.Fatalf("a rejected seed was sent again: %+v", fakeStats)
 	}
 	// Only the dead seed's fingerprint is stored (I6), so a restart with the
 	// same configuration does not send it again either.
@@ -354,8 +354,8 @@ func TestSpentSeedIsTerminal(t *testing.T) {
 	if _, err := again.Token(context.Background()); !IsTerminal(err) {
 		t.Fatalf("after a restart: %v", err)
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 1 {
-		t.Fatalf("a restart sent the dead seed again: %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 1 {
+		t.Fatalf("a restart sent the dead seed again: %+v", fakeStats)
 	}
 }
 
@@ -372,7 +372,7 @@ func TestNoChain(t *testing.T) {
 	}
 	env.wantCalls(t, 0)
 	// A chain installed by another instance is picked up at the next poll.
-	other := env.source(t, env.config(env.fake.Seed(), "other"))
+	other := env.seededSource(t, "other")
 	want := mustToken(t, other)
 	env.clk.Advance(ReauthPollInterval)
 	if tok := mustToken(t, s); tok.AccessToken != want.AccessToken {
@@ -402,7 +402,7 @@ func TestUnpersistedPairIsNeverBypassed(t *testing.T) {
 		var broken atomic.Bool
 		var failures atomic.Int64
 		breakRecordWrites(env, &broken, &failures)
-		s := env.source(t, env.config(env.fake.Seed(), "o"))
+		s := env.seededSource(t, "o")
 		mustToken(t, s)
 
 		broken.Store(true)
@@ -436,7 +436,7 @@ func TestUnpersistedPairIsNeverBypassed(t *testing.T) {
 		var broken atomic.Bool
 		var failures atomic.Int64
 		breakRecordWrites(env, &broken, &failures)
-		s := env.source(t, env.config(env.fake.Seed(), "o"))
+		s := env.seededSource(t, "o")
 		s.Start()
 		mustToken(t, s)
 		at := clockStart.Add(55 * time.Minute)
@@ -453,7 +453,7 @@ func TestUnpersistedPairIsNeverBypassed(t *testing.T) {
 		// Storage heals, but the refresher sleeps in its backoff; an upstream
 		// rejects generation 2 meanwhile.
 		broken.Store(false)
-		tok, _, ok, err := tokenNewerThan(s, context.Background(), rej(s, 2))
+		tok, ok, err := tokenNewerThan(context.Background(), s, rejectedGeneration(s, 2))
 		if err != nil || !ok {
 			t.Fatalf("TokenNewerThan: %v %v (fake %+v)", ok, err, env.fake.Stats())
 		}

@@ -232,7 +232,7 @@ func (rd *simRedis) lease() *leaseRecord {
 }
 
 // record is the stored record's data and the key it is sealed to.
-func (rd *simRedis) record() ([]byte, string, bool) {
+func (rd *simRedis) record() (data []byte, key string, ok bool) {
 	f, _ := rd.readRecord(simRedisRecord)
 	if f == nil {
 		return nil, "", false

@@ -565,7 +565,7 @@ func (rd *simRedis) get(key string) *simRedisKey {
 var errSimWrongType = errors.New("WRONGTYPE Operation against a key holding the wrong kind of value")
 
 // getString is GET: "" and false if missing.
-func (rd *simRedis) getString(key string) (string, bool, error) {
+func (rd *simRedis) getString(key string) (value string, found bool, err error) {
 	k := rd.get(key)
 	switch {
 	case k == nil:

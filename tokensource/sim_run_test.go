@@ -223,12 +223,12 @@ func (r *simRun) markedBy(inst *simInstance) bool {
 }
 
 // record is the stored record and the key it is sealed to.
-func (r *simRun) record() ([]byte, string, bool) {
+func (r *simRun) record() (data []byte, key string, ok bool) {
 	if r.rd != nil {
 		return r.rd.record()
 	}
-	b, ok := r.w.kv.data[RecordKey(simAccount)]
-	return b, RecordKey(simAccount), ok
+	data, ok = r.w.kv.data[RecordKey(simAccount)]
+	return data, RecordKey(simAccount), ok
 }
 
 func (r *simRun) lease() *leaseRecord {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/http"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -57,10 +56,7 @@ func TestTokenHotPathDoesNotCallEndpoint(t *testing.T) {
 	cfg.RefreshAhead = time.Nanosecond
 	s := env.source(t, cfg)
 	first := mustToken(t, s)
-	eventually(t, "the seed exchange's lease to be released", func() bool {
-		b, err := env.st.FileStorage.Load(context.Background(), LeaseKey(testAccount))
-		return err == nil && strings.Contains(string(b), `"owner":""`)
-	})
+	env.waitLeaseReleased(t, "the seed exchange's lease to be released")
 	var loads atomic.Int64
 	env.st.setOnLoad(func(string) { loads.Add(1) })
 
@@ -91,7 +87,7 @@ func TestTokenHotPathDoesNotCallEndpoint(t *testing.T) {
 func TestExpiryMarginForShortTokens(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{AccessTTL: 20 * time.Second})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	tok := mustToken(t, s)
 	// A tenth of the lifetime (2s), not the 5s cap.
 	if !tok.ValidAt(clockStart.Add(18*time.Second-time.Nanosecond)) || tok.ValidAt(clockStart.Add(18*time.Second)) {
@@ -177,7 +173,7 @@ func TestProactiveRefresh(t *testing.T) {
 func TestCloseStopsRefresher(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	s.Start()
 	mustToken(t, s)
 	env.clk.waitForWaiter(t, clockStart.Add(55*time.Minute))
@@ -191,7 +187,7 @@ func TestCloseStopsRefresher(t *testing.T) {
 func TestSingleFlight(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{Latency: 50 * time.Millisecond})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	first := mustToken(t, s)
 	env.clk.Advance(time.Hour)
 	if first.ValidAt(env.clk.Now()) {
@@ -199,24 +195,15 @@ func TestSingleFlight(t *testing.T) {
 	}
 
 	const n = 1000
-	start := make(chan struct{})
-	var wg sync.WaitGroup
 	var failed atomic.Int64
 	toks := make([]*Token, n)
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			tok, err := s.Token(context.Background())
-			if err != nil {
-				failed.Add(1)
-			}
-			toks[i] = tok
-		}()
-	}
-	close(start)
-	wg.Wait()
+	concurrently(n, func(i int) {
+		tok, err := s.Token(context.Background())
+		if err != nil {
+			failed.Add(1)
+		}
+		toks[i] = tok
+	})
 	if failed.Load() != 0 {
 		t.Fatalf("%d callers failed", failed.Load())
 	}
@@ -235,7 +222,7 @@ func TestSingleFlight(t *testing.T) {
 func TestTokenNewerThan(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{Latency: 20 * time.Millisecond})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	mustToken(t, s)
 	env.clk.Advance(time.Hour)
 	gen2 := mustToken(t, s)
@@ -244,7 +231,7 @@ func TestTokenNewerThan(t *testing.T) {
 	ctx := context.Background()
 
 	// A request that carried generation 1 got a 401: generation 2 exists, use it.
-	tok, _, ok, err := tokenNewerThan(s, ctx, rej(s, 1))
+	tok, ok, err := tokenNewerThan(ctx, s, rejectedGeneration(s, 1))
 	if err != nil || !ok || tok != gen2 {
 		t.Fatalf("TokenNewerThan(1) = gen %v, %v, %v; want the existing generation 2", tok.Generation, ok, err)
 	}
@@ -252,26 +239,17 @@ func TestTokenNewerThan(t *testing.T) {
 
 	// The current generation was rejected: exactly one forced refresh, shared.
 	const n = 100
-	start := make(chan struct{})
-	var wg sync.WaitGroup
 	results := make([]*Token, n)
-	var bad atomic.Int64
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			tok, _, ok, err := tokenNewerThan(s, ctx, rej(s, 2))
-			if err != nil || !ok {
-				bad.Add(1)
-			}
-			results[i] = tok
-		}()
-	}
-	close(start)
-	wg.Wait()
-	if bad.Load() != 0 {
-		t.Fatalf("%d callers got no newer token", bad.Load())
+	var notNewer atomic.Int64
+	concurrently(n, func(i int) {
+		tok, ok, err := tokenNewerThan(ctx, s, rejectedGeneration(s, 2))
+		if err != nil || !ok {
+			notNewer.Add(1)
+		}
+		results[i] = tok
+	})
+	if notNewer.Load() != 0 {
+		t.Fatalf("%d callers got no newer token", notNewer.Load())
 	}
 	for _, tok := range results {
 		wantGeneration(t, tok, 3)
@@ -286,7 +264,7 @@ func TestTokenNewerThan(t *testing.T) {
 
 	// Generation 3 rejected right away too: rate-limited, no new refresh; the
 	// current token comes back with ok=false.
-	tok, _, ok, err = tokenNewerThan(s, ctx, rej(s, 3))
+	tok, ok, err = tokenNewerThan(ctx, s, rejectedGeneration(s, 3))
 	if err != nil || ok {
 		t.Fatalf("rate-limited TokenNewerThan(3) = %v, %v", ok, err)
 	}
@@ -296,14 +274,14 @@ func TestTokenNewerThan(t *testing.T) {
 		t.Fatalf("LastResult %q", st.LastResult)
 	}
 	env.clk.Advance(ForcedRefreshInterval - time.Second)
-	if _, _, ok, _ := tokenNewerThan(s, ctx, rej(s, 3)); ok {
+	if _, ok, _ := tokenNewerThan(ctx, s, rejectedGeneration(s, 3)); ok {
 		t.Fatal("forced refresh allowed before ForcedRefreshInterval")
 	}
 	env.wantCalls(t, 3)
 
 	// Once the interval has passed, a forced refresh is allowed again.
 	env.clk.Advance(time.Second)
-	tok, _, ok, err = tokenNewerThan(s, ctx, rej(s, 3))
+	tok, ok, err = tokenNewerThan(ctx, s, rejectedGeneration(s, 3))
 	if err != nil || !ok {
 		t.Fatalf("TokenNewerThan(3) after the interval = %v, %v", ok, err)
 	}
@@ -322,7 +300,7 @@ func TestTokenNewerThan(t *testing.T) {
 func TestEndpointDownBacksOff(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	mustToken(t, s)
 	env.fake.SetDown(http.StatusServiceUnavailable)
 	env.clk.Advance(time.Hour)
@@ -338,33 +316,33 @@ func TestEndpointDownBacksOff(t *testing.T) {
 	if e.Kind != Transient || e.Status != http.StatusServiceUnavailable || IsTerminal(err) {
 		t.Fatalf("kind %v status %d (%v)", e.Kind, e.Status, err)
 	}
-	ra1 := s.RetryAfter()
-	if ra1 <= 0 || ra1 > 2*time.Second {
-		t.Fatalf("RetryAfter %v after the first failure", ra1)
+	firstBackoff := s.RetryAfter()
+	if firstBackoff <= 0 || firstBackoff > 2*time.Second {
+		t.Fatalf("RetryAfter %v after the first failure", firstBackoff)
 	}
 	if st := s.Status(); st.State != "backoff" || st.LastError == "" || !st.NextRefresh.After(env.clk.Now()) ||
-		st.NextRefresh.After(env.clk.Now().Add(ra1)) {
-		t.Fatalf("Status %+v (RetryAfter %v)", st, ra1)
+		st.NextRefresh.After(env.clk.Now().Add(firstBackoff)) {
+		t.Fatalf("Status %+v (RetryAfter %v)", st, firstBackoff)
 	}
 	for range 50 {
 		if _, err := s.Token(ctx); asError(t, err).Kind != Transient {
 			t.Fatalf("Token during backoff: %v", err)
 		}
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 2 {
-		t.Fatalf("endpoint called %d times, want 2 (seed + one failed attempt)", fs.RefreshCalls)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 2 {
+		t.Fatalf("endpoint called %d times, want 2 (seed + one failed attempt)", fakeStats.RefreshCalls)
 	}
 
 	// Still down after the backoff: one more call, and a longer backoff.
-	env.clk.Advance(ra1)
+	env.clk.Advance(firstBackoff)
 	if _, err := s.Token(ctx); err == nil {
 		t.Fatal("Token succeeded while the endpoint is down")
 	}
-	if ra2 := s.RetryAfter(); ra2 <= 1200*time.Millisecond {
-		t.Fatalf("backoff did not grow: %v", ra2)
+	if secondBackoff := s.RetryAfter(); secondBackoff <= 1200*time.Millisecond {
+		t.Fatalf("backoff did not grow: %v", secondBackoff)
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 3 {
-		t.Fatalf("endpoint called %d times, want 3", fs.RefreshCalls)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 3 {
+		t.Fatalf("endpoint called %d times, want 3", fakeStats.RefreshCalls)
 	}
 
 	// Recovery.
@@ -378,8 +356,8 @@ func TestEndpointDownBacksOff(t *testing.T) {
 	if rec := env.record(t); rec.Generation != 2 || !env.fake.ValidAccessToken(rec.AccessToken) {
 		t.Fatal("recovered pair not persisted")
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 4 || fs.InvalidGrant != 0 || fs.RefreshOK != 2 {
-		t.Fatalf("fake stats %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 4 || fakeStats.InvalidGrant != 0 || fakeStats.RefreshOK != 2 {
+		t.Fatalf("fake stats %+v", fakeStats)
 	}
 }
 
@@ -388,7 +366,7 @@ func TestEndpointDownBacksOff(t *testing.T) {
 func TestValidTokenServesWhileEndpointDown(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	s.Start()
 	first := mustToken(t, s)
 	at := clockStart.Add(55 * time.Minute)
@@ -400,8 +378,8 @@ func TestValidTokenServesWhileEndpointDown(t *testing.T) {
 	if tok := mustToken(t, s); tok != first {
 		t.Fatal("the still-valid token is not served")
 	}
-	if fs := env.fake.Stats(); fs.RefreshCalls != 2 {
-		t.Fatalf("fake stats %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 2 {
+		t.Fatalf("fake stats %+v", fakeStats)
 	}
 
 	env.fake.SetDown(0)
@@ -409,8 +387,8 @@ func TestValidTokenServesWhileEndpointDown(t *testing.T) {
 	env.clk.waitForWaiter(t, retry)
 	env.clk.AdvanceTo(retry)
 	eventually(t, "the retried refresh", func() bool { return s.Current().Generation == 2 })
-	if fs := env.fake.Stats(); fs.RefreshCalls != 3 || fs.InvalidGrant != 0 {
-		t.Fatalf("fake stats %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 3 || fakeStats.InvalidGrant != 0 {
+		t.Fatalf("fake stats %+v", fakeStats)
 	}
 }
 
@@ -419,7 +397,7 @@ func TestValidTokenServesWhileEndpointDown(t *testing.T) {
 func TestRefreshDetachedFromCaller(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{Latency: 300 * time.Millisecond})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -5,9 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
@@ -38,9 +36,9 @@ func TestCorruptStoredRecord(t *testing.T) {
 			}
 
 			// A Source without a seed reports it (naming the key), no panic, no call.
-			core, logs := observer.New(zapcore.ErrorLevel)
+			logger, logs := observedLogger(zapcore.ErrorLevel)
 			cfg := env.config("", "o")
-			cfg.Logger = zap.New(core)
+			cfg.Logger = logger
 			s := env.source(t, cfg)
 			_, err = s.Token(ctx)
 			if err == nil || !strings.Contains(err.Error(), key) {
