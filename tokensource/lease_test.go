@@ -19,6 +19,9 @@ import (
 // both needing a new token at the same moment, round after round. The strict
 // fake counts any reuse of a rotated refresh token and any overlap.
 func TestSourcesSharingStorage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: four rounds of a 1.1 s token call racing file_system's 1 s lock poll")
+	}
 	t.Parallel()
 	// The latency outlasts file_system's 1 s lock poll, so the replica that
 	// loses the race for the storage lock finds the other one mid-refresh.

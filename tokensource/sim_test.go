@@ -14,8 +14,8 @@ package tokensource
 //
 //	RESTREAM_SIM_SEED=<seed> RESTREAM_SIM_TRACE=1 go test ./tokensource -run TestSimulation -v
 //
-// RESTREAM_SIM_SCHEDULES sets how many schedules run (default 20000; 2000
-// with -short, 500 under the race detector), RESTREAM_SIM_BASE the first
+// RESTREAM_SIM_SCHEDULES sets how many schedules run (default 20000; 500
+// under the race detector, 200 with -short), RESTREAM_SIM_BASE the first
 // seed (default 1).
 
 import (
@@ -35,6 +35,13 @@ import (
 )
 
 const simAccount = "sim"
+
+// With -short (the inner loop) the simulation runs a sample of its
+// schedules; .ci/run runs the full counts (sim_norace_test.go).
+const (
+	simShortSchedules     = 200
+	simShortItemSchedules = 30
+)
 
 // simSchedule is what a seed chooses.
 type simSchedule struct {
@@ -247,7 +254,7 @@ func TestSimulation(t *testing.T) {
 	}
 	n := simDefaultSchedules
 	if testing.Short() {
-		n = min(n, 2000)
+		n = min(n, simShortSchedules)
 	}
 	if s := os.Getenv("RESTREAM_SIM_SCHEDULES"); s != "" {
 		var err error
