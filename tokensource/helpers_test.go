@@ -1,5 +1,9 @@
 package tokensource
 
+// What the package's tests share: the hermetic test env (a fake clock, the
+// strict fake Restream on it, a spied file_system storage in a temp dir),
+// and small waits and assertions. The fake clock itself is in clock_test.go.
+
 import (
 	"context"
 	"encoding/json"

@@ -1,5 +1,9 @@
 package tokensource
 
+// The refresh lease (store.go's lease on Caddy storage, as protocol.go uses
+// it): one refresh at a time across instances, a dead owner's lease, and a
+// waiter that adopts the holder's pair.
+
 import (
 	"context"
 	"encoding/json"

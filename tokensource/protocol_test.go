@@ -1,5 +1,10 @@
 package tokensource
 
+// The refresh protocol's rules about the chain (protocol.go), through the
+// Source and the strict fake: a seed is exchanged once and remembered, a
+// restart adopts the stored chain, a pair is stored before it is used, and
+// a dead token is never sent again.
+
 import (
 	"context"
 	"encoding/json"

@@ -1,5 +1,9 @@
 package tokensource
 
+// The simulated Redis's events (restarts that keep or lose the data,
+// failovers to a lagging replica) and what a data loss takes: a mark or the
+// only copy of the newest record puts the run on the window list.
+
 import (
 	"fmt"
 	"time"

@@ -1,5 +1,9 @@
 package tokensource
 
+// The simulated Redis's scripts (sim_redis_test.go): a Go transcription of
+// each of redisstore's Lua scripts (redisstore/scripts.go), and what the
+// shared checks read from the model (lease, record, version).
+
 import (
 	"encoding/json"
 	"strconv"

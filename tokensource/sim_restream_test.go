@@ -1,5 +1,10 @@
 package tokensource
 
+// The simulation's Restream: a model of the token endpoint that rotates
+// exactly as Restream does (one live pair per chain; anything else is
+// invalid_grant), reached through each instance's transport, with the
+// endpoint faults of the schedule. It checks I1 on every call.
+
 import (
 	"context"
 	"encoding/json"

@@ -1,5 +1,9 @@
 package tokensource
 
+// One schedule of the simulation being run (sim_test.go): its instances
+// (start, kill, reload), the chaos the schedule plans, the requests that
+// check what is served, and the final checks.
+
 import (
 	"context"
 	"encoding/json"

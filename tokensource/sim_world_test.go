@@ -3,10 +3,10 @@ package tokensource
 // The deterministic simulation's world: a scheduler that runs every
 // simulated goroutine one at a time, simulated time with a skewed clock per
 // instance, a storage with per-operation faults and latency and real lock
-// semantics, and a model of Restream's token endpoint that rotates exactly as
-// Restream does. Given a seed, a run is the same every time: goroutines only
-// switch at storage, endpoint and clock operations, and every choice is
-// drawn from one seeded source in event order.
+// semantics (the model of Restream's token endpoint is in
+// sim_restream_test.go). Given a seed, a run is the same every time:
+// goroutines only switch at storage, endpoint and clock operations, and
+// every choice is drawn from one seeded source in event order.
 
 import (
 	"bytes"

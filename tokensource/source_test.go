@@ -1,5 +1,8 @@
 package tokensource
 
+// The Source's API (source.go): New, Token's hot path and its single flight,
+// TokenNewerThan, the refresher's schedule, Close, backoff and Status.
+
 import (
 	"context"
 	"errors"

@@ -1,5 +1,8 @@
 package tokensource
 
+// The stored record (store.go): a record that cannot be read is reported,
+// never overwritten.
+
 import (
 	"context"
 	"strings"
