@@ -246,8 +246,18 @@ func (r *simRun) lease() *leaseRecord {
 	return nil
 }
 
-// scheduleChaos plans kills, reloads, installs and operator refreshes.
+// scheduleChaos plans kills, reloads, installs and operator refreshes, in
+// that order (each draws from the seeded source).
 func (r *simRun) scheduleChaos(end time.Time) {
+	r.scheduleKills(end)
+	r.scheduleReloads(end)
+	r.scheduleInstalls(end)
+	r.scheduleOperatorRefreshes(end)
+}
+
+// scheduleKills kills a random instance every killEvery or so, and
+// restarts its slot a little later.
+func (r *simRun) scheduleKills(end time.Time) {
 	w, sc := r.w, r.sc
 	if sc.killEvery > 0 {
 		for t := clockStart.Add(w.dur(0, 2*sc.killEvery)); t.Before(end); t = t.Add(w.dur(sc.killEvery/2, 3*sc.killEvery/2)) {
@@ -266,6 +276,13 @@ func (r *simRun) scheduleChaos(end time.Time) {
 			})
 		}
 	}
+}
+
+// scheduleReloads closes an instance as a Caddy reload does, starting the
+// new configuration's source at once, and checks that the old one closes in
+// time (I7).
+func (r *simRun) scheduleReloads(end time.Time) {
+	w, sc := r.w, r.sc
 	if sc.closes {
 		for range 1 + w.rng.IntN(3) {
 			t, slot := clockStart.Add(w.dur(0, end.Sub(clockStart))), w.rng.IntN(sc.instances)
@@ -301,6 +318,12 @@ func (r *simRun) scheduleChaos(end time.Time) {
 			})
 		}
 	}
+}
+
+// scheduleInstalls installs new chains (a login), racing the first
+// refreshes on a spent seed.
+func (r *simRun) scheduleInstalls(end time.Time) {
+	w, sc := r.w, r.sc
 	if sc.installs || sc.deadSeed {
 		for i := range 1 + w.rng.IntN(2) {
 			t, slot := clockStart.Add(w.dur(0, end.Sub(clockStart))), w.rng.IntN(sc.instances)
@@ -330,6 +353,11 @@ func (r *simRun) scheduleChaos(end time.Time) {
 			})
 		}
 	}
+}
+
+// scheduleOperatorRefreshes has an operator ask instances for a refresh.
+func (r *simRun) scheduleOperatorRefreshes(end time.Time) {
+	w, sc := r.w, r.sc
 	if sc.operator {
 		for range 1 + w.rng.IntN(3) {
 			t, slot := clockStart.Add(w.dur(0, end.Sub(clockStart))), w.rng.IntN(sc.instances)
