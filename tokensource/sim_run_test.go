@@ -255,6 +255,15 @@ func (r *simRun) scheduleChaos(end time.Time) {
 	r.scheduleOperatorRefreshes(end)
 }
 
+// running is the instance in slot, nil if there is none or it is killed or
+// closing.
+func (r *simRun) running(slot int) *simInstance {
+	if inst := r.slots[slot]; inst != nil && !inst.killed && inst.closeBy == nil {
+		return inst
+	}
+	return nil
+}
+
 // scheduleKills kills a random instance every killEvery or so, and
 // restarts its slot a little later.
 func (r *simRun) scheduleKills(end time.Time) {
@@ -264,7 +273,7 @@ func (r *simRun) scheduleKills(end time.Time) {
 			slot := w.rng.IntN(sc.instances)
 			restart := w.dur(0, 30*time.Second)
 			w.at(t, func() {
-				if inst := r.slots[slot]; inst != nil && !inst.killed && inst.closeBy == nil {
+				if inst := r.running(slot); inst != nil {
 					r.kill(inst, "kill")
 					w.at(w.now.Add(restart), func() {
 						if w.now.Before(end) && r.slots[slot] == inst {
@@ -287,8 +296,8 @@ func (r *simRun) scheduleReloads(end time.Time) {
 		for range 1 + w.rng.IntN(3) {
 			t, slot := clockStart.Add(w.dur(0, end.Sub(clockStart))), w.rng.IntN(sc.instances)
 			w.at(t, func() {
-				inst := r.slots[slot]
-				if inst == nil || inst.killed || inst.closeBy != nil {
+				inst := r.running(slot)
+				if inst == nil {
 					return
 				}
 				w.trace("close %s", inst.name)
@@ -331,8 +340,8 @@ func (r *simRun) scheduleInstalls(end time.Time) {
 				t = clockStart.Add(w.dur(0, 10*time.Second)) // racing the first refreshes
 			}
 			w.at(t, func() {
-				inst := r.slots[slot]
-				if inst == nil || inst.killed || inst.closeBy != nil {
+				inst := r.running(slot)
+				if inst == nil {
 					return
 				}
 				at, rt := w.model.authorize()
