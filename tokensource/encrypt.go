@@ -289,7 +289,7 @@ func encodeRecord(rec *Record, account string, kr *Keyring) ([]byte, error) {
 // sealed. An encrypted record without a keyring is an error; whether a
 // keyring accepts a plain or legacy one is decodeRecord's to judge, once it
 // knows the JSON is a record.
-func unsealRecord(b []byte, key, account string, kr *Keyring) ([]byte, Sealing, error) {
+func unsealRecord(b []byte, key, account string, kr *Keyring) (plain []byte, sealing Sealing, err error) {
 	env, err := openEnvelope(b)
 	switch {
 	case errors.Is(err, errNotSealed):
@@ -299,7 +299,7 @@ func unsealRecord(b []byte, key, account string, kr *Keyring) ([]byte, Sealing, 
 	case kr == nil:
 		return nil, env.sealing(), fmt.Errorf("%w %s: it is encrypted (key %s); configure encryption_key", ErrUnreadableRecord, key, env.KeyID)
 	}
-	plain, err := kr.open(key, account, env)
+	plain, err = kr.open(key, account, env)
 	if err != nil {
 		return nil, env.sealing(), fmt.Errorf("%w %s: %v", ErrUnreadableRecord, key, err)
 	}

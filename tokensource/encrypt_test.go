@@ -130,7 +130,7 @@ func TestParseKey(t *testing.T) {
 // plainChain starts a chain without a key and returns the plain stored bytes.
 func plainChain(t *testing.T, env *testEnv) []byte {
 	t.Helper()
-	src := env.source(t, env.config(env.fake.Seed(), "plain"))
+	src := env.seededSource(t, "plain")
 	mustToken(t, src)
 	src.Close()
 	raw, err := env.st.Load(context.Background(), RecordKey(testAccount))

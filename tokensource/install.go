@@ -44,7 +44,11 @@ func (s *Source) InstallSeed(ctx context.Context, refreshToken string) (*Token, 
 // installWait bounds an install's wait for the lease.
 const installWait = 30 * time.Second
 
-func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Record, error), seedFP string, checks []InstallCheck) (*Token, error) {
+// install stores the pair obtain returns as the account's new chain, under
+// the lease. spentSeedFingerprint is the fingerprint of the refresh token
+// obtain spends ("" for a pair from a code): it joins the consumed seeds so
+// that no instance sends it again, and the chain's user is recorded at once.
+func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Record, error), spentSeedFingerprint string, checks []InstallCheck) (*Token, error) {
 	// Detached, like a refresh: a spent token's answer must be stored.
 	ctx, cancel := withTimeout(context.WithoutCancel(ctx), s.clock, installWait+s.cfg.Timeout+2*StorageTimeout)
 	defer cancel()
@@ -89,7 +93,7 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 		next.ConsumedSeeds, next.DeadTokens = stored.ConsumedSeeds, stored.DeadTokens
 	}
 	// The configured seed must not start yet another chain over this one.
-	next.ConsumedSeeds = appendBounded(appendBounded(next.ConsumedSeeds, seedFP), s.seedFP)
+	next.ConsumedSeeds = appendBounded(appendBounded(next.ConsumedSeeds, spentSeedFingerprint), s.seedFingerprint)
 	octx, cancelStore := s.op(ctx)
 	err = s.store.CompareAndStore(octx, &next, stored.version())
 	cancelStore()
@@ -100,7 +104,7 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 	s.wake()
 	s.log.Info("installed a new token chain", zap.Uint64("generation", next.Generation),
 		zap.Time("access_expires_at", next.Expiry))
-	if seedFP != "" {
+	if spentSeedFingerprint != "" {
 		s.recordUser(ctx, &next) // stored first: now its token may be used
 	}
 	return s.cur.Load(), nil

@@ -2,6 +2,7 @@ package tokensource
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"testing"
 	"time"
@@ -42,8 +43,8 @@ func TestInstallPairRevivesDeadAccount(t *testing.T) {
 	// The token is published inside the round that adopts it; the round
 	// clears the reauth_required verdict when it ends.
 	eventually(t, "state ok after adopting the installed chain", func() bool { return running.Status().State == StateOK })
-	if fs := env.fake.Stats(); fs.RefreshCalls != 1 || fs.InvalidGrant != 1 || fs.CodeCalls != 1 {
-		t.Fatalf("fake stats %+v", fs)
+	if fakeStats := env.fake.Stats(); fakeStats.RefreshCalls != 1 || fakeStats.InvalidGrant != 1 || fakeStats.CodeCalls != 1 {
+		t.Fatalf("fake stats %+v", fakeStats)
 	}
 	// The installed chain rotates normally.
 	env.clk.Advance(time.Hour)
@@ -59,7 +60,7 @@ func TestInstallPairRevivesDeadAccount(t *testing.T) {
 func TestInstallSeedReplacesChain(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	first := mustToken(t, s)
 	env.clk.runRealtime(t) // the install polls s's lease on the clock until s releases it
 	cli := env.source(t, env.config("", "cli"))
@@ -82,4 +83,46 @@ func TestInstallSeedReplacesChain(t *testing.T) {
 		t.Fatalf("running source kept the old chain (gen %d)", got.Generation)
 	}
 	env.wantCalls(t, 3)
+}
+
+// An install check that refuses leaves storage as it was and returns its
+// error; the pair it was handed is not published.
+func TestInstallCheckRefuses(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{User: alice})
+	s := env.source(t, withProfile(env.config(env.fake.Seed(), "o")))
+	first := mustToken(t, s)
+	env.clk.runRealtime(t) // the install polls the lease on the clock
+	before := env.record(t)
+	const redirect = "https://sidecar.example/restream/callback"
+	login := env.source(t, env.config("", "login"))
+	pair, err := login.ExchangeCode(context.Background(), env.fake.IssueCodeFor(redirect, bob), redirect)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair.User = &User{ID: "77", Username: "bob"}
+	refuse := errors.New("another account")
+	_, err = s.InstallPair(context.Background(), pair, func(stored *Record) error {
+		if stored == nil || stored.Chain != first.Chain {
+			t.Errorf("check saw %+v", stored)
+		}
+		return refuse
+	})
+	if !errors.Is(err, refuse) {
+		t.Fatalf("InstallPair: %v, want the check's error", err)
+	}
+	after := env.record(t)
+	if after.Chain != before.Chain || after.Generation != before.Generation || after.AccessToken != before.AccessToken {
+		t.Fatal("a refused install changed the stored record")
+	}
+	if cur := s.Current(); cur.Chain != first.Chain {
+		t.Fatal("a refused install published its pair")
+	}
+	// Accepted, the pair is installed with the user it brought.
+	if _, err := s.InstallPair(context.Background(), pair); err != nil {
+		t.Fatal(err)
+	}
+	got := env.record(t)
+	wantUser(t, "installed", got.User, bob)
+	wantUser(t, "status", s.Status().User, bob)
 }

@@ -10,14 +10,11 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
@@ -80,16 +77,13 @@ func TestInvalidClientKeepsChain(t *testing.T) {
 func TestSteadyRejectionDoesNotChurn(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	first := mustToken(t, s)
 	second, refreshed, err := s.TokenNewerThan(context.Background(), first)
 	if err != nil || !refreshed {
 		t.Fatalf("first 401: %v", err)
 	}
-	eventually(t, "the refresh's lease to be released", func() bool {
-		b, err := env.st.FileStorage.Load(context.Background(), LeaseKey(testAccount))
-		return err == nil && strings.Contains(string(b), `"owner":""`)
-	})
+	env.waitLeaseReleased(t, "the refresh's lease to be released")
 	var stores atomic.Int64
 	env.st.setOnStore(func(string, []byte) error { stores.Add(1); return nil })
 	timers := env.clk.pendingFuncs()
@@ -146,7 +140,7 @@ func TestRejectionRateLimitPerAccount(t *testing.T) {
 func TestMemoryOnlyPairIsDegraded(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	s := env.source(t, env.config(env.fake.Seed(), "o"))
+	s := env.seededSource(t, "o")
 	mustToken(t, s)
 	var broken atomic.Bool
 	broken.Store(true)
@@ -180,9 +174,9 @@ func TestUnknownRefreshExpiry(t *testing.T) {
 	}))
 	t.Cleanup(endpoint.Close)
 	env := newTestEnv(t, fakerestream.Options{})
-	core, logs := observer.New(zapcore.DebugLevel)
+	logger, logs := observedLogger(zapcore.DebugLevel)
 	cfg := env.config("rt_plain_oauth", "o")
-	cfg.TokenURL, cfg.Logger = endpoint.URL, zap.New(core)
+	cfg.TokenURL, cfg.Logger = endpoint.URL, logger
 	s := env.source(t, cfg)
 	mustToken(t, s)
 	if st := s.Status(); !st.RefreshExpiry.IsZero() {

@@ -201,7 +201,7 @@ func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 		return plan{send: s.cfg.Seed, newSeed: true, cause: CauseSeed}
 	}
 	if !rec.HasPair() {
-		if s.seedFP != "" {
+		if s.seedFingerprint != "" {
 			return plan{result: ResultInvalidGrant, err: &Error{Kind: Terminal, Code: "invalid_grant",
 				Msg: "the configured refresh_token is spent or was rejected, and no chain is stored: " + reauthHint}}
 		}
@@ -246,7 +246,7 @@ func (s *Source) dropStaleResend(rec *Record) {
 	next := ""
 	switch {
 	case s.seedPending(rec):
-		next = s.seedFP
+		next = s.seedFingerprint
 	case rec.HasPair():
 		next = Fingerprint(rec.RefreshToken)
 	}
@@ -258,7 +258,7 @@ func (s *Source) dropStaleResend(rec *Record) {
 // seedPending reports whether the configured seed is still to be
 // exchanged: neither spent nor dead, in storage or in this instance's memory.
 func (s *Source) seedPending(rec *Record) bool {
-	return s.seedFP != "" && !rec.spent(s.seedFP) && !s.act.localDead[s.seedFP]
+	return s.seedFingerprint != "" && !rec.spent(s.seedFingerprint) && !s.act.localDead[s.seedFingerprint]
 }
 
 const (
@@ -370,7 +370,7 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 	if p.newSeed {
 		next.Chain = randomID()
 		next.User = nil // a new chain's user is read with its own token
-		next.ConsumedSeeds = appendBounded(next.ConsumedSeeds, s.seedFP)
+		next.ConsumedSeeds = appendBounded(next.ConsumedSeeds, s.seedFingerprint)
 	}
 	octx, cancel := s.op(ctx)
 	err := s.store.CompareAndStore(octx, next, rec.version())

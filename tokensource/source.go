@@ -109,13 +109,14 @@ type Status struct {
 // requests only read the published token, or wait for the refresher's next
 // round.
 type Source struct {
-	cfg    Config
-	x      *exchanger
-	log    *zap.Logger
-	clock  Clock
-	store  Store
-	seedFP string
-	obs    Observer
+	cfg   Config
+	x     *exchanger
+	log   *zap.Logger
+	clock Clock
+	store Store
+	obs   Observer
+
+	seedFingerprint string // Fingerprint(cfg.Seed); "" without a seed
 
 	cur      atomic.Pointer[Token] // hot path: the newest published token
 	rejected atomic.Pointer[Token] // the newest token an upstream rejected with 401
@@ -223,7 +224,7 @@ func New(cfg Config) (*Source, error) {
 	s.closeCtx, s.cancel = context.WithCancel(context.Background())
 	s.rounds.Store(&round{done: make(chan struct{})})
 	if cfg.Seed != "" {
-		s.seedFP = Fingerprint(cfg.Seed)
+		s.seedFingerprint = Fingerprint(cfg.Seed)
 	}
 	return s, nil
 }

@@ -6,6 +6,28 @@
 // lease in shared storage, and persists every new pair before anything uses
 // it. The request hot path is a single atomic pointer load.
 //
+// What is where:
+//
+//   - token.go: Token (what requests use), Record (what is stored), User,
+//     Fingerprint.
+//   - source.go: Source, its Config, New, Token, TokenNewerThan, Refresh,
+//     Status, and the refresher goroutine that runs the rounds.
+//   - protocol.go: the refresh protocol, one round at a time, with its
+//     invariants I1–I8 in the top comment.
+//   - store.go: the Store interface (record, lease, mark), the Store on
+//     Caddy storage (NewStorageStore), LoadRecord and the storage keys. The
+//     Store on Redis is the redisstore package.
+//   - install.go: starting a new chain: ExchangeCode, InstallPair,
+//     InstallSeed, and Binding.
+//   - encrypt.go: encryption of records at rest (Keyring, EncodeRecord,
+//     DecodeRecord, InspectRecord).
+//   - profile.go: the Restream user a chain acts as (ReadUser), recorded
+//     with the chain.
+//   - exchange.go and endpoint.go: the token-endpoint client: requests,
+//     client authentication, answers and their errors (Error, ErrorKind).
+//   - clock.go: the Clock the protocol reads time from; observer.go: the
+//     Observer that metrics hang on.
+//
 // The package has no Caddy imports; the Caddy glue lives in caddymodule.
 package tokensource
 

@@ -82,6 +82,9 @@ func checkFake(t *testing.T, fake *fakerestream.Server) {
 }
 
 func TestSourcesShareChainThroughRedis(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: four rotations of 2-second tokens through a real Redis")
+	}
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t)
 	seed := fake.Seed()
@@ -92,6 +95,9 @@ func TestSourcesShareChainThroughRedis(t *testing.T) {
 }
 
 func TestLostRedisDataLosesNoChain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: rotations of 2-second tokens through a real Redis, before and after it loses its data")
+	}
 	for _, tc := range []struct {
 		name string
 		lose func(*redistest.Server)

@@ -35,6 +35,12 @@
 // takes the lease for RestoreSettle, and every store reloads the record in
 // the background every WatchInterval: an instance holding a newer record
 // writes it back before anyone can refresh from an older one.
+//
+// What is where: store.go holds Store, Options and New, and the Store
+// methods; scripts.go the Lua scripts they run; client.go the client
+// (ParseURL, NewClient, RedactURL); import.go the one-time import of an
+// account from Caddy storage (Options.ImportFrom); inspect.go the read-only
+// Snapshot for the CLI.
 package redisstore
 
 import (

@@ -390,6 +390,9 @@ func TestMarkSurvivesReleaseExpiryAndTakeover(t *testing.T) {
 }
 
 func TestMinReplicasWaitsForReplicas(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: WAITs that time out, and a real replica to start and sync")
+	}
 	primary := redistest.Start(t, redistest.Options{})
 	s := newStore(t, primary, redisstore.Options{MinReplicas: 1})
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
@@ -566,6 +569,9 @@ func TestNewRejectsBadOptions(t *testing.T) {
 // seen): nobody may take the lease, and so refresh from it, until the
 // settle time has passed, while a newer write-back replaces it.
 func TestWriteBackSettlesBeforeRefresh(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: waits out the 400 ms settle lease on Redis's clock")
+	}
 	srv := redistest.Start(t, redistest.Options{})
 	const settle = 400 * time.Millisecond
 	a := newStore(t, srv, redisstore.Options{RestoreSettle: settle})
