@@ -58,8 +58,29 @@ func TestInvalidClientKeepsChain(t *testing.T) {
 	if e := asError(t, err); e.Kind != Misconfigured || e.Code != "invalid_client" {
 		t.Fatalf("kind %v code %q", e.Kind, e.Code)
 	}
-	if st := bad.Status(); st.State != StateMisconfigured || bad.RetryAfter() < time.Minute {
-		t.Fatalf("state %q, retry after %s", st.State, bad.RetryAfter())
+	if st := bad.Status(); st.State != StateMisconfigured || st.LastResult != ResultInvalidClient || bad.RetryAfter() < time.Minute {
+		t.Fatalf("state %q, last result %q, retry after %s", st.State, st.LastResult, bad.RetryAfter())
+	}
+	// The refusal is an answer, not an unknown outcome: the token is not
+	// spent, so neither the lease nor its mark outlives it, and the next
+	// refusal is reported as itself again (not as a transient failure
+	// resent under a kept mark).
+	for round := 1; round <= 2; round++ {
+		env.waitLeaseReleased(t, "the lease after invalid_client")
+		if l := env.lease(); l.Mark != "" {
+			t.Fatalf("round %d: the mark outlived an invalid_client answer: %+v", round, l)
+		}
+		if round == 2 {
+			break
+		}
+		env.clk.Advance(bad.RetryAfter())
+		_, err := bad.Token(context.Background())
+		if e := asError(t, err); e.Kind != Misconfigured || e.Unknown {
+			t.Fatalf("second refusal: kind %v unknown %v (%s)", e.Kind, e.Unknown, e.Msg)
+		}
+		if st := bad.Status(); st.LastResult != ResultInvalidClient {
+			t.Fatalf("second refusal reported as %q", st.LastResult)
+		}
 	}
 	if rec := env.record(t); len(rec.DeadTokens) != 0 || rec.Generation != 1 {
 		t.Fatalf("the chain was marked dead by a wrong secret: %+v", rec.DeadTokens)

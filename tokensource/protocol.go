@@ -396,7 +396,7 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 		// Stored first, so its token may be used; still under the lease, so
 		// no same-generation write (a dead token recorded by another
 		// instance) can land between its read and its compare-and-set.
-		s.recordUser(ctx, next)
+		s.recordUser(ctx, next, a.lease)
 		s.releaseLease(ctx)
 		return s.refreshAt(next.token())
 	case errors.Is(err, ErrConflict):
@@ -455,11 +455,12 @@ func (s *Source) exchangeFailed(ctx context.Context, rec *Record, p plan, fp str
 		a.resend = fp // keep the lease and the mark; resend under them
 		result = ResultTransient
 	case e.Kind == Misconfigured:
+		// The endpoint refused the client before the grant: the token is
+		// not spent, and the mark must not outlive this answer (another
+		// instance, perhaps with the right secret, may send it).
 		a.resend = ""
 		s.clearMark(fp)
 		s.releaseLease(ctx)
-		a.resend = fp // keep the lease and the mark; resend under them
-		result = ResultTransient
 	default:
 		a.resend = ""
 		s.clearMark(fp)
