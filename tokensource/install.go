@@ -105,7 +105,7 @@ func (s *Source) install(ctx context.Context, obtain func(context.Context) (*Rec
 	s.log.Info("installed a new token chain", zap.Uint64("generation", next.Generation),
 		zap.Time("access_expires_at", next.Expiry))
 	if spentSeedFingerprint != "" {
-		s.recordUser(ctx, &next) // stored first: now its token may be used
+		s.recordUser(ctx, &next, lease) // stored first: now its token may be used
 	}
 	return s.cur.Load(), nil
 }

@@ -114,16 +114,19 @@ func parseProfile(body []byte, contentType string) (*User, error) {
 }
 
 // recordUser reads the user of the chain whose newest stored record is rec
-// and writes it into that record, keeping its version. The pair is stored
-// before its access token is used for this (persist before use), and the
-// compare-and-set keeps the write from replacing anything newer: if the
-// record changed meanwhile, the user is not written. Callers hold the lease:
-// the compare-and-set checks only the version, and writes of the same
-// version (a dead token recorded) happen only under the lease. A failure is logged
-// once per chain; the chain's next rotation tries again. It never blocks a
-// refresh: it runs after the round's work, bounded by Config.Timeout.
-func (s *Source) recordUser(ctx context.Context, rec *Record) {
-	if s.cfg.ProfileURL == "" || rec.User != nil || !rec.HasPair() || s.closing() {
+// and writes it into that same generation. The pair was stored (and may be
+// served) before its access token is used for this (persist before use).
+//
+// The write is a compare-and-set on the version only, and writes of the
+// same version (another instance recording a dead token) happen only under
+// the lease: so the caller holds lease, and recordUser renews it after the
+// profile read (which may take up to Config.Timeout) and writes only if the
+// renewal shows the lease is still its own. A lease lapsed and taken over
+// meanwhile means the user is not written; the next rotation tries again.
+// A failure is logged once per chain. It never blocks a refresh: it runs
+// after the round's work, bounded by Config.Timeout.
+func (s *Source) recordUser(ctx context.Context, rec *Record, lease *Lease) {
+	if s.cfg.ProfileURL == "" || rec.User != nil || !rec.HasPair() || s.closing() || lease == nil {
 		return
 	}
 	u, err := s.ReadUser(ctx, rec.AccessToken)
@@ -131,9 +134,16 @@ func (s *Source) recordUser(ctx context.Context, rec *Record) {
 		s.userUnknown(rec.Chain, err)
 		return
 	}
+	octx, cancel := s.op(ctx)
+	err = s.store.RenewLease(octx, lease)
+	cancel()
+	if err != nil {
+		s.userUnknown(rec.Chain, fmt.Errorf("the refresh lease could not be renewed before storing the Restream user: %w", err))
+		return
+	}
 	withUser := *rec
 	withUser.User = u
-	octx, cancel := s.op(ctx)
+	octx, cancel = s.op(ctx)
 	err = s.store.CompareAndStore(octx, &withUser, rec.version())
 	cancel()
 	switch {

@@ -379,8 +379,6 @@ func TestUserRecordedUnderTheLease(t *testing.T) {
 		timeout time.Duration // the recorder's Config.Timeout, which bounds its profile read
 		profile func(t *testing.T, env *testEnv, gate *profileGate)
 		user    bool // the user is recorded
-		// knownDefect, if set, skips the case: it fails for that reason.
-		knownDefect string
 	}{
 		{name: "answers", timeout: 5 * time.Second, user: true,
 			profile: func(_ *testing.T, _ *testEnv, gate *profileGate) { gate.answer <- true }},
@@ -399,14 +397,9 @@ func TestUserRecordedUnderTheLease(t *testing.T) {
 				eventually(t, "the other instance to take the lapsed lease and record its spent seed",
 					func() bool { return recordedDead(t, env) })
 				gate.answer <- true
-			},
-			knownDefect: "recordUser writes the user after its lease lapsed (by its own clock) and another " +
-				"instance took it over; it should renew the lease before its compare-and-set (profile.go)"},
+			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.knownDefect != "" {
-				t.Skip("known defect: " + tc.knownDefect)
-			}
 			t.Parallel()
 			env := newTestEnv(t, fakerestream.Options{User: alice})
 			gate := newProfileGate(t, env.fake)
