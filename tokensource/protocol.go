@@ -375,6 +375,9 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 	octx, cancel := s.op(ctx)
 	err := s.store.CompareAndStore(octx, next, rec.version())
 	cancel()
+	if errors.Is(err, ErrConflict) {
+		err = s.writeOverDeleted(ctx, next, err)
+	}
 	took := s.clock.Now().Sub(started)
 	switch {
 	case err == nil && !next.token().ValidAt(s.clock.Now()):
@@ -420,6 +423,27 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 			zap.Uint64("generation", next.Generation), zap.Error(err))
 		return s.holdLease(a.flushAt)
 	}
+}
+
+// writeOverDeleted stores next if the conflict was a deleted record: the
+// token just sent is spent, so next is the chain's only live pair, and
+// dropping it would end the chain. Anything else stored meanwhile (an
+// install's new chain) keeps conflict.
+func (s *Source) writeOverDeleted(ctx context.Context, next *Record, conflict error) error {
+	octx, cancel := s.op(ctx)
+	stored, err := s.store.Load(octx)
+	cancel()
+	if err != nil || stored != nil {
+		return conflict
+	}
+	octx, cancel = s.op(ctx)
+	err = s.store.CompareAndStore(octx, next, Version{})
+	cancel()
+	if err == nil {
+		s.log.Warn("the stored record was deleted while refreshing; the new pair is written back (it is the chain's only live pair)",
+			zap.Uint64("generation", next.Generation))
+	}
+	return err
 }
 
 // exchangeFailed handles a token call that brought no pair.

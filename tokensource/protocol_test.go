@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -495,4 +496,41 @@ func (f *failingLoad) Load(ctx context.Context, key string) ([]byte, error) {
 		return nil, errors.New("disk on fire")
 	}
 	return f.Storage.Load(ctx, key)
+}
+
+// A record deleted while its refresh is in flight (an operator's rm, a
+// restore that lost the file) is written back: the token just sent is
+// spent, so the new pair is the chain's only live one and dropping it would
+// end the chain.
+func TestRefreshWritesOverDeletedRecord(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, fakerestream.Options{})
+	seed := env.fake.Seed()
+	seeder := env.source(t, env.config(seed, "seeder"))
+	wantGeneration(t, mustToken(t, seeder), 1)
+	seeder.Close()
+
+	gate := &gateTransport{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	cfg := env.config(seed, "refresher")
+	cfg.HTTPClient = &http.Client{Transport: gate}
+	s := env.source(t, cfg)
+	wantGeneration(t, mustToken(t, s), 1)
+	env.clk.Advance(time.Hour) // due: the refresher sends the stored token
+	waitSignal(t, "the refresh's token call", gate.entered)
+	if err := env.st.FileStorage.Delete(context.Background(), RecordKey(testAccount)); err != nil {
+		t.Fatal(err)
+	}
+	close(gate.release)
+
+	eventually(t, "the new pair written over the deleted record", func() bool {
+		rec, err := LoadRecord(context.Background(), env.st, testAccount)
+		return err == nil && rec != nil && rec.Generation == 2
+	})
+	wantGeneration(t, mustToken(t, s), 2)
+	env.clk.Advance(time.Hour) // the chain goes on from the written-back pair
+	waitSignal(t, "the next refresh's token call", gate.entered)
+	eventually(t, "generation 3", func() bool { return env.record(t).Generation == 3 })
+	if st := env.fake.Stats(); st.InvalidGrant != 0 {
+		t.Fatalf("a spent token was sent: %+v", st)
+	}
 }
