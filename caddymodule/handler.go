@@ -4,15 +4,11 @@ package caddymodule
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -97,8 +93,6 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 		New: func() caddy.Module { return new(Handler) },
 	}
 }
-
-var accountPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 // Provision resolves placeholders, applies defaults and attaches the shared
 // token source for the account. It does not contact the token endpoint.
@@ -188,37 +182,6 @@ func (h *Handler) tokenConfig() (tokensource.Config, error) {
 	}, nil
 }
 
-// clientSettings are the resolved options every directive that talks to
-// the token endpoint has.
-type clientSettings struct {
-	id, secret string
-	style      tokensource.AuthStyle
-}
-
-// resolveClient resolves client_id and client_secret, defaults and checks
-// *tokenURL, and parses client_auth. who names the directive in errors.
-func resolveClient(repl *caddy.Replacer, who, id, secret string, tokenURL *string, clientAuth string) (clientSettings, error) {
-	var c clientSettings
-	var err error
-	if c.id, err = resolveSecret(repl, "client_id", id); err != nil {
-		return c, err
-	}
-	if c.secret, err = resolveSecret(repl, "client_secret", secret); err != nil {
-		return c, err
-	}
-	if c.id == "" || c.secret == "" {
-		return c, fmt.Errorf("%s: client_id and client_secret are required (they resolved to empty values)", who)
-	}
-	if *tokenURL == "" {
-		*tokenURL = DefaultTokenURL
-	}
-	if err := checkEndpointURL("token_url", *tokenURL); err != nil {
-		return c, err
-	}
-	c.style, err = parseClientAuth(clientAuth)
-	return c, err
-}
-
 // Validate checks what Provision could not default.
 func (h *Handler) Validate() error {
 	if h.src == nil {
@@ -234,100 +197,6 @@ func (h *Handler) Cleanup() error {
 	}
 	_, err := sources.Delete(h.poolKey)
 	return err
-}
-
-// resolveSecret expands {env.*} and {file.*} placeholders; an unknown
-// placeholder is an error rather than silently empty.
-func resolveSecret(repl *caddy.Replacer, name, v string) (string, error) {
-	out, err := repl.ReplaceOrErr(v, true, true)
-	if err != nil {
-		return "", fmt.Errorf("%s: %v", name, err)
-	}
-	return strings.TrimSpace(out), nil
-}
-
-// resolveKeyring builds the at-rest encryption keyring; nil without a key.
-func resolveKeyring(repl *caddy.Replacer, current, previous string) (*tokensource.Keyring, error) {
-	cur, err := resolveSecret(repl, "encryption_key", current)
-	if err != nil {
-		return nil, err
-	}
-	prev, err := resolveSecret(repl, "encryption_key_previous", previous)
-	if err != nil {
-		return nil, err
-	}
-	if cur == "" {
-		if prev != "" {
-			return nil, errors.New("encryption_key_previous needs encryption_key")
-		}
-		return nil, nil
-	}
-	key, err := tokensource.ParseKey(cur)
-	if err != nil {
-		return nil, fmt.Errorf("encryption_key: %v", err)
-	}
-	var prevKeys [][]byte
-	if prev != "" {
-		pk, err := tokensource.ParseKey(prev)
-		if err != nil {
-			return nil, fmt.Errorf("encryption_key_previous: %v", err)
-		}
-		prevKeys = append(prevKeys, pk)
-	}
-	return tokensource.NewKeyring(key, prevKeys...)
-}
-
-// checkEndpointURL requires https, or http to a loopback host (local fakes).
-func checkEndpointURL(name, raw string) error {
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" {
-		return fmt.Errorf("%s %q is not an absolute URL", name, raw)
-	}
-	if u.User != nil {
-		return fmt.Errorf("%s must not contain credentials", name)
-	}
-	switch u.Scheme {
-	case "https":
-		return nil
-	case "http":
-		host := u.Hostname()
-		if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
-			return nil
-		}
-		return fmt.Errorf("%s %q: plain http is allowed only for loopback hosts; use https", name, raw)
-	}
-	return fmt.Errorf("%s %q: scheme must be https", name, raw)
-}
-
-func parseClientAuth(v string) (tokensource.AuthStyle, error) {
-	switch v {
-	case "", "basic":
-		return tokensource.AuthBasic, nil
-	case "body":
-		return tokensource.AuthBody, nil
-	}
-	return 0, fmt.Errorf("client_auth %q: want basic or body", v)
-}
-
-// poolKey identifies a source by everything that changes its behaviour; a
-// secret enters only as part of a hash.
-func poolKey(cfg tokensource.Config, storage any) string {
-	h := sha256.New()
-	fmt.Fprintf(h, "%q|%q|%q|%d|%d|%d|%s|%s", cfg.ClientID, cfg.ClientSecret, cfg.TokenURL, cfg.AuthStyle,
-		cfg.RefreshAhead, cfg.Timeout, tokensource.Fingerprint(cfg.Seed), storageIdentity(storage))
-	if cfg.Keyring != nil {
-		fmt.Fprintf(h, "|%s", cfg.Keyring.KeyIDs())
-	}
-	return cfg.Account + "|" + hex.EncodeToString(h.Sum(nil))
-}
-
-// tokenTransport is the token endpoint's transport: no proxy surprises
-// beyond the environment's, and bounded waits everywhere.
-func tokenTransport() http.RoundTripper {
-	t := http.DefaultTransport.(*http.Transport).Clone()
-	t.ResponseHeaderTimeout = 0 // the per-call timeout covers it
-	t.MaxIdleConnsPerHost = 2
-	return t
 }
 
 // ServeHTTP sets the token and passes the request on; see replayServe for 401s.

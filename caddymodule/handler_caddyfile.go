@@ -4,13 +4,10 @@ import (
 	"cmp"
 	"fmt"
 	"slices"
-	"strconv"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/dustin/go-humanize"
 )
 
 func init() {
@@ -108,49 +105,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return requireCredentials(d, "restream_auth", h.ClientID, h.ClientSecret)
-}
-
-// parseSize parses a human size (512KiB, 1MiB, 64MB) that must be above
-// zero and at most limit (limitText).
-func parseSize(sub, val string, limit uint64, limitText string) (int64, error) {
-	size, err := humanize.ParseBytes(val)
-	switch {
-	case err != nil:
-		return 0, fmt.Errorf("%s %q: not a size (e.g. 512KiB, 1MiB, 64MB): %v", sub, val, err)
-	case size > limit:
-		return 0, fmt.Errorf("%s %q: at most %s", sub, val, limitText)
-	case size == 0:
-		return 0, fmt.Errorf("%s %q: must be positive (use replay_401 off to disable replays)", sub, val)
-	}
-	return int64(size), nil
-}
-
-// errAtLine is d.Err for an earlier line of the block: a check that needs
-// the whole block blames the line that made it fail.
-func errAtLine(d *caddyfile.Dispenser, line int, err error) error {
-	return fmt.Errorf("%w, at %s:%d", err, d.File(), line)
-}
-
-// parsePositiveDuration parses a Caddy duration that must be above zero.
-func parsePositiveDuration(sub, val string) (caddy.Duration, error) {
-	dur, err := caddy.ParseDuration(val)
-	if err != nil {
-		return 0, fmt.Errorf("%s %q: %v", sub, val, err)
-	}
-	if dur <= 0 {
-		return 0, fmt.Errorf("%s %q: must be positive", sub, val)
-	}
-	return caddy.Duration(dur), nil
-}
-
-func parseOnOff(v string) (bool, error) {
-	switch v {
-	case "on", "true":
-		return true, nil
-	case "off", "false":
-		return false, nil
-	}
-	return strconv.ParseBool("invalid")
 }
 
 // Interface guards

@@ -1,0 +1,255 @@
+package caddymodule
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/dustin/go-humanize"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+)
+
+// parseAccountArg reads a directive's name and its optional <account>
+// argument ("" when absent).
+func parseAccountArg(d *caddyfile.Dispenser) (string, error) {
+	d.Next() // directive name
+	var account string
+	if d.NextArg() {
+		account = d.Val()
+		if !accountPattern.MatchString(account) {
+			return "", d.Errf("account %q: use 1-64 letters, digits, '.', '_' or '-'", account)
+		}
+	}
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return account, nil
+}
+
+// eachOption walks a block of subdirectives that each take exactly one
+// non-empty value and hands them to set (a repeated one wins, as in Caddy's
+// own directives). Errors, from the walk or from set, are Caddyfile errors
+// at the subdirective's line.
+func eachOption(d *caddyfile.Dispenser, known []string, set func(sub, val string) error) error {
+	for d.NextBlock(0) {
+		sub := d.Val()
+		if !slices.Contains(known, sub) {
+			return d.Errf("unknown subdirective %q", sub)
+		}
+		var val string
+		if !d.Args(&val) {
+			return d.Errf("%s: expected one value", sub)
+		}
+		if d.NextArg() {
+			return d.Errf("%s: expected one value, got more", sub)
+		}
+		if val == "" {
+			return d.Errf("%s: empty value", sub)
+		}
+		if err := set(sub, val); err != nil {
+			return d.Err(err.Error())
+		}
+	}
+	return nil
+}
+
+// clientOptions are the subdirectives of every directive that talks to the
+// token endpoint.
+var clientOptions = []string{"client_id", "client_secret", "token_url", "client_auth"}
+
+// clientConfig holds clientOptions as parsed.
+type clientConfig struct {
+	ClientID, ClientSecret, TokenURL, ClientAuth *string
+}
+
+// set stores one of clientOptions; it reports false for other subdirectives.
+func (c clientConfig) set(sub, val string) (bool, error) {
+	switch sub {
+	case "client_id":
+		*c.ClientID = val
+	case "client_secret":
+		*c.ClientSecret = val
+	case "token_url":
+		if err := checkEndpointURL("token_url", val); err != nil {
+			return true, err
+		}
+		*c.TokenURL = val
+	case "client_auth":
+		if _, err := parseClientAuth(val); err != nil {
+			return true, err
+		}
+		*c.ClientAuth = val
+	default:
+		return false, nil
+	}
+	return true, nil
+}
+
+// requireCredentials reports a missing client_id or client_secret at the
+// end of a directive's block.
+func requireCredentials(d *caddyfile.Dispenser, directive, clientID, clientSecret string) error {
+	switch {
+	case clientID == "":
+		return d.Errf("%s: client_id is required", directive)
+	case clientSecret == "":
+		return d.Errf("%s: client_secret is required", directive)
+	}
+	return nil
+}
+
+var accountPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// clientSettings are the resolved options every directive that talks to
+// the token endpoint has.
+type clientSettings struct {
+	id, secret string
+	style      tokensource.AuthStyle
+}
+
+// resolveClient resolves client_id and client_secret, defaults and checks
+// *tokenURL, and parses client_auth. who names the directive in errors.
+func resolveClient(repl *caddy.Replacer, who, id, secret string, tokenURL *string, clientAuth string) (clientSettings, error) {
+	var c clientSettings
+	var err error
+	if c.id, err = resolveSecret(repl, "client_id", id); err != nil {
+		return c, err
+	}
+	if c.secret, err = resolveSecret(repl, "client_secret", secret); err != nil {
+		return c, err
+	}
+	if c.id == "" || c.secret == "" {
+		return c, fmt.Errorf("%s: client_id and client_secret are required (they resolved to empty values)", who)
+	}
+	if *tokenURL == "" {
+		*tokenURL = DefaultTokenURL
+	}
+	if err := checkEndpointURL("token_url", *tokenURL); err != nil {
+		return c, err
+	}
+	c.style, err = parseClientAuth(clientAuth)
+	return c, err
+}
+
+// resolveSecret expands {env.*} and {file.*} placeholders; an unknown
+// placeholder is an error rather than silently empty.
+func resolveSecret(repl *caddy.Replacer, name, v string) (string, error) {
+	out, err := repl.ReplaceOrErr(v, true, true)
+	if err != nil {
+		return "", fmt.Errorf("%s: %v", name, err)
+	}
+	return strings.TrimSpace(out), nil
+}
+
+// resolveKeyring builds the at-rest encryption keyring; nil without a key.
+func resolveKeyring(repl *caddy.Replacer, current, previous string) (*tokensource.Keyring, error) {
+	cur, err := resolveSecret(repl, "encryption_key", current)
+	if err != nil {
+		return nil, err
+	}
+	prev, err := resolveSecret(repl, "encryption_key_previous", previous)
+	if err != nil {
+		return nil, err
+	}
+	if cur == "" {
+		if prev != "" {
+			return nil, errors.New("encryption_key_previous needs encryption_key")
+		}
+		return nil, nil
+	}
+	key, err := tokensource.ParseKey(cur)
+	if err != nil {
+		return nil, fmt.Errorf("encryption_key: %v", err)
+	}
+	var prevKeys [][]byte
+	if prev != "" {
+		pk, err := tokensource.ParseKey(prev)
+		if err != nil {
+			return nil, fmt.Errorf("encryption_key_previous: %v", err)
+		}
+		prevKeys = append(prevKeys, pk)
+	}
+	return tokensource.NewKeyring(key, prevKeys...)
+}
+
+// checkEndpointURL requires https, or http to a loopback host (local fakes).
+func checkEndpointURL(name, raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("%s %q is not an absolute URL", name, raw)
+	}
+	if u.User != nil {
+		return fmt.Errorf("%s must not contain credentials", name)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		host := u.Hostname()
+		if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
+			return nil
+		}
+		return fmt.Errorf("%s %q: plain http is allowed only for loopback hosts; use https", name, raw)
+	}
+	return fmt.Errorf("%s %q: scheme must be https", name, raw)
+}
+
+func parseClientAuth(v string) (tokensource.AuthStyle, error) {
+	switch v {
+	case "", "basic":
+		return tokensource.AuthBasic, nil
+	case "body":
+		return tokensource.AuthBody, nil
+	}
+	return 0, fmt.Errorf("client_auth %q: want basic or body", v)
+}
+
+// parseSize parses a human size (512KiB, 1MiB, 64MB) that must be above
+// zero and at most limit (limitText).
+func parseSize(sub, val string, limit uint64, limitText string) (int64, error) {
+	size, err := humanize.ParseBytes(val)
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("%s %q: not a size (e.g. 512KiB, 1MiB, 64MB): %v", sub, val, err)
+	case size > limit:
+		return 0, fmt.Errorf("%s %q: at most %s", sub, val, limitText)
+	case size == 0:
+		return 0, fmt.Errorf("%s %q: must be positive (use replay_401 off to disable replays)", sub, val)
+	}
+	return int64(size), nil
+}
+
+// errAtLine is d.Err for an earlier line of the block: a check that needs
+// the whole block blames the line that made it fail.
+func errAtLine(d *caddyfile.Dispenser, line int, err error) error {
+	return fmt.Errorf("%w, at %s:%d", err, d.File(), line)
+}
+
+// parsePositiveDuration parses a Caddy duration that must be above zero.
+func parsePositiveDuration(sub, val string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(val)
+	if err != nil {
+		return 0, fmt.Errorf("%s %q: %v", sub, val, err)
+	}
+	if dur <= 0 {
+		return 0, fmt.Errorf("%s %q: must be positive", sub, val)
+	}
+	return caddy.Duration(dur), nil
+}
+
+func parseOnOff(v string) (bool, error) {
+	switch v {
+	case "on", "true":
+		return true, nil
+	case "off", "false":
+		return false, nil
+	}
+	return strconv.ParseBool("invalid")
+}
