@@ -3,7 +3,6 @@ package caddymodule
 import (
 	"cmp"
 	"fmt"
-	"slices"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -44,68 +43,77 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return err
 	}
 	h.Account = account
-	client := clientConfig{&h.ClientID, &h.ClientSecret, &h.TokenURL, &h.ClientAuth}
-	known := append(slices.Clone(clientOptions), "refresh_token", "refresh_ahead", "timeout", "replay_401",
-		"max_replay_body", "max_replay_total", "query_param", "encryption_key", "encryption_key_previous")
-	var replayLine int // of the later of max_replay_body and max_replay_total
-	err = eachOption(d, known, func(sub, val string) error {
-		if ok, err := client.set(sub, val); ok {
-			return err
-		}
-		switch sub {
-		case "refresh_token":
-			h.RefreshToken = val
-		case "refresh_ahead", "timeout":
-			dur, err := parsePositiveDuration(sub, val)
-			if err != nil {
-				return err
-			}
-			if sub == "timeout" {
-				h.Timeout = dur
-			} else {
-				h.RefreshAhead = dur
-			}
-		case "replay_401":
-			on, err := parseOnOff(val)
-			if err != nil {
-				return fmt.Errorf("replay_401 %q: want on or off", val)
-			}
-			h.Replay401 = &on
-		case "max_replay_body", "max_replay_total":
-			limit, limitText := uint64(maxReplayBodyLimit), "1GiB"
-			if sub == "max_replay_total" {
-				limit, limitText = maxReplayTotalLimit, "1TiB"
-			}
-			size, err := parseSize(sub, val, limit, limitText)
-			if err != nil {
-				return err
-			}
-			if sub == "max_replay_total" {
-				h.MaxReplayTotal = size
-			} else {
-				h.MaxReplayBody = size
-			}
-			replayLine = d.Line()
-		case "query_param":
-			h.QueryParam = val
-		case "encryption_key":
-			h.EncryptionKey = val
-		case "encryption_key_previous":
-			h.EncryptionKeyPrevious = val
-		}
-		return nil
-	})
-	if err != nil {
+	block := &handlerBlock{Handler: h}
+	if err := handlerOptions.parseBlock(d, block); err != nil {
 		return err
 	}
-	if replayLine != 0 {
+	if block.replayLine != 0 {
 		body, total := cmp.Or(h.MaxReplayBody, DefaultMaxReplayBody), cmp.Or(h.MaxReplayTotal, DefaultMaxReplayTotal)
 		if err := checkReplayLimits(body, total); err != nil {
-			return errAtLine(d, replayLine, err)
+			return errAtLine(d, block.replayLine, err)
 		}
 	}
 	return requireCredentials(d, "restream_auth", h.ClientID, h.ClientSecret)
 }
+
+// handlerBlock is a Handler being parsed, with what the checks of the whole
+// block need.
+type handlerBlock struct {
+	*Handler
+	replayLine int // of the later of max_replay_body and max_replay_total
+}
+
+// handlerOptions are restream_auth's subdirectives.
+var handlerOptions = clientOptions(func(b *handlerBlock) clientConfig {
+	return clientConfig{&b.ClientID, &b.ClientSecret, &b.TokenURL, &b.ClientAuth}
+}).with(optionTable[*handlerBlock]{
+	"refresh_token": oneValue(func(b *handlerBlock, val string) error {
+		b.RefreshToken = val
+		return nil
+	}),
+	"refresh_ahead": oneValue(func(b *handlerBlock, val string) (err error) {
+		b.RefreshAhead, err = parsePositiveDuration("refresh_ahead", val)
+		return err
+	}),
+	"timeout": oneValue(func(b *handlerBlock, val string) (err error) {
+		b.Timeout, err = parsePositiveDuration("timeout", val)
+		return err
+	}),
+	"replay_401": oneValue(func(b *handlerBlock, val string) error {
+		on, err := parseOnOff(val)
+		if err != nil {
+			return fmt.Errorf("replay_401 %q: want on or off", val)
+		}
+		b.Replay401 = &on
+		return nil
+	}),
+	"max_replay_body": func(b *handlerBlock, d *caddyfile.Dispenser) error {
+		b.replayLine = d.Line()
+		return oneValue(func(b *handlerBlock, val string) (err error) {
+			b.MaxReplayBody, err = parseSize("max_replay_body", val, maxReplayBodyLimit, "1GiB")
+			return err
+		})(b, d)
+	},
+	"max_replay_total": func(b *handlerBlock, d *caddyfile.Dispenser) error {
+		b.replayLine = d.Line()
+		return oneValue(func(b *handlerBlock, val string) (err error) {
+			b.MaxReplayTotal, err = parseSize("max_replay_total", val, maxReplayTotalLimit, "1TiB")
+			return err
+		})(b, d)
+	},
+	"query_param": oneValue(func(b *handlerBlock, val string) error {
+		b.QueryParam = val
+		return nil
+	}),
+	"encryption_key": oneValue(func(b *handlerBlock, val string) error {
+		b.EncryptionKey = val
+		return nil
+	}),
+	"encryption_key_previous": oneValue(func(b *handlerBlock, val string) error {
+		b.EncryptionKeyPrevious = val
+		return nil
+	}),
+})
 
 // Interface guards
 var _ caddyfile.Unmarshaler = (*Handler)(nil)

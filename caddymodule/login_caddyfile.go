@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"fmt"
-	"slices"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -19,9 +18,6 @@ func parseLoginCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, e
 	err := m.UnmarshalCaddyfile(h.Dispenser)
 	return m, err
 }
-
-// loginFlags are the subdirectives that take no value.
-var loginFlags = []string{"allow_unauthenticated", "allow_account_change"}
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
 //
@@ -44,34 +40,8 @@ func (l *Login) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return err
 	}
 	l.Account = account
-	client := clientConfig{&l.ClientID, &l.ClientSecret, &l.TokenURL, &l.ClientAuth}
-	known := append(slices.Clone(clientOptions), "authorize_url", "redirect_uri", "encryption_key", "encryption_key_previous", "expected_user_id")
-	for d.NextBlock(0) {
-		sub := d.Val()
-		if slices.Contains(loginFlags, sub) {
-			if d.NextArg() {
-				return d.Errf("%s takes no value", sub)
-			}
-			l.AllowUnauthenticated = l.AllowUnauthenticated || sub == "allow_unauthenticated"
-			l.AllowAccountChange = l.AllowAccountChange || sub == "allow_account_change"
-			continue
-		}
-		if !slices.Contains(known, sub) {
-			return d.Errf("unknown subdirective %q", sub)
-		}
-		var val string
-		if !d.Args(&val) {
-			return d.Errf("%s: expected one value", sub)
-		}
-		if d.NextArg() {
-			return d.Errf("%s: expected one value, got more", sub)
-		}
-		if val == "" {
-			return d.Errf("%s: empty value", sub)
-		}
-		if err := l.setOption(client, sub, val); err != nil {
-			return d.Err(err.Error())
-		}
+	if err := loginOptions.parseBlock(d, l); err != nil {
+		return err
 	}
 	if err := requireCredentials(d, "restream_auth_login", l.ClientID, l.ClientSecret); err != nil {
 		return err
@@ -82,34 +52,42 @@ func (l *Login) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// setOption stores one valued subdirective.
-func (l *Login) setOption(client clientConfig, sub, val string) error {
-	if ok, err := client.set(sub, val); ok {
-		return err
-	}
-	switch sub {
-	case "authorize_url":
+// loginOptions are restream_auth_login's subdirectives.
+var loginOptions = clientOptions(func(l *Login) clientConfig {
+	return clientConfig{&l.ClientID, &l.ClientSecret, &l.TokenURL, &l.ClientAuth}
+}).with(optionTable[*Login]{
+	"authorize_url": oneValue(func(l *Login, val string) error {
 		if _, err := checkAuthorizeURL(val); err != nil {
 			return err
 		}
 		l.AuthorizeURL = val
-	case "redirect_uri":
+		return nil
+	}),
+	"redirect_uri": oneValue(func(l *Login, val string) error {
 		if _, err := checkRedirectURI(val); err != nil {
 			return err
 		}
 		l.RedirectURI = val
-	case "encryption_key":
+		return nil
+	}),
+	"encryption_key": oneValue(func(l *Login, val string) error {
 		l.EncryptionKey = val
-	case "encryption_key_previous":
+		return nil
+	}),
+	"encryption_key_previous": oneValue(func(l *Login, val string) error {
 		l.EncryptionKeyPrevious = val
-	case "expected_user_id":
+		return nil
+	}),
+	"expected_user_id": oneValue(func(l *Login, val string) error {
 		if !userIDPattern.MatchString(val) {
 			return fmt.Errorf("expected_user_id %q: want Restream's numeric user id (GET /v2/user/profile, field id)", val)
 		}
 		l.ExpectedUserID = val
-	}
-	return nil
-}
+		return nil
+	}),
+	"allow_unauthenticated": flag(func(l *Login) { l.AllowUnauthenticated = true }),
+	"allow_account_change":  flag(func(l *Login) { l.AllowAccountChange = true }),
+})
 
 // Interface guards
 var _ caddyfile.Unmarshaler = (*Login)(nil)

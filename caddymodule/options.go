@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
 	"regexp"
@@ -16,6 +17,123 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
+
+// Options shared by the directives: the Caddyfile option table that parses
+// a directive's block, the subdirectives common to every directive that
+// talks to the token endpoint, and their resolution at provisioning
+// (placeholders, defaults, checks).
+
+// optionParser parses one subdirective into target; d is at the
+// subdirective's name. Its errors are Caddyfile errors (d.Err), at the
+// subdirective's line.
+type optionParser[T any] func(target T, d *caddyfile.Dispenser) error
+
+// optionTable is a directive's subdirectives by name. The one table drives
+// the parsing of the block and names the known subdirectives when one is
+// not, so the list in the error cannot drift from what is parsed.
+type optionTable[T any] map[string]optionParser[T]
+
+// parseBlock parses a directive's block into target, one subdirective at a
+// time (a repeated one wins, as in Caddy's own directives).
+func (t optionTable[T]) parseBlock(d *caddyfile.Dispenser, target T) error {
+	for d.NextBlock(0) {
+		name := d.Val()
+		parse, ok := t[name]
+		if !ok {
+			return d.Errf("unknown subdirective %q (known: %s)", name, strings.Join(t.names(), ", "))
+		}
+		if err := parse(target, d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// names lists the table's subdirectives, sorted.
+func (t optionTable[T]) names() []string {
+	return slices.Sorted(maps.Keys(t))
+}
+
+// with returns a table holding t's subdirectives and more's. A name in both
+// is a programming error, reported when the package initializes.
+func (t optionTable[T]) with(more optionTable[T]) optionTable[T] {
+	all := maps.Clone(t)
+	for name, parse := range more {
+		if _, dup := all[name]; dup {
+			panic("caddymodule: subdirective " + name + " is in two option tables")
+		}
+		all[name] = parse
+	}
+	return all
+}
+
+// oneValue is the parser of a subdirective that takes exactly one non-empty
+// value; set checks and stores it.
+func oneValue[T any](set func(target T, val string) error) optionParser[T] {
+	return func(target T, d *caddyfile.Dispenser) error {
+		name := d.Val()
+		var val string
+		if !d.Args(&val) {
+			return d.Errf("%s: expected one value", name)
+		}
+		if d.NextArg() {
+			return d.Errf("%s: expected one value, got more", name)
+		}
+		if val == "" {
+			return d.Errf("%s: empty value", name)
+		}
+		if err := set(target, val); err != nil {
+			return d.Err(err.Error())
+		}
+		return nil
+	}
+}
+
+// flag is the parser of a subdirective that takes no value; set records it.
+func flag[T any](set func(target T)) optionParser[T] {
+	return func(target T, d *caddyfile.Dispenser) error {
+		name := d.Val()
+		if d.NextArg() {
+			return d.Errf("%s takes no value", name)
+		}
+		set(target)
+		return nil
+	}
+}
+
+// clientConfig points at the client options of a directive's struct.
+type clientConfig struct {
+	ClientID, ClientSecret, TokenURL, ClientAuth *string
+}
+
+// clientOptions are the subdirectives of every directive that talks to the
+// token endpoint; fields gives the struct fields of target they set.
+func clientOptions[T any](fields func(target T) clientConfig) optionTable[T] {
+	return optionTable[T]{
+		"client_id": oneValue(func(target T, val string) error {
+			*fields(target).ClientID = val
+			return nil
+		}),
+		"client_secret": oneValue(func(target T, val string) error {
+			*fields(target).ClientSecret = val
+			return nil
+		}),
+		"token_url": oneValue(func(target T, val string) error {
+			if err := checkEndpointURL("token_url", val); err != nil {
+				return err
+			}
+			*fields(target).TokenURL = val
+			return nil
+		}),
+		"client_auth": oneValue(func(target T, val string) error {
+			if _, err := parseClientAuth(val); err != nil {
+				return err
+			}
+			*fields(target).ClientAuth = val
+			return nil
+		}),
+	}
+}
 
 // parseAccountArg reads a directive's name and its optional <account>
 // argument ("" when absent).
@@ -32,65 +150,6 @@ func parseAccountArg(d *caddyfile.Dispenser) (string, error) {
 		return "", d.ArgErr()
 	}
 	return account, nil
-}
-
-// eachOption walks a block of subdirectives that each take exactly one
-// non-empty value and hands them to set (a repeated one wins, as in Caddy's
-// own directives). Errors, from the walk or from set, are Caddyfile errors
-// at the subdirective's line.
-func eachOption(d *caddyfile.Dispenser, known []string, set func(sub, val string) error) error {
-	for d.NextBlock(0) {
-		sub := d.Val()
-		if !slices.Contains(known, sub) {
-			return d.Errf("unknown subdirective %q", sub)
-		}
-		var val string
-		if !d.Args(&val) {
-			return d.Errf("%s: expected one value", sub)
-		}
-		if d.NextArg() {
-			return d.Errf("%s: expected one value, got more", sub)
-		}
-		if val == "" {
-			return d.Errf("%s: empty value", sub)
-		}
-		if err := set(sub, val); err != nil {
-			return d.Err(err.Error())
-		}
-	}
-	return nil
-}
-
-// clientOptions are the subdirectives of every directive that talks to the
-// token endpoint.
-var clientOptions = []string{"client_id", "client_secret", "token_url", "client_auth"}
-
-// clientConfig holds clientOptions as parsed.
-type clientConfig struct {
-	ClientID, ClientSecret, TokenURL, ClientAuth *string
-}
-
-// set stores one of clientOptions; it reports false for other subdirectives.
-func (c clientConfig) set(sub, val string) (bool, error) {
-	switch sub {
-	case "client_id":
-		*c.ClientID = val
-	case "client_secret":
-		*c.ClientSecret = val
-	case "token_url":
-		if err := checkEndpointURL("token_url", val); err != nil {
-			return true, err
-		}
-		*c.TokenURL = val
-	case "client_auth":
-		if _, err := parseClientAuth(val); err != nil {
-			return true, err
-		}
-		*c.ClientAuth = val
-	default:
-		return false, nil
-	}
-	return true, nil
 }
 
 // requireCredentials reports a missing client_id or client_secret at the

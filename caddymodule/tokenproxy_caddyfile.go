@@ -41,63 +41,37 @@ func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.Errf("restream_token_proxy takes no arguments (unexpected %q)", d.Val())
 	}
-	client := clientConfig{&p.ClientID, &p.ClientSecret, &p.TokenURL, &p.ClientAuth}
-	known := append(slices.Clone(clientOptions), "revoke_url", "timeout", "max_concurrent")
-	for d.NextBlock(0) {
-		sub := d.Val()
-		if sub == "redirect_uris" {
-			if err := p.addRedirectURIs(d); err != nil {
-				return err
-			}
-			continue
-		}
-		// As eachOption: one non-empty value, errors at the line.
-		if !slices.Contains(known, sub) {
-			return d.Errf("unknown subdirective %q", sub)
-		}
-		var val string
-		if !d.Args(&val) {
-			return d.Errf("%s: expected one value", sub)
-		}
-		if d.NextArg() {
-			return d.Errf("%s: expected one value, got more", sub)
-		}
-		if val == "" {
-			return d.Errf("%s: empty value", sub)
-		}
-		if err := p.setOption(client, sub, val); err != nil {
-			return d.Err(err.Error())
-		}
+	if err := tokenProxyOptions.parseBlock(d, p); err != nil {
+		return err
 	}
 	return requireCredentials(d, "restream_token_proxy", p.ClientID, p.ClientSecret)
 }
 
-// setOption stores one single-valued subdirective.
-func (p *TokenProxy) setOption(client clientConfig, sub, val string) error {
-	if ok, err := client.set(sub, val); ok {
-		return err
-	}
-	switch sub {
-	case "revoke_url":
-		if err := checkEndpointURL(sub, val); err != nil {
+// tokenProxyOptions are restream_token_proxy's subdirectives.
+var tokenProxyOptions = clientOptions(func(p *TokenProxy) clientConfig {
+	return clientConfig{&p.ClientID, &p.ClientSecret, &p.TokenURL, &p.ClientAuth}
+}).with(optionTable[*TokenProxy]{
+	"revoke_url": oneValue(func(p *TokenProxy, val string) error {
+		if err := checkEndpointURL("revoke_url", val); err != nil {
 			return err
 		}
 		p.RevokeURL = val
-	case "timeout":
-		dur, err := parsePositiveDuration(sub, val)
-		if err != nil {
-			return err
-		}
-		p.Timeout = dur
-	case "max_concurrent":
+		return nil
+	}),
+	"timeout": oneValue(func(p *TokenProxy, val string) (err error) {
+		p.Timeout, err = parsePositiveDuration("timeout", val)
+		return err
+	}),
+	"max_concurrent": oneValue(func(p *TokenProxy, val string) error {
 		n, err := strconv.Atoi(val)
 		if err != nil || n <= 0 {
-			return fmt.Errorf("%s %q: must be a positive integer", sub, val)
+			return fmt.Errorf("max_concurrent %q: must be a positive integer", val)
 		}
 		p.MaxConcurrent = n
-	}
-	return nil
-}
+		return nil
+	}),
+	"redirect_uris": (*TokenProxy).addRedirectURIs,
+})
 
 // addRedirectURIs reads `redirect_uris <uri...>`.
 func (p *TokenProxy) addRedirectURIs(d *caddyfile.Dispenser) error {
