@@ -5,7 +5,6 @@ import (
 	"crypto/subtle"
 	"errors"
 	"net/http"
-	"strings"
 
 	"go.uber.org/zap"
 
@@ -261,15 +260,10 @@ func (l *Login) fail(w http.ResponseWriter, r *http.Request, f *callbackFailure)
 	})
 }
 
-// redact removes the flow's secrets from a message; tokensource errors carry
-// none, this is a second line of defence.
+// redact removes the flow's secrets and the client secret from a message;
+// tokensource errors carry none, this is a second line of defence.
 func (l *Login) redact(msg string, secrets ...string) string {
-	for _, s := range append(secrets, l.clientSecret) {
-		if len(s) >= 4 {
-			msg = strings.ReplaceAll(msg, s, "[redacted]")
-		}
-	}
-	return msg
+	return tokensource.NewRedactor(l.clientID, l.clientSecret, secrets...).RedactString(msg)
 }
 
 // loginOAuthCode keeps an OAuth error code only if it looks like one.

@@ -35,7 +35,7 @@ const (
 	// TokenProxyMaxRequestBody is the largest form a device may send.
 	TokenProxyMaxRequestBody = 64 << 10
 	// TokenProxyMaxResponseBody is the largest token endpoint answer relayed.
-	TokenProxyMaxResponseBody = 1 << 20
+	TokenProxyMaxResponseBody = tokensource.MaxResponseBytes
 	// DefaultTokenProxyMaxConcurrent is max_concurrent's default.
 	DefaultTokenProxyMaxConcurrent = 16
 	// tokenProxyBusyRetryAfter is the Retry-After, in seconds, of the 429 a
@@ -83,13 +83,13 @@ type TokenProxy struct {
 
 	style     tokensource.AuthStyle
 	transport *http.Transport
-	client    *http.Client
 	logger    *zap.Logger
 	// slots holds one token per call in flight upstream; a full channel
 	// means max_concurrent is reached.
 	slots    chan struct{}
-	busyBody []byte // the 429 answer's JSON, made once
-	redactor *secretRedactor
+	busyBody []byte                // the 429 answer's JSON, made once
+	redactor *tokensource.Redactor // the client secret in answers and headers
+	endpoint *tokensource.Endpoint // the token and revocation endpoints
 }
 
 // CaddyModule returns the Caddy module information.
@@ -146,16 +146,14 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	p.busyBody = oauthJSON("temporarily_unavailable", fmt.Sprintf(
 		"%d calls to the token endpoint are already in progress (max_concurrent); retry after %s s",
 		p.MaxConcurrent, tokenProxyBusyRetryAfter))
-	p.redactor = newSecretRedactor(p.clientID, p.clientSecret)
+	p.redactor = tokensource.NewRedactor(p.clientID, p.clientSecret)
 	p.transport = http.DefaultTransport.(*http.Transport).Clone()
 	// Enough idle connections for the calls max_concurrent lets through.
 	p.transport.MaxIdleConnsPerHost = min(p.MaxConcurrent, 32)
-	p.client = &http.Client{
-		Transport: p.transport,
-		// A redirect would resend the form (and its credentials) elsewhere;
-		// a 3xx is reported as an unusable answer instead.
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-	}
+	// The endpoint follows no redirect: it would resend the form (and its
+	// credentials) elsewhere; a 3xx is reported as an unusable answer.
+	p.endpoint = &tokensource.Endpoint{URL: p.TokenURL, ClientID: p.clientID, ClientSecret: p.clientSecret,
+		AuthStyle: p.style, Client: &http.Client{Transport: p.transport}}
 	return nil
 }
 
@@ -363,17 +361,14 @@ func readTokenProxyForm(w http.ResponseWriter, r *http.Request) (url.Values, *to
 // endpoint may already have applied must not be abandoned halfway; it is
 // bounded by Timeout only.
 func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call, target string, form url.Values) {
-	if p.style == tokensource.AuthBody {
-		form.Set("client_id", p.clientID)
-		form.Set("client_secret", p.clientSecret)
-	}
 	timeout := time.Duration(p.Timeout)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
 	defer cancel()
 	start := time.Now()
-	status, body, header, failure := p.roundTrip(ctx, call, target, form)
+	answer, failure := p.roundTrip(ctx, call, target, form)
 	elapsed := time.Since(start)
 
+	status := failure.upstreamStatusOr(answer)
 	fields := []zap.Field{zap.String("grant_type", call), zap.Int("upstream_status", status), zap.Duration("duration", elapsed)}
 	level := zapcore.InfoLevel
 	if failure != nil {
@@ -396,88 +391,95 @@ func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call, targe
 	h := w.Header()
 	h.Set("Cache-Control", "no-store")
 	h.Set("Pragma", "no-cache")
-	if len(body) > 0 {
+	if len(answer.Body) > 0 {
 		h.Set("Content-Type", "application/json")
 	}
 	if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
-		if ra, ok := p.relayableRetryAfter(header.Get("Retry-After")); ok {
+		if ra, ok := p.relayableRetryAfter(answer.Header.Get("Retry-After")); ok {
 			h.Set("Retry-After", ra)
 		}
 	}
-	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set("Content-Length", strconv.Itoa(len(answer.Body)))
 	w.WriteHeader(status)
-	_, _ = w.Write(body) // the device may be gone; nothing to do about it
+	_, _ = w.Write(answer.Body) // the device may be gone; nothing to do about it
 }
 
 // tokenProxyFailure is the proxy's own answer when upstream gave none usable.
 type tokenProxyFailure struct {
-	status     int
-	code, desc string
-	kind       string // for the log line
+	status         int
+	code, desc     string
+	kind           string // for the log line
+	upstreamStatus int    // for the log line; 0 if no answer arrived
 }
 
-// roundTrip makes the upstream call and returns the status, body and headers
-// to relay, or a failure. Error texts never include the form or the answer.
-func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form url.Values) (int, []byte, http.Header, *tokenProxyFailure) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, strings.NewReader(form.Encode()))
-	if err != nil {
-		return 0, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error", "the upstream request could not be built", "bad_url"}
+// upstreamStatusOr is the upstream status to log: the failure's, or else
+// the answer's.
+func (f *tokenProxyFailure) upstreamStatusOr(answer *tokensource.Answer) int {
+	if f != nil {
+		return f.upstreamStatus
 	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	if p.style == tokensource.AuthBasic {
-		req.SetBasicAuth(p.clientID, p.clientSecret)
-	}
+	return answer.Status
+}
+
+// roundTrip makes the upstream call and returns the answer to relay, its
+// body redacted, or a failure. Error texts never include the form or the
+// answer.
+func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form url.Values) (*tokensource.Answer, *tokenProxyFailure) {
 	endpoint := "token endpoint"
 	if call == "revoke" {
 		endpoint = "revocation endpoint"
 	}
-	timedOut := func(err error) bool {
-		return errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil || isNetTimeout(err)
-	}
-	resp, err := p.client.Do(req)
+	answer, err := p.endpoint.PostTo(ctx, target, form)
 	if err != nil {
-		if timedOut(err) {
-			return 0, nil, nil, &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
-				fmt.Sprintf("the %s did not answer within %s", endpoint, time.Duration(p.Timeout)), "timeout"}
-		}
-		return 0, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "temporarily_unavailable",
-			"the " + endpoint + " is unreachable", "unreachable"}
+		return nil, upstreamFailure(err, endpoint, time.Duration(p.Timeout))
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, TokenProxyMaxResponseBody+1))
-	switch {
-	case err != nil && timedOut(err):
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
-			fmt.Sprintf("the %s did not finish its answer within %s", endpoint, time.Duration(p.Timeout)), "timeout"}
-	case err != nil:
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answer %d could not be read", endpoint, resp.StatusCode), "unreadable"}
-	case len(body) > TokenProxyMaxResponseBody:
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answered %d with more than %d bytes", endpoint, resp.StatusCode, TokenProxyMaxResponseBody), "too_large"}
+	if !usableAnswer(call, answer.Status, answer.Body) {
+		return nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d with %s", endpoint, answer.Status, tokensource.DescribeBody(answer.Header.Get("Content-Type"), answer.Body)),
+			"unusable", answer.Status}
 	}
-	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
-		// Not followed (see the client's CheckRedirect): the form would go,
-		// credentials and all, wherever the Location points.
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answered %d, a redirect, which the proxy does not follow", endpoint, resp.StatusCode), "redirect"}
-	}
-	if !usableAnswer(call, resp.StatusCode, body) {
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answered %d with %s", endpoint, resp.StatusCode, describeAnswer(resp.Header.Get("Content-Type"), body)), "unusable"}
-	}
-	if clean, n := p.redactor.redact(body, true); n > 0 {
+	if clean, n := p.redactor.Redact(answer.Body, true); n > 0 {
 		tokenProxyMetrics.redactions.Inc()
 		p.logger.Warn("the token endpoint's answer echoed the client secret; redacted before relaying",
-			zap.String("grant_type", call), zap.Int("upstream_status", resp.StatusCode), zap.Int("occurrences", n))
-		if json.Valid(body) && !json.Valid(clean) {
-			return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-				fmt.Sprintf("the %s answered %d with a body that echoed the client secret and could not be redacted", endpoint, resp.StatusCode), "secret_echo"}
+			zap.String("grant_type", call), zap.Int("upstream_status", answer.Status), zap.Int("occurrences", n))
+		if json.Valid(answer.Body) && !json.Valid(clean) {
+			return nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+				fmt.Sprintf("the %s answered %d with a body that echoed the client secret and could not be redacted", endpoint, answer.Status),
+				"secret_echo", answer.Status}
 		}
-		body = clean
+		answer.Body = clean
 	}
-	return resp.StatusCode, body, resp.Header, nil
+	return answer, nil
+}
+
+// upstreamFailure is the proxy's answer to a call that brought no usable answer
+// (a *tokensource.CallError): 504 when the timeout cut it, else 502.
+func upstreamFailure(err error, endpoint string, timeout time.Duration) *tokenProxyFailure {
+	var ce *tokensource.CallError
+	if !errors.As(err, &ce) {
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error", "the " + endpoint + " call failed", "unusable", 0}
+	}
+	switch {
+	case ce.Failure == tokensource.CallUnbuildable:
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error", "the upstream request could not be built", "bad_url", 0}
+	case ce.Failure == tokensource.CallNoAnswer && ce.Timeout():
+		return &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
+			fmt.Sprintf("the %s did not answer within %s", endpoint, timeout), "timeout", 0}
+	case ce.Failure == tokensource.CallNoAnswer:
+		return &tokenProxyFailure{http.StatusBadGateway, "temporarily_unavailable", "the " + endpoint + " is unreachable", "unreachable", 0}
+	case ce.Failure == tokensource.CallUnreadable && ce.Timeout():
+		return &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
+			fmt.Sprintf("the %s did not finish its answer within %s", endpoint, timeout), "timeout", ce.Status}
+	case ce.Failure == tokensource.CallUnreadable:
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answer %d could not be read", endpoint, ce.Status), "unreadable", ce.Status}
+	case ce.Failure == tokensource.CallTooLarge:
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d with more than %d bytes", endpoint, ce.Status, ce.Limit), "too_large", ce.Status}
+	default: // tokensource.CallRedirected: the form would go, credentials and all, wherever the Location points
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d, a redirect, which the proxy does not follow", endpoint, ce.Status), "redirect", ce.Status}
+	}
 }
 
 // relayableRetryAfter passes on a Retry-After that is what RFC 9110 allows
@@ -485,7 +487,7 @@ func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form ur
 // dropped.
 func (p *TokenProxy) relayableRetryAfter(v string) (string, bool) {
 	v = strings.TrimSpace(v)
-	if v == "" || len(v) > 64 || p.redactor.containsSecret(v) {
+	if v == "" || len(v) > 64 || p.redactor.Contains(v) {
 		return "", false
 	}
 	if _, err := strconv.ParseUint(v, 10, 32); err == nil {
@@ -522,33 +524,6 @@ func usableAnswer(call string, status int, body []byte) bool {
 		}
 	}
 	return false
-}
-
-// describeAnswer names an unusable body by kind and size, never by content.
-func describeAnswer(contentType string, body []byte) string {
-	if len(bytes.TrimSpace(body)) == 0 {
-		return "an empty body"
-	}
-	mt, _, _ := mime.ParseMediaType(contentType)
-	kind := "a body that is not JSON"
-	switch {
-	case strings.Contains(mt, "html"):
-		kind = "an HTML page"
-	case json.Valid(body):
-		kind = "unexpected JSON"
-	}
-	if mt == "" || len(mt) > 64 || strings.ContainsFunc(mt, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
-		mt = "no usable content type"
-	}
-	return fmt.Sprintf("%s (%s, %d bytes)", kind, mt, len(body))
-}
-
-func isNetTimeout(err error) bool {
-	t, ok := errors.AsType[interface {
-		error
-		Timeout() bool
-	}](err)
-	return ok && t.Timeout()
 }
 
 // writeOAuthJSON answers {"error":…,"error_description":…}, never cached.
