@@ -140,8 +140,8 @@ func (h *Handler) tokenConfig() (tokensource.Config, error) {
 	if h.Account == "" {
 		h.Account = DefaultAccount
 	}
-	if !accountPattern.MatchString(h.Account) {
-		return tokensource.Config{}, fmt.Errorf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
+	if err := checkAccountName(h.Account); err != nil {
+		return tokensource.Config{}, err
 	}
 	repl := caddy.NewReplacer()
 	client, err := resolveClient(repl, fmt.Sprintf("account %q", h.Account), h.ClientID, h.ClientSecret, &h.TokenURL, h.ClientAuth)

@@ -116,8 +116,8 @@ func (l *Login) Provision(ctx caddy.Context) error {
 	if l.Account == "" {
 		l.Account = DefaultAccount
 	}
-	if !accountPattern.MatchString(l.Account) {
-		return fmt.Errorf("account %q: use 1-64 letters, digits, '.', '_' or '-'", l.Account)
+	if err := checkAccountName(l.Account); err != nil {
+		return err
 	}
 	var err error
 	repl := caddy.NewReplacer()

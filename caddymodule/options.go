@@ -142,8 +142,8 @@ func parseAccountArg(d *caddyfile.Dispenser) (string, error) {
 	var account string
 	if d.NextArg() {
 		account = d.Val()
-		if !accountPattern.MatchString(account) {
-			return "", d.Errf("account %q: use 1-64 letters, digits, '.', '_' or '-'", account)
+		if err := checkAccountName(account); err != nil {
+			return "", d.Err(err.Error())
 		}
 	}
 	if d.NextArg() {
@@ -164,7 +164,17 @@ func requireCredentials(d *caddyfile.Dispenser, directive, clientID, clientSecre
 	return nil
 }
 
+// accountPattern is an account name: it becomes part of storage and Redis
+// keys, metric labels and cookie names.
 var accountPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// checkAccountName refuses a name accountPattern does not allow.
+func checkAccountName(account string) error {
+	if !accountPattern.MatchString(account) {
+		return fmt.Errorf("account %q: use 1-64 letters, digits, '.', '_' or '-'", account)
+	}
+	return nil
+}
 
 // clientSettings are the resolved options every directive that talks to
 // the token endpoint has.
