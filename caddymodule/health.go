@@ -18,6 +18,8 @@ func init() {
 //
 //	restream_auth_health [<account>]
 type Health struct {
+	// The account whose state the probe reports. 1 to 64 letters, digits,
+	// '.', '_' or '-'. Default: "default".
 	Account string `json:"account,omitempty"`
 }
 
@@ -29,12 +31,12 @@ func (Health) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision applies the default account.
+// Provision applies the default account and checks its name.
 func (h *Health) Provision(caddy.Context) error {
 	if h.Account == "" {
 		h.Account = DefaultAccount
 	}
-	return nil
+	return checkAccountName(h.Account)
 }
 
 type healthBody struct {

@@ -51,37 +51,64 @@ const loginStateTTL = 10 * time.Minute
 // flow may start on one instance and finish on another behind a load
 // balancer, as long as they share the client secret.
 type Login struct {
-	// Account names the chain to install; default "default".
-	Account      string `json:"account,omitempty"`
-	ClientID     string `json:"client_id,omitempty"`
+	// The account whose chain the flow installs. 1 to 64 letters, digits,
+	// '.', '_' or '-'. Default: "default".
+	Account string `json:"account,omitempty"`
+
+	// The Restream application's client id, as restream_auth's of the
+	// account. Required. {env.*} and {file.*} placeholders are resolved at
+	// provisioning.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The Restream application's client secret, as restream_auth's of the
+	// account; the state cookie's key is derived from it. Required.
+	// {env.*} and {file.*} placeholders are resolved at provisioning.
 	ClientSecret string `json:"client_secret,omitempty"`
-	// TokenURL is Restream's token endpoint (default
-	// https://api.restream.io/oauth/token). The profile that says which
-	// user authorized is read on its host, at /v2/user/profile.
+
+	// Restream's token endpoint, as restream_auth's: https, or http to a
+	// loopback host. The profile that says which user authorized is read
+	// on its host, at /v2/user/profile. Default:
+	// https://api.restream.io/oauth/token.
 	TokenURL string `json:"token_url,omitempty"`
-	// ClientAuth is "basic" (default) or "body".
+
+	// How the client credentials reach the token endpoint: "basic" or
+	// "body". Default: "basic".
 	ClientAuth string `json:"client_auth,omitempty"`
-	// AuthorizeURL is Restream's consent page (default https://api.restream.io/login).
+
+	// Restream's consent page, where …/login sends the browser: https, or
+	// http to a loopback host, without a fragment. Default:
+	// https://api.restream.io/login.
 	AuthorizeURL string `json:"authorize_url,omitempty"`
-	// RedirectURI is the public URL of <prefix>/callback, exactly as
-	// registered with the Restream application.
+
+	// The public URL of <prefix>/callback, exactly as registered with the
+	// Restream application: https, or http to a loopback host, no
+	// fragment, and a path ending in /callback. Required.
 	RedirectURI string `json:"redirect_uri,omitempty"`
-	// EncryptionKey and EncryptionKeyPrevious are restream_auth's at-rest
-	// encryption keys. They matter when no restream_auth of the account runs
-	// in the same process: the login then writes (and, for the next
-	// generation, reads) the stored record itself.
-	EncryptionKey         string `json:"encryption_key,omitempty"`
+
+	// restream_auth's at-rest encryption key for the account. It matters
+	// when no restream_auth of the account runs in the same process: the
+	// login then writes (and, for the next generation, reads) the stored
+	// record itself. Default: none. {env.*} and {file.*} placeholders are
+	// resolved at provisioning.
+	EncryptionKey string `json:"encryption_key,omitempty"`
+
+	// restream_auth's former encryption key, accepted for reading only.
+	// Needs encryption_key. Default: none. {env.*} and {file.*}
+	// placeholders are resolved at provisioning.
 	EncryptionKeyPrevious string `json:"encryption_key_previous,omitempty"`
-	// AllowUnauthenticated serves the flow to requests that no Caddy
-	// authentication handler identified. Default false: they get 403, as
-	// whoever completes the flow decides which account the sidecar acts as.
+
+	// Whether the flow is served to requests that no Caddy authentication
+	// handler identified. Default: false; they get 403, as whoever
+	// completes the flow decides which account the sidecar acts as.
 	AllowUnauthenticated bool `json:"allow_unauthenticated,omitempty"`
-	// ExpectedUserID is the numeric id of the only Restream user the account
-	// may act as; an authorization by another user, or one whose user cannot
-	// be read, installs nothing. Default: none.
+
+	// The numeric id of the only Restream user the account may act as; an
+	// authorization by another user, or one whose user cannot be read,
+	// installs nothing. Default: none, any user.
 	ExpectedUserID string `json:"expected_user_id,omitempty"`
-	// AllowAccountChange lets an authorization replace a chain that acts as
-	// another Restream user. Default false: refused.
+
+	// Whether an authorization may replace a chain that acts as another
+	// Restream user. Default: false, refused.
 	AllowAccountChange bool `json:"allow_account_change,omitempty"`
 
 	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.

@@ -50,32 +50,50 @@ const (
 // of the grant to Restream's token (or revoke) endpoint, then relays the
 // answer. It is terminal: it answers every request itself.
 //
-// client_id and client_secret accept {env.*} and {file.*} placeholders,
-// resolved at provisioning; prefer them to literals, which stay visible in
-// the config (admin /config/ endpoint, `caddy adapt` output).
+// client_id and client_secret resolve {env.*} and {file.*} placeholders at
+// provisioning; prefer them to literals, which stay visible in the config
+// (admin /config/ endpoint, `caddy adapt` output). No other field resolves
+// placeholders.
 type TokenProxy struct {
-	ClientID     string `json:"client_id,omitempty"`
+	// The Restream application's client id, added to every forwarded call.
+	// Required. {env.*} and {file.*} placeholders are resolved at
+	// provisioning.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The Restream application's client secret, added to every forwarded
+	// call and redacted from every relayed answer. Required. {env.*} and
+	// {file.*} placeholders are resolved at provisioning.
 	ClientSecret string `json:"client_secret,omitempty"`
-	// TokenURL defaults to https://api.restream.io/oauth/token.
+
+	// Restream's token endpoint, where grants go: https, or http to a
+	// loopback host. Default: https://api.restream.io/oauth/token.
 	TokenURL string `json:"token_url,omitempty"`
-	// RevokeURL defaults to token_url with its last segment "token" replaced
-	// by "revoke" (https://api.restream.io/oauth/revoke).
+
+	// Restream's revocation endpoint, where …/revoke calls go; same URL
+	// rules. Default: token_url with its last segment "token" replaced by
+	// "revoke" (https://api.restream.io/oauth/revoke).
 	RevokeURL string `json:"revoke_url,omitempty"`
-	// ClientAuth is "basic" (default) or "body".
+
+	// How the client credentials reach the endpoints: "basic" (HTTP Basic)
+	// or "body" (form fields). Default: "basic".
 	ClientAuth string `json:"client_auth,omitempty"`
-	// Timeout bounds one upstream call, answer included (default 10s).
+
+	// How long one upstream call may take, answer included; a call cut by
+	// it is answered 504. Default: 10s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
-	// MaxConcurrent bounds the device calls forwarded upstream at once
-	// (default 16). Restream limits calls per client_id, and the sidecar's
-	// own refreshes use the same client_id: a flood of devices must not
-	// spend that limit. A call beyond it is answered 429 with Retry-After
-	// and not forwarded.
+
+	// How many device calls this handler forwards upstream at once.
+	// Restream limits calls per client_id, and the sidecar's own refreshes
+	// use the same client_id: a flood of devices must not spend that
+	// limit. A call beyond it is answered 429 with Retry-After and not
+	// forwarded. Default: 16.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
-	// RedirectURIs are the redirect_uri values with which a device may
-	// redeem an authorization code, matched exactly. Without them the
+
+	// The redirect_uri values with which a device may redeem an
+	// authorization code, matched exactly: absolute URIs without a
+	// fragment. The refresh grant needs none. Default: none, and the
 	// authorization_code grant is refused, so the proxy lends the client
-	// secret only to the application's own login flows. The refresh grant
-	// needs none.
+	// secret only to the application's own login flows.
 	RedirectURIs []string `json:"redirect_uris,omitempty"`
 
 	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
