@@ -1,5 +1,3 @@
-// Package caddymodule is the Caddy glue of caddy-restream-auth: the
-// restream_auth handler, its Caddyfile directive and the storage it uses.
 package caddymodule
 
 import (

@@ -199,14 +199,14 @@ func badRequest(desc string) *tokenProxyRefusal {
 // It never calls next.
 func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	revoke := path.Base(r.URL.Path) == "revoke"
-	call, target, form, ref := p.parseRequest(w, r, revoke)
-	if ref != nil {
-		p.logger.Debug("refused token proxy request", zap.Int("status", ref.status), zap.String("error", ref.code),
+	call, refusal := p.parseRequest(w, r, revoke)
+	if refusal != nil {
+		p.logger.Debug("refused token proxy request", zap.Int("status", refusal.status), zap.String("error", refusal.code),
 			zap.Bool("revoke", revoke))
-		if ref.allowHeader {
+		if refusal.allowHeader {
 			w.Header().Set("Allow", http.MethodPost)
 		}
-		writeOAuthJSON(w, ref.status, ref.code, ref.desc)
+		writeOAuthJSON(w, refusal.status, refusal.code, refusal.desc)
 		return nil
 	}
 	select {
@@ -215,7 +215,7 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		// Refused before anything goes upstream: the client_id's rate
 		// limit at Restream is shared with the sidecar's own refreshes.
 		tokenProxyMetrics.throttled.Inc()
-		p.logger.Debug("token proxy busy: call refused", zap.String("grant_type", call), zap.Int("max_concurrent", p.MaxConcurrent))
+		p.logger.Debug("token proxy busy: call refused", zap.String("grant_type", call.name), zap.Int("max_concurrent", p.MaxConcurrent))
 		w.Header().Set("Retry-After", tokenProxyBusyRetryAfter)
 		writeOAuthBody(w, http.StatusTooManyRequests, p.busyBody)
 		return nil
@@ -225,57 +225,87 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		tokenProxyMetrics.inFlight.Dec()
 		<-p.slots
 	}()
-	p.forward(w, r, call, target, form)
+	p.forward(w, r, call)
 	return nil
 }
 
-// parseRequest validates the device's request and returns the call's name
-// (grant type, or "revoke"), the upstream URL and the form to send: only
-// the fields of the grant, never client credentials the device sent.
-func (p *TokenProxy) parseRequest(w http.ResponseWriter, r *http.Request, revoke bool) (string, string, url.Values, *tokenProxyRefusal) {
+// deviceCall is a device's request, checked, as the proxy forwards it.
+type deviceCall struct {
+	name   string     // the grant type, or "revoke"
+	target string     // the token or the revocation endpoint
+	form   url.Values // only the fields of the grant, never client credentials the device sent
+}
+
+// parseRequest checks the device's request and returns the call to forward,
+// or the refusal to answer with.
+func (p *TokenProxy) parseRequest(w http.ResponseWriter, r *http.Request, revoke bool) (deviceCall, *tokenProxyRefusal) {
 	if r.Method != http.MethodPost {
-		return "", "", nil, &tokenProxyRefusal{status: http.StatusMethodNotAllowed, code: "invalid_request",
+		return deviceCall{}, &tokenProxyRefusal{status: http.StatusMethodNotAllowed, code: "invalid_request",
 			desc: "method must be POST", allowHeader: true}
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/x-www-form-urlencoded" {
-		return "", "", nil, badRequest("content type must be application/x-www-form-urlencoded")
+		return deviceCall{}, badRequest("content type must be application/x-www-form-urlencoded")
 	}
-	in, ref := readTokenProxyForm(w, r)
-	if ref != nil {
-		return "", "", nil, ref
+	in, refusal := readTokenProxyForm(w, r)
+	if refusal != nil {
+		return deviceCall{}, refusal
 	}
-	get := func(name string) (string, *tokenProxyRefusal) {
-		switch v := in[name]; {
-		case len(v) > 1:
-			return "", badRequest("parameter " + name + " is repeated")
-		case len(v) == 0 || v[0] == "":
-			return "", badRequest("missing parameter: " + name)
-		default:
-			return v[0], nil
-		}
-	}
-	out := url.Values{}
 	if revoke {
-		tok, ref := get("token")
-		if ref != nil {
-			return "", "", nil, ref
-		}
-		out.Set("token", tok)
-		if _, given := in["token_type_hint"]; given {
-			hint, ref := get("token_type_hint")
-			if ref != nil {
-				return "", "", nil, ref
-			}
-			if hint != "access_token" && hint != "refresh_token" {
-				return "", "", nil, badRequest("token_type_hint must be access_token or refresh_token")
-			}
-			out.Set("token_type_hint", hint)
-		}
-		return "revoke", p.RevokeURL, out, nil
+		return p.parseRevocation(deviceForm(in))
 	}
-	grant, ref := get("grant_type")
-	if ref != nil {
-		return "", "", nil, ref
+	return p.parseGrant(deviceForm(in))
+}
+
+// deviceForm is the form a device sent.
+type deviceForm url.Values
+
+// single returns the one value of a parameter; a missing, empty or repeated
+// one is refused.
+func (in deviceForm) single(name string) (string, *tokenProxyRefusal) {
+	switch v := in[name]; {
+	case len(v) > 1:
+		return "", badRequest("parameter " + name + " is repeated")
+	case len(v) == 0 || v[0] == "":
+		return "", badRequest("missing parameter: " + name)
+	default:
+		return v[0], nil
+	}
+}
+
+// has reports whether the device sent a parameter, even empty.
+func (in deviceForm) has(name string) bool {
+	_, given := in[name]
+	return given
+}
+
+// parseRevocation checks a revocation (RFC 7009): a token and an optional
+// token_type_hint.
+func (p *TokenProxy) parseRevocation(in deviceForm) (deviceCall, *tokenProxyRefusal) {
+	out := url.Values{}
+	tok, refusal := in.single("token")
+	if refusal != nil {
+		return deviceCall{}, refusal
+	}
+	out.Set("token", tok)
+	if in.has("token_type_hint") {
+		hint, refusal := in.single("token_type_hint")
+		if refusal != nil {
+			return deviceCall{}, refusal
+		}
+		if hint != "access_token" && hint != "refresh_token" {
+			return deviceCall{}, badRequest("token_type_hint must be access_token or refresh_token")
+		}
+		out.Set("token_type_hint", hint)
+	}
+	return deviceCall{name: "revoke", target: p.RevokeURL, form: out}, nil
+}
+
+// parseGrant checks a token request: the refresh grant, or the
+// authorization_code grant for a redirect_uri of RedirectURIs.
+func (p *TokenProxy) parseGrant(in deviceForm) (deviceCall, *tokenProxyRefusal) {
+	grant, refusal := in.single("grant_type")
+	if refusal != nil {
+		return deviceCall{}, refusal
 	}
 	var fields []string
 	switch grant {
@@ -283,39 +313,39 @@ func (p *TokenProxy) parseRequest(w http.ResponseWriter, r *http.Request, revoke
 		fields = []string{"refresh_token"}
 	case "authorization_code":
 		if len(p.RedirectURIs) == 0 {
-			return "", "", nil, badRequest("the authorization_code grant is disabled: configure redirect_uris in restream_token_proxy to allow it")
+			return deviceCall{}, badRequest("the authorization_code grant is disabled: configure redirect_uris in restream_token_proxy to allow it")
 		}
 		fields = []string{"code", "redirect_uri"}
 	default:
-		return "", "", nil, &tokenProxyRefusal{status: http.StatusBadRequest, code: "unsupported_grant_type",
+		return deviceCall{}, &tokenProxyRefusal{status: http.StatusBadRequest, code: "unsupported_grant_type",
 			desc: "grant_type must be refresh_token or authorization_code"}
 	}
-	out.Set("grant_type", grant)
-	for _, f := range fields {
-		v, ref := get(f)
-		if ref != nil {
-			return "", "", nil, ref
+	out := url.Values{"grant_type": {grant}}
+	for _, name := range fields {
+		v, refusal := in.single(name)
+		if refusal != nil {
+			return deviceCall{}, refusal
 		}
-		out.Set(f, v)
+		out.Set(name, v)
 	}
 	if grant == "authorization_code" {
 		// Exactly as listed: no prefix, case or normalization games.
 		if !slices.Contains(p.RedirectURIs, out.Get("redirect_uri")) {
-			return "", "", nil, badRequest("redirect_uri is not one of the redirect_uris configured for this proxy")
+			return deviceCall{}, badRequest("redirect_uri is not one of the redirect_uris configured for this proxy")
 		}
 		// PKCE (RFC 7636): the verifier goes upstream unchanged.
-		if _, given := in["code_verifier"]; given {
-			v, ref := get("code_verifier")
-			if ref != nil {
-				return "", "", nil, ref
+		if in.has("code_verifier") {
+			v, refusal := in.single("code_verifier")
+			if refusal != nil {
+				return deviceCall{}, refusal
 			}
 			if !validCodeVerifier(v) {
-				return "", "", nil, badRequest("code_verifier must be 43 to 128 characters of A-Z a-z 0-9 - . _ ~ (RFC 7636)")
+				return deviceCall{}, badRequest("code_verifier must be 43 to 128 characters of A-Z a-z 0-9 - . _ ~ (RFC 7636)")
 			}
 			out.Set("code_verifier", v)
 		}
 	}
-	return grant, p.TokenURL, out, nil
+	return deviceCall{name: grant, target: p.TokenURL, form: out}, nil
 }
 
 // validCodeVerifier checks RFC 7636's code_verifier syntax.
@@ -378,16 +408,16 @@ func readTokenProxyForm(w http.ResponseWriter, r *http.Request) (url.Values, *to
 // answer. The call is detached from the device's connection: a refresh the
 // endpoint may already have applied must not be abandoned halfway; it is
 // bounded by Timeout only.
-func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call, target string, form url.Values) {
+func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call deviceCall) {
 	timeout := time.Duration(p.Timeout)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
 	defer cancel()
 	start := time.Now()
-	answer, failure := p.roundTrip(ctx, call, target, form)
+	answer, failure := p.roundTrip(ctx, call)
 	elapsed := time.Since(start)
 
 	status := failure.upstreamStatusOr(answer)
-	fields := []zap.Field{zap.String("grant_type", call), zap.Int("upstream_status", status), zap.Duration("duration", elapsed)}
+	fields := []zap.Field{zap.String("grant_type", call.name), zap.Int("upstream_status", status), zap.Duration("duration", elapsed)}
 	level := zapcore.InfoLevel
 	if failure != nil {
 		fields = append(fields, zap.String("failure", failure.kind))
@@ -442,16 +472,16 @@ func (f *tokenProxyFailure) upstreamStatusOr(answer *tokensource.Answer) int {
 // roundTrip makes the upstream call and returns the answer to relay, its
 // body redacted, or a failure. Error texts never include the form or the
 // answer.
-func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form url.Values) (*tokensource.Answer, *tokenProxyFailure) {
+func (p *TokenProxy) roundTrip(ctx context.Context, call deviceCall) (*tokensource.Answer, *tokenProxyFailure) {
 	endpoint := "token endpoint"
-	if call == "revoke" {
+	if call.name == "revoke" {
 		endpoint = "revocation endpoint"
 	}
-	answer, err := p.endpoint.PostTo(ctx, target, form)
+	answer, err := p.endpoint.PostTo(ctx, call.target, call.form)
 	if err != nil {
 		return nil, upstreamFailure(err, endpoint, time.Duration(p.Timeout))
 	}
-	if !usableAnswer(call, answer.Status, answer.Body) {
+	if !usableAnswer(call.name, answer.Status, answer.Body) {
 		return nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
 			fmt.Sprintf("the %s answered %d with %s", endpoint, answer.Status, tokensource.DescribeBody(answer.Header.Get("Content-Type"), answer.Body)),
 			"unusable", answer.Status}
@@ -459,7 +489,7 @@ func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form ur
 	if clean, n := p.redactor.Redact(answer.Body, true); n > 0 {
 		tokenProxyMetrics.redactions.Inc()
 		p.logger.Warn("the token endpoint's answer echoed the client secret; redacted before relaying",
-			zap.String("grant_type", call), zap.Int("upstream_status", answer.Status), zap.Int("occurrences", n))
+			zap.String("grant_type", call.name), zap.Int("upstream_status", answer.Status), zap.Int("occurrences", n))
 		if json.Valid(answer.Body) && !json.Valid(clean) {
 			return nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
 				fmt.Sprintf("the %s answered %d with a body that echoed the client secret and could not be redacted", endpoint, answer.Status),

@@ -167,7 +167,7 @@ func matchEncoded(b []byte, i int, needle []byte, jsonText bool) int {
 // escape (surrogate pairs joined), else one UTF-8 sequence (one byte if
 // invalid). It returns the rune, its UTF-8 bytes (the raw byte when
 // invalid) and where the next character starts, or -1 at the end of b.
-func nextEchoChar(b []byte, i int, jsonText bool) (rune, []byte, int) {
+func nextEchoChar(b []byte, i int, jsonText bool) (char rune, raw []byte, next int) {
 	if i >= len(b) {
 		return 0, nil, -1
 	}
