@@ -16,7 +16,8 @@
 //	               in login_state.go, the pages in login_page.go, the check
 //	               that it is bound like restream_auth in login_app.go
 //	tokenproxy.go  restream_token_proxy: device refresh and revocation calls
-//	               with the client credentials added; tokenproxy_metrics.go
+//	               with the client credentials added; what a device may send
+//	               in tokenproxy_request.go, the metrics in tokenproxy_metrics.go
 //	health.go      restream_auth_health: liveness and readiness probes
 //	app.go         the restream_auth app and global option: starts the
 //	               sources of a config, keeps accounts in Redis if told;

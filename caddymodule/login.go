@@ -140,57 +140,89 @@ func (Login) CaddyModule() caddy.ModuleInfo {
 func (l *Login) Provision(ctx caddy.Context) error {
 	l.logger = ctx.Logger()
 	l.now = time.Now
+	style, err := l.resolveSettings()
+	if err != nil {
+		return err
+	}
+	if err := l.openSource(ctx, style); err != nil {
+		return err
+	}
+	if err := l.attach(ctx); err != nil {
+		return err
+	}
+	if l.AllowUnauthenticated {
+		l.logger.Warn("allow_unauthenticated is set: anyone who reaches this route decides which Restream account the sidecar acts as; "+
+			"make sure something in front of it authenticates operators", zap.String("account", l.Account), zap.String("redirect_uri", l.RedirectURI))
+	}
+	return nil
+}
+
+// resolveSettings applies defaults, resolves placeholders, checks every
+// setting and derives the state cookie's name, path and key. It returns how
+// the client authenticates.
+func (l *Login) resolveSettings() (tokensource.AuthStyle, error) {
 	if l.Account == "" {
 		l.Account = DefaultAccount
 	}
 	if err := checkAccountName(l.Account); err != nil {
-		return err
+		return 0, err
 	}
 	var err error
 	repl := caddy.NewReplacer()
 	client, err := resolveClient(repl, fmt.Sprintf("restream_auth_login %q", l.Account), l.ClientID, l.ClientSecret, &l.TokenURL, l.ClientAuth)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	l.clientID, l.clientSecret = client.id, client.secret
 	if l.keyring, err = resolveKeyring(repl, l.EncryptionKey, l.EncryptionKeyPrevious); err != nil {
-		return err
+		return 0, err
 	}
 	if l.AuthorizeURL == "" {
 		l.AuthorizeURL = DefaultAuthorizeURL
 	}
 	if l.authorize, err = checkAuthorizeURL(l.AuthorizeURL); err != nil {
-		return err
+		return 0, err
 	}
 	if l.RedirectURI == "" {
-		return fmt.Errorf("restream_auth_login %q: redirect_uri is required", l.Account)
+		return 0, fmt.Errorf("restream_auth_login %q: redirect_uri is required", l.Account)
 	}
 	redirect, err := checkRedirectURI(l.RedirectURI)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if l.ExpectedUserID != "" && !userIDPattern.MatchString(l.ExpectedUserID) {
-		return fmt.Errorf("restream_auth_login %q: expected_user_id %q: want Restream's numeric user id", l.Account, l.ExpectedUserID)
+		return 0, fmt.Errorf("restream_auth_login %q: expected_user_id %q: want Restream's numeric user id", l.Account, l.ExpectedUserID)
 	}
+	l.nameCookie(redirect)
+	if l.stateKey, err = loginStateKey(l.clientSecret, l.clientID, l.Account); err != nil {
+		return 0, fmt.Errorf("deriving the state key: %v", err)
+	}
+	return client.style, nil
+}
+
+// nameCookie sets the state cookie's name and path for the callback at
+// redirect.
+func (l *Login) nameCookie(redirect *url.URL) {
 	l.secure = redirect.Scheme == "https"
 	if l.secure {
 		// A __Host- cookie: browsers take it only Secure, for the whole
 		// host and from this host alone, so no sibling (sub)domain can
 		// plant or overwrite the state.
 		l.cookieName, l.cookiePath = "__Host-restream_auth_login_"+l.Account, "/"
-	} else {
-		// The cookie must reach the callback wherever the flow started;
-		// with login and callback in one route this is the route's prefix.
-		l.cookieName, l.cookiePath = "restream_auth_login_"+l.Account, path.Dir(redirect.Path)
-		if !strings.HasSuffix(l.cookiePath, "/") {
-			l.cookiePath += "/"
-		}
+		return
 	}
-	if l.stateKey, err = loginStateKey(l.clientSecret, l.clientID, l.Account); err != nil {
-		return fmt.Errorf("deriving the state key: %v", err)
+	// The cookie must reach the callback wherever the flow started; with
+	// login and callback in one route this is the route's prefix.
+	l.cookieName, l.cookiePath = "restream_auth_login_"+l.Account, path.Dir(redirect.Path)
+	if !strings.HasSuffix(l.cookiePath, "/") {
+		l.cookiePath += "/"
 	}
-	// The login's own source keeps the chain where restream_auth does:
-	// Caddy storage, or the restream_auth app's Redis.
+}
+
+// openSource opens the login's own token source, which exchanges codes and
+// installs when no restream_auth of the account runs. It keeps the chain
+// where restream_auth does: Caddy storage, or the restream_auth app's Redis.
+func (l *Login) openSource(ctx caddy.Context, style tokensource.AuthStyle) error {
 	backend, err := storeFor(ctx, l.Account, l.keyring, guardStorage(ctx.Storage(), l.logger), l.logger)
 	if err != nil {
 		return err
@@ -200,7 +232,7 @@ func (l *Login) Provision(ctx caddy.Context) error {
 		ClientID:     l.clientID,
 		ClientSecret: l.clientSecret,
 		TokenURL:     l.TokenURL,
-		AuthStyle:    client.style,
+		AuthStyle:    style,
 		HTTPClient:   &http.Client{Transport: tokenTransport()},
 		Logger:       l.logger.Named("tokensource"),
 		Keyring:      l.keyring,
@@ -210,13 +242,6 @@ func (l *Login) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("restream_auth_login %q: %w", l.Account, err)
 	}
 	l.own = l.ownPool.Source
-	if err := l.attach(ctx); err != nil {
-		return err
-	}
-	if l.AllowUnauthenticated {
-		l.logger.Warn("allow_unauthenticated is set: anyone who reaches this route decides which Restream account the sidecar acts as; "+
-			"make sure something in front of it authenticates operators", zap.String("account", l.Account), zap.String("redirect_uri", l.RedirectURI))
-	}
 	return nil
 }
 
@@ -327,34 +352,6 @@ func loginRoute(p string) string {
 
 func loginSegment(p string) string {
 	return p[strings.LastIndexByte(p, '/')+1:]
-}
-
-// unauthenticated refuses a request that no Caddy authentication handler
-// identified: the flow decides which Restream account the sidecar acts as.
-func (l *Login) unauthenticated(w http.ResponseWriter, r *http.Request) error {
-	l.logger.Warn("login route refused a request that no authentication handler identified",
-		zap.String("account", l.Account), zap.String("remote_ip", loginRemoteIP(r)))
-	return l.page(w, r, http.StatusForbidden, loginPage{
-		Title: "Sign-in required",
-		Paragraphs: []string{
-			"Whoever completes this flow decides which Restream account the sidecar acts as, so it answers only requests that Caddy authenticated.",
-			"Put basic_auth in front of restream_auth_login in the Caddyfile (create the hash with caddy hash-password), for example:",
-		},
-		Code: "handle /restream/* {\n\tbasic_auth {\n\t\toperator <hash from caddy hash-password>\n\t}\n\trestream_auth_login {\n\t\t…\n\t}\n}",
-		After: []string{
-			"With forward_auth, copy the user header and set {http.auth.user.id} from it before restream_auth_login " +
-				"(inside a route block: vars http.auth.user.id {http.request.header.Remote-User}).",
-			"If something in front of Caddy already authenticates every request to this route, add allow_unauthenticated to restream_auth_login.",
-		},
-	})
-}
-
-func (l *Login) methodNotAllowed(w http.ResponseWriter, r *http.Request, allow string) error {
-	w.Header().Set("Allow", allow)
-	return l.page(w, r, http.StatusMethodNotAllowed, loginPage{
-		Title:      "Method not allowed",
-		Paragraphs: []string{"Use " + allow + "."},
-	})
 }
 
 // start binds a fresh state to the browser and sends it to Restream.
