@@ -29,9 +29,9 @@ func init() {
 // Handlers load it with ctx.App; without a redis object it needs no
 // configuration.
 type App struct {
-	// Redis, if set, keeps every account's record and lease in Redis
-	// instead of Caddy storage (which keeps certificates). Default: unset,
-	// Caddy storage.
+	// Where every account's record and lease are kept, if not in Caddy
+	// storage (which keeps certificates): a Redis that replicas share.
+	// Default: none, Caddy storage.
 	Redis *RedisConfig `json:"redis,omitempty"`
 
 	mu      *sync.Mutex
@@ -44,15 +44,21 @@ type App struct {
 // written, placeholders and all (the config, the admin API and `caddy
 // adapt` show it so): give the password with {env.*} or {file.*}.
 type RedisConfig struct {
-	// URL is redis://[user:password@]host[:port][/db] or rediss://… (TLS).
-	// {env.*} and {file.*} placeholders are resolved at provisioning.
-	// Required.
+	// The Redis to use: redis://[user:password@]host[:port][/db], or
+	// rediss://… for TLS. Required. {env.*} and {file.*} placeholders are
+	// resolved at provisioning; the password never appears in logs,
+	// errors, status or metrics.
 	URL string `json:"url,omitempty"`
-	// KeyPrefix starts every key; default "restream_auth/". An account's
-	// keys are <key_prefix>{<account>}/record, …/lease and …/mark.
+
+	// The start of every key: an account's keys are
+	// <key_prefix>{<account>}/record, …/lease and …/mark. No spaces, braces
+	// or control characters. Placeholders are not resolved. Default:
+	// "restream_auth/".
 	KeyPrefix string `json:"key_prefix,omitempty"`
-	// MinReplicas is how many Redis replicas must acknowledge (WAIT) each
-	// new pair, and each lease mark, before it is used; default 0.
+
+	// How many Redis replicas must acknowledge (WAIT) each new pair, and
+	// each lease mark, before it is used; fewer is a failed write. Default:
+	// 0, the primary's acknowledgement is enough.
 	MinReplicas int `json:"min_replicas,omitempty"`
 }
 

@@ -48,24 +48,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.ArgErr()
 	}
 	r := new(RedisConfig)
-	err := eachOption(d, []string{"redis", "key_prefix", "min_replicas"}, func(sub, val string) error {
-		switch sub {
-		case "redis":
-			r.URL = val
-			return checkRedisURLSyntax(val)
-		case "key_prefix":
-			r.KeyPrefix = val
-			return redisstore.CheckKeyPrefix(val)
-		case "min_replicas":
-			n, err := strconv.Atoi(val)
-			if err != nil || n < 0 {
-				return fmt.Errorf("min_replicas %q: want a whole number, 0 or more", val)
-			}
-			r.MinReplicas = n
-		}
-		return nil
-	})
-	if err != nil {
+	if err := redisOptions.parseBlock(d, r); err != nil {
 		return err
 	}
 	if r.URL == "" {
@@ -73,6 +56,26 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	a.Redis = r
 	return nil
+}
+
+// redisOptions are the subdirectives of the restream_auth global option.
+var redisOptions = optionTable[*RedisConfig]{
+	"redis": oneValue(func(r *RedisConfig, val string) error {
+		r.URL = val
+		return checkRedisURLSyntax(val)
+	}),
+	"key_prefix": oneValue(func(r *RedisConfig, val string) error {
+		r.KeyPrefix = val
+		return redisstore.CheckKeyPrefix(val)
+	}),
+	"min_replicas": oneValue(func(r *RedisConfig, val string) error {
+		n, err := strconv.Atoi(val)
+		if err != nil || n < 0 {
+			return fmt.Errorf("min_replicas %q: want a whole number, 0 or more", val)
+		}
+		r.MinReplicas = n
+		return nil
+	}),
 }
 
 // checkRedisURLSyntax checks what can be checked before placeholders are

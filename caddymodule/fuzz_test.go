@@ -56,7 +56,8 @@ func FuzzTokenProxyForm(f *testing.F) {
 		r := httptest.NewRequest(http.MethodPost, "/oauth/token", strings.NewReader(body))
 		r.Header.Set("Content-Type", contentType)
 		w := httptest.NewRecorder()
-		call, target, form, ref := p.parseRequest(w, r, revoke)
+		accepted, ref := p.parseRequest(w, r, revoke)
+		call, target, form := accepted.name, accepted.target, accepted.form
 		if ref != nil {
 			if ref.status < 400 || ref.status > 499 || ref.code == "" {
 				t.Fatalf("refusal %+v", ref)

@@ -1,18 +1,12 @@
-// Package caddymodule is the Caddy glue of caddy-restream-auth: the
-// restream_auth handler, its Caddyfile directive and the storage it uses.
 package caddymodule
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -38,45 +32,88 @@ const (
 
 // Handler puts a valid Restream access token on every request it passes on
 // (typically to reverse_proxy), and replays a request once when the upstream
-// rejects its token with 401.
+// rejects its token with 401. Handlers of one account with the same settings
+// share one token source (see pool.go), across routes and config reloads.
 //
-// client_id, client_secret and refresh_token accept {env.*} and {file.*}
-// placeholders, resolved at provisioning; prefer them to literals, which stay
-// visible in the config (admin /config/ endpoint, `caddy adapt` output).
+// The secrets (client_id, client_secret, refresh_token and the encryption
+// keys) resolve {env.*} and {file.*} placeholders at provisioning; prefer
+// them to literals, which stay visible in the config (the admin /config/
+// endpoint, `caddy adapt` output). No other field resolves placeholders.
 type Handler struct {
-	// Account names the token chain; storage keys live under restream_auth/<account>/.
-	Account      string `json:"account,omitempty"`
-	ClientID     string `json:"client_id,omitempty"`
+	// The name of the token chain: its record and lease are kept under
+	// restream_auth/<account>/ in Caddy storage (or in the restream_auth
+	// app's Redis). 1 to 64 letters, digits, '.', '_' or '-'. Default:
+	// "default".
+	Account string `json:"account,omitempty"`
+
+	// The Restream application's client id. Required. {env.*} and {file.*}
+	// placeholders are resolved at provisioning.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The Restream application's client secret. Required. {env.*} and
+	// {file.*} placeholders are resolved at provisioning.
 	ClientSecret string `json:"client_secret,omitempty"`
-	// RefreshToken is the seed: exchanged once, after which the stored chain is used.
+
+	// A refresh token to start the chain from (the seed). It is exchanged
+	// once; its fingerprint is stored, so a restart with the same seed uses
+	// the stored chain, and a seed never seen before starts a new chain.
+	// Default: none; without a seed or a stored chain, requests get 503
+	// no_chain until a chain is installed (restream_auth_login or `caddy
+	// restream-auth seed`). {env.*} and {file.*} placeholders are resolved
+	// at provisioning.
 	RefreshToken string `json:"refresh_token,omitempty"`
-	TokenURL     string `json:"token_url,omitempty"`
-	// ClientAuth is "basic" (default) or "body".
+
+	// Restream's token endpoint: https, or http to a loopback host (local
+	// fakes), without credentials. The chain's Restream user is read at
+	// /v2/user/profile on the same host. Default:
+	// https://api.restream.io/oauth/token.
+	TokenURL string `json:"token_url,omitempty"`
+
+	// How the client credentials reach the token endpoint: "basic" (HTTP
+	// Basic, as Restream recommends) or "body" (form fields). Default:
+	// "basic".
 	ClientAuth string `json:"client_auth,omitempty"`
-	// RefreshAhead is how long before expiry the pair is renewed (default 5m,
-	// capped at half the token's lifetime).
+
+	// How long before the access token expires the pair is renewed, never
+	// more than half the token's lifetime. Default: 5m.
 	RefreshAhead caddy.Duration `json:"refresh_ahead,omitempty"`
-	// Replay401 replays a request once after a 401 (default true).
+
+	// Whether a request is replayed once, with a newer token, when the
+	// upstream answers 401. Default: true.
 	Replay401 *bool `json:"replay_401,omitempty"`
-	// MaxReplayBody is the largest request body buffered for a replay (default 1 MiB).
+
+	// The largest request body, in bytes, kept for a replay; at most 1 GiB.
+	// A larger body, or one of unknown length, is streamed without a copy,
+	// and a 401 answer to it goes to the client. Default: 1048576 (1 MiB).
 	MaxReplayBody int64 `json:"max_replay_body,omitempty"`
-	// MaxReplayTotal caps, in bytes, the request bodies held for replays by
-	// all restream_auth handlers of the process together (default 64 MiB; at
-	// least max_replay_body). Bodies are read and counted as they arrive; a
-	// request that would take the total past the cap is proxied without a
-	// replay copy, as a body over max_replay_body is: an upstream 401 on it
-	// goes to the client.
+
+	// The cap, in bytes, on the request bodies held for replays by all
+	// restream_auth handlers of the process together; at least
+	// max_replay_body, at most 1 TiB. Bodies are read and counted as they
+	// arrive; a request that would take the total past the cap is proxied
+	// without a replay copy, as a body over max_replay_body is: an upstream
+	// 401 on it goes to the client. Default: 67108864 (64 MiB).
 	MaxReplayTotal int64 `json:"max_replay_total,omitempty"`
-	// QueryParam, if set, also carries the token in this query parameter
-	// (Restream's websockets take it as accessToken).
+
+	// The name of a query parameter that also carries the access token,
+	// replacing any the client sent (Restream's websockets take it as
+	// accessToken). Default: none; the token goes in the Authorization
+	// header only.
 	QueryParam string `json:"query_param,omitempty"`
-	// Timeout bounds one token endpoint call (default 10s).
+
+	// How long one call to the token endpoint may take, answer included;
+	// also the longest a request waits for a token. Default: 10s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
-	// EncryptionKey, if set, encrypts the stored token record at rest
-	// (AES-256-GCM): 32 random bytes in standard base64, best from a
-	// {env.*} or {file.*} placeholder.
+
+	// The key that encrypts the stored token record at rest (AES-256-GCM):
+	// 32 random bytes in standard base64. Default: none, the record is
+	// stored unencrypted. {env.*} and {file.*} placeholders are resolved at
+	// provisioning.
 	EncryptionKey string `json:"encryption_key,omitempty"`
-	// EncryptionKeyPrevious is accepted for reading only, for key rotation.
+
+	// A former encryption_key, accepted for reading only, so the key can be
+	// rotated. Needs encryption_key. Default: none. {env.*} and {file.*}
+	// placeholders are resolved at provisioning.
 	EncryptionKeyPrevious string `json:"encryption_key_previous,omitempty"`
 
 	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
@@ -97,8 +134,6 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 		New: func() caddy.Module { return new(Handler) },
 	}
 }
-
-var accountPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 // Provision resolves placeholders, applies defaults and attaches the shared
 // token source for the account. It does not contact the token endpoint.
@@ -146,8 +181,8 @@ func (h *Handler) tokenConfig() (tokensource.Config, error) {
 	if h.Account == "" {
 		h.Account = DefaultAccount
 	}
-	if !accountPattern.MatchString(h.Account) {
-		return tokensource.Config{}, fmt.Errorf("account %q: use 1-64 letters, digits, '.', '_' or '-'", h.Account)
+	if err := checkAccountName(h.Account); err != nil {
+		return tokensource.Config{}, err
 	}
 	repl := caddy.NewReplacer()
 	client, err := resolveClient(repl, fmt.Sprintf("account %q", h.Account), h.ClientID, h.ClientSecret, &h.TokenURL, h.ClientAuth)
@@ -188,45 +223,6 @@ func (h *Handler) tokenConfig() (tokensource.Config, error) {
 	}, nil
 }
 
-// clientSettings are the resolved options every directive that talks to
-// the token endpoint has.
-type clientSettings struct {
-	id, secret string
-	style      tokensource.AuthStyle
-}
-
-// resolveClient resolves client_id and client_secret, defaults and checks
-// *tokenURL, and parses client_auth. who names the directive in errors.
-func resolveClient(repl *caddy.Replacer, who, id, secret string, tokenURL *string, clientAuth string) (clientSettings, error) {
-	var c clientSettings
-	var err error
-	if c.id, err = resolveSecret(repl, "client_id", id); err != nil {
-		return c, err
-	}
-	if c.secret, err = resolveSecret(repl, "client_secret", secret); err != nil {
-		return c, err
-	}
-	if c.id == "" || c.secret == "" {
-		return c, fmt.Errorf("%s: client_id and client_secret are required (they resolved to empty values)", who)
-	}
-	if *tokenURL == "" {
-		*tokenURL = DefaultTokenURL
-	}
-	if err := checkEndpointURL("token_url", *tokenURL); err != nil {
-		return c, err
-	}
-	c.style, err = parseClientAuth(clientAuth)
-	return c, err
-}
-
-// Validate checks what Provision could not default.
-func (h *Handler) Validate() error {
-	if h.src == nil {
-		return errors.New("not provisioned")
-	}
-	return nil
-}
-
 // Cleanup releases this handler's use of the shared source.
 func (h *Handler) Cleanup() error {
 	if h.poolKey == "" {
@@ -234,100 +230,6 @@ func (h *Handler) Cleanup() error {
 	}
 	_, err := sources.Delete(h.poolKey)
 	return err
-}
-
-// resolveSecret expands {env.*} and {file.*} placeholders; an unknown
-// placeholder is an error rather than silently empty.
-func resolveSecret(repl *caddy.Replacer, name, v string) (string, error) {
-	out, err := repl.ReplaceOrErr(v, true, true)
-	if err != nil {
-		return "", fmt.Errorf("%s: %v", name, err)
-	}
-	return strings.TrimSpace(out), nil
-}
-
-// resolveKeyring builds the at-rest encryption keyring; nil without a key.
-func resolveKeyring(repl *caddy.Replacer, current, previous string) (*tokensource.Keyring, error) {
-	cur, err := resolveSecret(repl, "encryption_key", current)
-	if err != nil {
-		return nil, err
-	}
-	prev, err := resolveSecret(repl, "encryption_key_previous", previous)
-	if err != nil {
-		return nil, err
-	}
-	if cur == "" {
-		if prev != "" {
-			return nil, errors.New("encryption_key_previous needs encryption_key")
-		}
-		return nil, nil
-	}
-	key, err := tokensource.ParseKey(cur)
-	if err != nil {
-		return nil, fmt.Errorf("encryption_key: %v", err)
-	}
-	var prevKeys [][]byte
-	if prev != "" {
-		pk, err := tokensource.ParseKey(prev)
-		if err != nil {
-			return nil, fmt.Errorf("encryption_key_previous: %v", err)
-		}
-		prevKeys = append(prevKeys, pk)
-	}
-	return tokensource.NewKeyring(key, prevKeys...)
-}
-
-// checkEndpointURL requires https, or http to a loopback host (local fakes).
-func checkEndpointURL(name, raw string) error {
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" {
-		return fmt.Errorf("%s %q is not an absolute URL", name, raw)
-	}
-	if u.User != nil {
-		return fmt.Errorf("%s must not contain credentials", name)
-	}
-	switch u.Scheme {
-	case "https":
-		return nil
-	case "http":
-		host := u.Hostname()
-		if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
-			return nil
-		}
-		return fmt.Errorf("%s %q: plain http is allowed only for loopback hosts; use https", name, raw)
-	}
-	return fmt.Errorf("%s %q: scheme must be https", name, raw)
-}
-
-func parseClientAuth(v string) (tokensource.AuthStyle, error) {
-	switch v {
-	case "", "basic":
-		return tokensource.AuthBasic, nil
-	case "body":
-		return tokensource.AuthBody, nil
-	}
-	return 0, fmt.Errorf("client_auth %q: want basic or body", v)
-}
-
-// poolKey identifies a source by everything that changes its behaviour; a
-// secret enters only as part of a hash.
-func poolKey(cfg tokensource.Config, storage any) string {
-	h := sha256.New()
-	fmt.Fprintf(h, "%q|%q|%q|%d|%d|%d|%s|%s", cfg.ClientID, cfg.ClientSecret, cfg.TokenURL, cfg.AuthStyle,
-		cfg.RefreshAhead, cfg.Timeout, tokensource.Fingerprint(cfg.Seed), storageIdentity(storage))
-	if cfg.Keyring != nil {
-		fmt.Fprintf(h, "|%s", cfg.Keyring.KeyIDs())
-	}
-	return cfg.Account + "|" + hex.EncodeToString(h.Sum(nil))
-}
-
-// tokenTransport is the token endpoint's transport: no proxy surprises
-// beyond the environment's, and bounded waits everywhere.
-func tokenTransport() http.RoundTripper {
-	t := http.DefaultTransport.(*http.Transport).Clone()
-	t.ResponseHeaderTimeout = 0 // the per-call timeout covers it
-	t.MaxIdleConnsPerHost = 2
-	return t
 }
 
 // ServeHTTP sets the token and passes the request on; see replayServe for 401s.
@@ -520,7 +422,6 @@ func (h *Handler) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 // Interface guards
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
-	_ caddy.Validator             = (*Handler)(nil)
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ zapcore.ObjectMarshaler     = (*Handler)(nil)

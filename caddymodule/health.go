@@ -5,15 +5,11 @@ import (
 	"net/http"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 func init() {
 	caddy.RegisterModule(Health{})
-	httpcaddyfile.RegisterHandlerDirective("restream_auth_health", parseHealthCaddyfile)
-	httpcaddyfile.RegisterDirectiveOrder("restream_auth_health", httpcaddyfile.Before, "reverse_proxy")
 }
 
 // Health answers liveness/readiness probes for an account: 200 with a short
@@ -22,6 +18,8 @@ func init() {
 //
 //	restream_auth_health [<account>]
 type Health struct {
+	// The account whose state the probe reports. 1 to 64 letters, digits,
+	// '.', '_' or '-'. Default: "default".
 	Account string `json:"account,omitempty"`
 }
 
@@ -33,12 +31,12 @@ func (Health) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision applies the default account.
+// Provision applies the default account and checks its name.
 func (h *Health) Provision(caddy.Context) error {
 	if h.Account == "" {
 		h.Account = DefaultAccount
 	}
-	return nil
+	return checkAccountName(h.Account)
 }
 
 type healthBody struct {
@@ -69,28 +67,8 @@ func (h *Health) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.H
 	return json.NewEncoder(w).Encode(body)
 }
 
-func parseHealthCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
-	m := new(Health)
-	err := m.UnmarshalCaddyfile(h.Dispenser)
-	return m, err
-}
-
-// UnmarshalCaddyfile parses `restream_auth_health [<account>]`.
-func (h *Health) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	account, err := parseAccountArg(d)
-	if err != nil {
-		return err
-	}
-	h.Account = account
-	if d.NextBlock(0) {
-		return d.Errf("restream_auth_health takes no block (unexpected %q)", d.Val())
-	}
-	return nil
-}
-
 // Interface guards
 var (
 	_ caddy.Provisioner           = (*Health)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Health)(nil)
-	_ caddyfile.Unmarshaler       = (*Health)(nil)
 )

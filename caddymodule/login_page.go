@@ -226,3 +226,31 @@ func humanDuration(d time.Duration) string {
 	}
 	return n(int64(d/day), "day")
 }
+
+// unauthenticated refuses a request that no Caddy authentication handler
+// identified: the flow decides which Restream account the sidecar acts as.
+func (l *Login) unauthenticated(w http.ResponseWriter, r *http.Request) error {
+	l.logger.Warn("login route refused a request that no authentication handler identified",
+		zap.String("account", l.Account), zap.String("remote_ip", loginRemoteIP(r)))
+	return l.page(w, r, http.StatusForbidden, loginPage{
+		Title: "Sign-in required",
+		Paragraphs: []string{
+			"Whoever completes this flow decides which Restream account the sidecar acts as, so it answers only requests that Caddy authenticated.",
+			"Put basic_auth in front of restream_auth_login in the Caddyfile (create the hash with caddy hash-password), for example:",
+		},
+		Code: "handle /restream/* {\n\tbasic_auth {\n\t\toperator <hash from caddy hash-password>\n\t}\n\trestream_auth_login {\n\t\t…\n\t}\n}",
+		After: []string{
+			"With forward_auth, copy the user header and set {http.auth.user.id} from it before restream_auth_login " +
+				"(inside a route block: vars http.auth.user.id {http.request.header.Remote-User}).",
+			"If something in front of Caddy already authenticates every request to this route, add allow_unauthenticated to restream_auth_login.",
+		},
+	})
+}
+
+func (l *Login) methodNotAllowed(w http.ResponseWriter, r *http.Request, allow string) error {
+	w.Header().Set("Allow", allow)
+	return l.page(w, r, http.StatusMethodNotAllowed, loginPage{
+		Title:      "Method not allowed",
+		Paragraphs: []string{"Use " + allow + "."},
+	})
+}

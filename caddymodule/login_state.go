@@ -42,7 +42,7 @@ func (l *Login) signState(state string, exp int64) string {
 
 // verifyState returns the state a valid, unexpired cookie carries, and its
 // expiry.
-func (l *Login) verifyState(v string, now time.Time) (string, time.Time, error) {
+func (l *Login) verifyState(v string, now time.Time) (state string, expiry time.Time, err error) {
 	parts := strings.Split(v, ".")
 	if len(parts) != 4 || parts[0] != "v2" || parts[1] == "" {
 		return "", time.Time{}, errStateInvalid
@@ -55,7 +55,7 @@ func (l *Login) verifyState(v string, now time.Time) (string, time.Time, error) 
 	if err != nil || !hmac.Equal(mac, l.stateMAC(parts[1], exp)) {
 		return "", time.Time{}, errStateInvalid
 	}
-	expiry := time.Unix(exp, 0)
+	expiry = time.Unix(exp, 0)
 	if !now.Before(expiry) {
 		return "", time.Time{}, errStateExpired
 	}

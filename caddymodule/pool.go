@@ -2,6 +2,10 @@ package caddymodule
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -53,4 +57,25 @@ func (p pooledSource) Destruct() error {
 		p.release()
 	}
 	return nil
+}
+
+// poolKey identifies a source by everything that changes its behaviour; a
+// secret enters only as part of a hash.
+func poolKey(cfg tokensource.Config, storage any) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%q|%q|%q|%d|%d|%d|%s|%s", cfg.ClientID, cfg.ClientSecret, cfg.TokenURL, cfg.AuthStyle,
+		cfg.RefreshAhead, cfg.Timeout, tokensource.Fingerprint(cfg.Seed), storageIdentity(storage))
+	if cfg.Keyring != nil {
+		fmt.Fprintf(h, "|%s", cfg.Keyring.KeyIDs())
+	}
+	return cfg.Account + "|" + hex.EncodeToString(h.Sum(nil))
+}
+
+// tokenTransport is the token endpoint's transport: no proxy surprises
+// beyond the environment's, and bounded waits everywhere.
+func tokenTransport() http.RoundTripper {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.ResponseHeaderTimeout = 0 // the per-call timeout covers it
+	t.MaxIdleConnsPerHost = 2
+	return t
 }

@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"mime"
 	"net/http"
 	"net/url"
 	"path"
@@ -17,8 +15,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -28,8 +24,6 @@ import (
 
 func init() {
 	caddy.RegisterModule(TokenProxy{})
-	httpcaddyfile.RegisterHandlerDirective("restream_token_proxy", parseTokenProxyCaddyfile)
-	httpcaddyfile.RegisterDirectiveOrder("restream_token_proxy", httpcaddyfile.Before, "reverse_proxy")
 }
 
 // Defaults and limits of the restream_token_proxy handler.
@@ -39,7 +33,7 @@ const (
 	// TokenProxyMaxRequestBody is the largest form a device may send.
 	TokenProxyMaxRequestBody = 64 << 10
 	// TokenProxyMaxResponseBody is the largest token endpoint answer relayed.
-	TokenProxyMaxResponseBody = 1 << 20
+	TokenProxyMaxResponseBody = tokensource.MaxResponseBytes
 	// DefaultTokenProxyMaxConcurrent is max_concurrent's default.
 	DefaultTokenProxyMaxConcurrent = 16
 	// tokenProxyBusyRetryAfter is the Retry-After, in seconds, of the 429 a
@@ -54,32 +48,50 @@ const (
 // of the grant to Restream's token (or revoke) endpoint, then relays the
 // answer. It is terminal: it answers every request itself.
 //
-// client_id and client_secret accept {env.*} and {file.*} placeholders,
-// resolved at provisioning; prefer them to literals, which stay visible in
-// the config (admin /config/ endpoint, `caddy adapt` output).
+// client_id and client_secret resolve {env.*} and {file.*} placeholders at
+// provisioning; prefer them to literals, which stay visible in the config
+// (admin /config/ endpoint, `caddy adapt` output). No other field resolves
+// placeholders.
 type TokenProxy struct {
-	ClientID     string `json:"client_id,omitempty"`
+	// The Restream application's client id, added to every forwarded call.
+	// Required. {env.*} and {file.*} placeholders are resolved at
+	// provisioning.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The Restream application's client secret, added to every forwarded
+	// call and redacted from every relayed answer. Required. {env.*} and
+	// {file.*} placeholders are resolved at provisioning.
 	ClientSecret string `json:"client_secret,omitempty"`
-	// TokenURL defaults to https://api.restream.io/oauth/token.
+
+	// Restream's token endpoint, where grants go: https, or http to a
+	// loopback host. Default: https://api.restream.io/oauth/token.
 	TokenURL string `json:"token_url,omitempty"`
-	// RevokeURL defaults to token_url with its last segment "token" replaced
-	// by "revoke" (https://api.restream.io/oauth/revoke).
+
+	// Restream's revocation endpoint, where …/revoke calls go; same URL
+	// rules. Default: token_url with its last segment "token" replaced by
+	// "revoke" (https://api.restream.io/oauth/revoke).
 	RevokeURL string `json:"revoke_url,omitempty"`
-	// ClientAuth is "basic" (default) or "body".
+
+	// How the client credentials reach the endpoints: "basic" (HTTP Basic)
+	// or "body" (form fields). Default: "basic".
 	ClientAuth string `json:"client_auth,omitempty"`
-	// Timeout bounds one upstream call, answer included (default 10s).
+
+	// How long one upstream call may take, answer included; a call cut by
+	// it is answered 504. Default: 10s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
-	// MaxConcurrent bounds the device calls forwarded upstream at once
-	// (default 16). Restream limits calls per client_id, and the sidecar's
-	// own refreshes use the same client_id: a flood of devices must not
-	// spend that limit. A call beyond it is answered 429 with Retry-After
-	// and not forwarded.
+
+	// How many device calls this handler forwards upstream at once.
+	// Restream limits calls per client_id, and the sidecar's own refreshes
+	// use the same client_id: a flood of devices must not spend that
+	// limit. A call beyond it is answered 429 with Retry-After and not
+	// forwarded. Default: 16.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
-	// RedirectURIs are the redirect_uri values with which a device may
-	// redeem an authorization code, matched exactly. Without them the
+
+	// The redirect_uri values with which a device may redeem an
+	// authorization code, matched exactly: absolute URIs without a
+	// fragment. The refresh grant needs none. Default: none, and the
 	// authorization_code grant is refused, so the proxy lends the client
-	// secret only to the application's own login flows. The refresh grant
-	// needs none.
+	// secret only to the application's own login flows.
 	RedirectURIs []string `json:"redirect_uris,omitempty"`
 
 	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
@@ -87,13 +99,13 @@ type TokenProxy struct {
 
 	style     tokensource.AuthStyle
 	transport *http.Transport
-	client    *http.Client
 	logger    *zap.Logger
 	// slots holds one token per call in flight upstream; a full channel
 	// means max_concurrent is reached.
 	slots    chan struct{}
-	busyBody []byte // the 429 answer's JSON, made once
-	redactor *secretRedactor
+	busyBody []byte                // the 429 answer's JSON, made once
+	redactor *tokensource.Redactor // the client secret in answers and headers
+	endpoint *tokensource.Endpoint // the token and revocation endpoints
 }
 
 // CaddyModule returns the Caddy module information.
@@ -150,16 +162,14 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	p.busyBody = oauthJSON("temporarily_unavailable", fmt.Sprintf(
 		"%d calls to the token endpoint are already in progress (max_concurrent); retry after %s s",
 		p.MaxConcurrent, tokenProxyBusyRetryAfter))
-	p.redactor = newSecretRedactor(p.clientID, p.clientSecret)
+	p.redactor = tokensource.NewRedactor(p.clientID, p.clientSecret)
 	p.transport = http.DefaultTransport.(*http.Transport).Clone()
 	// Enough idle connections for the calls max_concurrent lets through.
 	p.transport.MaxIdleConnsPerHost = min(p.MaxConcurrent, 32)
-	p.client = &http.Client{
-		Transport: p.transport,
-		// A redirect would resend the form (and its credentials) elsewhere;
-		// a 3xx is reported as an unusable answer instead.
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-	}
+	// The endpoint follows no redirect: it would resend the form (and its
+	// credentials) elsewhere; a 3xx is reported as an unusable answer.
+	p.endpoint = &tokensource.Endpoint{URL: p.TokenURL, ClientID: p.clientID, ClientSecret: p.clientSecret,
+		AuthStyle: p.style, Client: &http.Client{Transport: p.transport}}
 	return nil
 }
 
@@ -171,30 +181,19 @@ func (p *TokenProxy) Cleanup() error {
 	return nil
 }
 
-// tokenProxyRefusal is an answer given without calling upstream.
-type tokenProxyRefusal struct {
-	status      int
-	code, desc  string
-	allowHeader bool
-}
-
-func badRequest(desc string) *tokenProxyRefusal {
-	return &tokenProxyRefusal{status: http.StatusBadRequest, code: "invalid_request", desc: desc}
-}
-
 // ServeHTTP checks the device's request, forwards the grant (or the
 // revocation) with the configured client credentials, and relays the answer.
 // It never calls next.
 func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	revoke := path.Base(r.URL.Path) == "revoke"
-	call, target, form, ref := p.parseRequest(w, r, revoke)
-	if ref != nil {
-		p.logger.Debug("refused token proxy request", zap.Int("status", ref.status), zap.String("error", ref.code),
+	call, refusal := p.parseRequest(w, r, revoke)
+	if refusal != nil {
+		p.logger.Debug("refused token proxy request", zap.Int("status", refusal.status), zap.String("error", refusal.code),
 			zap.Bool("revoke", revoke))
-		if ref.allowHeader {
+		if refusal.allowHeader {
 			w.Header().Set("Allow", http.MethodPost)
 		}
-		writeOAuthJSON(w, ref.status, ref.code, ref.desc)
+		writeOAuthJSON(w, refusal.status, refusal.code, refusal.desc)
 		return nil
 	}
 	select {
@@ -203,7 +202,7 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		// Refused before anything goes upstream: the client_id's rate
 		// limit at Restream is shared with the sidecar's own refreshes.
 		tokenProxyMetrics.throttled.Inc()
-		p.logger.Debug("token proxy busy: call refused", zap.String("grant_type", call), zap.Int("max_concurrent", p.MaxConcurrent))
+		p.logger.Debug("token proxy busy: call refused", zap.String("grant_type", call.name), zap.Int("max_concurrent", p.MaxConcurrent))
 		w.Header().Set("Retry-After", tokenProxyBusyRetryAfter)
 		writeOAuthBody(w, http.StatusTooManyRequests, p.busyBody)
 		return nil
@@ -213,112 +212,8 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		tokenProxyMetrics.inFlight.Dec()
 		<-p.slots
 	}()
-	p.forward(w, r, call, target, form)
+	p.forward(w, r, call)
 	return nil
-}
-
-// parseRequest validates the device's request and returns the call's name
-// (grant type, or "revoke"), the upstream URL and the form to send: only
-// the fields of the grant, never client credentials the device sent.
-func (p *TokenProxy) parseRequest(w http.ResponseWriter, r *http.Request, revoke bool) (string, string, url.Values, *tokenProxyRefusal) {
-	if r.Method != http.MethodPost {
-		return "", "", nil, &tokenProxyRefusal{status: http.StatusMethodNotAllowed, code: "invalid_request",
-			desc: "method must be POST", allowHeader: true}
-	}
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/x-www-form-urlencoded" {
-		return "", "", nil, badRequest("content type must be application/x-www-form-urlencoded")
-	}
-	in, ref := readTokenProxyForm(w, r)
-	if ref != nil {
-		return "", "", nil, ref
-	}
-	get := func(name string) (string, *tokenProxyRefusal) {
-		switch v := in[name]; {
-		case len(v) > 1:
-			return "", badRequest("parameter " + name + " is repeated")
-		case len(v) == 0 || v[0] == "":
-			return "", badRequest("missing parameter: " + name)
-		default:
-			return v[0], nil
-		}
-	}
-	out := url.Values{}
-	if revoke {
-		tok, ref := get("token")
-		if ref != nil {
-			return "", "", nil, ref
-		}
-		out.Set("token", tok)
-		if _, given := in["token_type_hint"]; given {
-			hint, ref := get("token_type_hint")
-			if ref != nil {
-				return "", "", nil, ref
-			}
-			if hint != "access_token" && hint != "refresh_token" {
-				return "", "", nil, badRequest("token_type_hint must be access_token or refresh_token")
-			}
-			out.Set("token_type_hint", hint)
-		}
-		return "revoke", p.RevokeURL, out, nil
-	}
-	grant, ref := get("grant_type")
-	if ref != nil {
-		return "", "", nil, ref
-	}
-	var fields []string
-	switch grant {
-	case "refresh_token":
-		fields = []string{"refresh_token"}
-	case "authorization_code":
-		if len(p.RedirectURIs) == 0 {
-			return "", "", nil, badRequest("the authorization_code grant is disabled: configure redirect_uris in restream_token_proxy to allow it")
-		}
-		fields = []string{"code", "redirect_uri"}
-	default:
-		return "", "", nil, &tokenProxyRefusal{status: http.StatusBadRequest, code: "unsupported_grant_type",
-			desc: "grant_type must be refresh_token or authorization_code"}
-	}
-	out.Set("grant_type", grant)
-	for _, f := range fields {
-		v, ref := get(f)
-		if ref != nil {
-			return "", "", nil, ref
-		}
-		out.Set(f, v)
-	}
-	if grant == "authorization_code" {
-		// Exactly as listed: no prefix, case or normalization games.
-		if !slices.Contains(p.RedirectURIs, out.Get("redirect_uri")) {
-			return "", "", nil, badRequest("redirect_uri is not one of the redirect_uris configured for this proxy")
-		}
-		// PKCE (RFC 7636): the verifier goes upstream unchanged.
-		if _, given := in["code_verifier"]; given {
-			v, ref := get("code_verifier")
-			if ref != nil {
-				return "", "", nil, ref
-			}
-			if !validCodeVerifier(v) {
-				return "", "", nil, badRequest("code_verifier must be 43 to 128 characters of A-Z a-z 0-9 - . _ ~ (RFC 7636)")
-			}
-			out.Set("code_verifier", v)
-		}
-	}
-	return grant, p.TokenURL, out, nil
-}
-
-// validCodeVerifier checks RFC 7636's code_verifier syntax.
-func validCodeVerifier(v string) bool {
-	if len(v) < 43 || len(v) > 128 {
-		return false
-	}
-	for _, c := range []byte(v) {
-		switch {
-		case 'A' <= c && c <= 'Z', 'a' <= c && c <= 'z', '0' <= c && c <= '9', c == '-', c == '.', c == '_', c == '~':
-		default:
-			return false
-		}
-	}
-	return true
 }
 
 // checkDeviceRedirectURI accepts an absolute URI without a fragment (RFC 6749
@@ -340,45 +235,20 @@ func checkDeviceRedirectURI(raw string) error {
 	return nil
 }
 
-// readTokenProxyForm reads a form body of at most TokenProxyMaxRequestBody
-// bytes. The query string is not part of it.
-func readTokenProxyForm(w http.ResponseWriter, r *http.Request) (url.Values, *tokenProxyRefusal) {
-	tooLarge := &tokenProxyRefusal{status: http.StatusRequestEntityTooLarge, code: "invalid_request",
-		desc: fmt.Sprintf("request body is larger than %d KiB", TokenProxyMaxRequestBody>>10)}
-	if r.ContentLength > TokenProxyMaxRequestBody {
-		return nil, tooLarge
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, TokenProxyMaxRequestBody))
-	if err != nil {
-		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, tooLarge
-		}
-		return nil, badRequest("request body could not be read")
-	}
-	form, err := url.ParseQuery(string(body))
-	if err != nil {
-		return nil, badRequest("malformed form body")
-	}
-	return form, nil
-}
-
 // forward sends the call upstream with the client credentials and relays the
 // answer. The call is detached from the device's connection: a refresh the
 // endpoint may already have applied must not be abandoned halfway; it is
 // bounded by Timeout only.
-func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call, target string, form url.Values) {
-	if p.style == tokensource.AuthBody {
-		form.Set("client_id", p.clientID)
-		form.Set("client_secret", p.clientSecret)
-	}
+func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call deviceCall) {
 	timeout := time.Duration(p.Timeout)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
 	defer cancel()
 	start := time.Now()
-	status, body, header, failure := p.roundTrip(ctx, call, target, form)
+	answer, failure := p.roundTrip(ctx, call)
 	elapsed := time.Since(start)
 
-	fields := []zap.Field{zap.String("grant_type", call), zap.Int("upstream_status", status), zap.Duration("duration", elapsed)}
+	status := failure.upstreamStatusOr(answer)
+	fields := []zap.Field{zap.String("grant_type", call.name), zap.Int("upstream_status", status), zap.Duration("duration", elapsed)}
 	level := zapcore.InfoLevel
 	if failure != nil {
 		fields = append(fields, zap.String("failure", failure.kind))
@@ -400,88 +270,95 @@ func (p *TokenProxy) forward(w http.ResponseWriter, r *http.Request, call, targe
 	h := w.Header()
 	h.Set("Cache-Control", "no-store")
 	h.Set("Pragma", "no-cache")
-	if len(body) > 0 {
+	if len(answer.Body) > 0 {
 		h.Set("Content-Type", "application/json")
 	}
 	if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
-		if ra, ok := p.relayableRetryAfter(header.Get("Retry-After")); ok {
+		if ra, ok := p.relayableRetryAfter(answer.Header.Get("Retry-After")); ok {
 			h.Set("Retry-After", ra)
 		}
 	}
-	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set("Content-Length", strconv.Itoa(len(answer.Body)))
 	w.WriteHeader(status)
-	_, _ = w.Write(body) // the device may be gone; nothing to do about it
+	_, _ = w.Write(answer.Body) // the device may be gone; nothing to do about it
 }
 
 // tokenProxyFailure is the proxy's own answer when upstream gave none usable.
 type tokenProxyFailure struct {
-	status     int
-	code, desc string
-	kind       string // for the log line
+	status         int
+	code, desc     string
+	kind           string // for the log line
+	upstreamStatus int    // for the log line; 0 if no answer arrived
 }
 
-// roundTrip makes the upstream call and returns the status, body and headers
-// to relay, or a failure. Error texts never include the form or the answer.
-func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form url.Values) (int, []byte, http.Header, *tokenProxyFailure) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, strings.NewReader(form.Encode()))
-	if err != nil {
-		return 0, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error", "the upstream request could not be built", "bad_url"}
+// upstreamStatusOr is the upstream status to log: the failure's, or else
+// the answer's.
+func (f *tokenProxyFailure) upstreamStatusOr(answer *tokensource.Answer) int {
+	if f != nil {
+		return f.upstreamStatus
 	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	if p.style == tokensource.AuthBasic {
-		req.SetBasicAuth(p.clientID, p.clientSecret)
-	}
+	return answer.Status
+}
+
+// roundTrip makes the upstream call and returns the answer to relay, its
+// body redacted, or a failure. Error texts never include the form or the
+// answer.
+func (p *TokenProxy) roundTrip(ctx context.Context, call deviceCall) (*tokensource.Answer, *tokenProxyFailure) {
 	endpoint := "token endpoint"
-	if call == "revoke" {
+	if call.name == "revoke" {
 		endpoint = "revocation endpoint"
 	}
-	timedOut := func(err error) bool {
-		return errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil || isNetTimeout(err)
-	}
-	resp, err := p.client.Do(req)
+	answer, err := p.endpoint.PostTo(ctx, call.target, call.form)
 	if err != nil {
-		if timedOut(err) {
-			return 0, nil, nil, &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
-				fmt.Sprintf("the %s did not answer within %s", endpoint, time.Duration(p.Timeout)), "timeout"}
-		}
-		return 0, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "temporarily_unavailable",
-			"the " + endpoint + " is unreachable", "unreachable"}
+		return nil, upstreamFailure(err, endpoint, time.Duration(p.Timeout))
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, TokenProxyMaxResponseBody+1))
-	switch {
-	case err != nil && timedOut(err):
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
-			fmt.Sprintf("the %s did not finish its answer within %s", endpoint, time.Duration(p.Timeout)), "timeout"}
-	case err != nil:
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answer %d could not be read", endpoint, resp.StatusCode), "unreadable"}
-	case len(body) > TokenProxyMaxResponseBody:
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answered %d with more than %d bytes", endpoint, resp.StatusCode, TokenProxyMaxResponseBody), "too_large"}
+	if !usableAnswer(call.name, answer.Status, answer.Body) {
+		return nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d with %s", endpoint, answer.Status, tokensource.DescribeBody(answer.Header.Get("Content-Type"), answer.Body)),
+			"unusable", answer.Status}
 	}
-	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
-		// Not followed (see the client's CheckRedirect): the form would go,
-		// credentials and all, wherever the Location points.
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answered %d, a redirect, which the proxy does not follow", endpoint, resp.StatusCode), "redirect"}
-	}
-	if !usableAnswer(call, resp.StatusCode, body) {
-		return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-			fmt.Sprintf("the %s answered %d with %s", endpoint, resp.StatusCode, describeAnswer(resp.Header.Get("Content-Type"), body)), "unusable"}
-	}
-	if clean, n := p.redactor.redact(body, true); n > 0 {
+	if clean, n := p.redactor.Redact(answer.Body, true); n > 0 {
 		tokenProxyMetrics.redactions.Inc()
 		p.logger.Warn("the token endpoint's answer echoed the client secret; redacted before relaying",
-			zap.String("grant_type", call), zap.Int("upstream_status", resp.StatusCode), zap.Int("occurrences", n))
-		if json.Valid(body) && !json.Valid(clean) {
-			return resp.StatusCode, nil, nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
-				fmt.Sprintf("the %s answered %d with a body that echoed the client secret and could not be redacted", endpoint, resp.StatusCode), "secret_echo"}
+			zap.String("grant_type", call.name), zap.Int("upstream_status", answer.Status), zap.Int("occurrences", n))
+		if json.Valid(answer.Body) && !json.Valid(clean) {
+			return nil, &tokenProxyFailure{http.StatusBadGateway, "server_error",
+				fmt.Sprintf("the %s answered %d with a body that echoed the client secret and could not be redacted", endpoint, answer.Status),
+				"secret_echo", answer.Status}
 		}
-		body = clean
+		answer.Body = clean
 	}
-	return resp.StatusCode, body, resp.Header, nil
+	return answer, nil
+}
+
+// upstreamFailure is the proxy's answer to a call that brought no usable answer
+// (a *tokensource.CallError): 504 when the timeout cut it, else 502.
+func upstreamFailure(err error, endpoint string, timeout time.Duration) *tokenProxyFailure {
+	var ce *tokensource.CallError
+	if !errors.As(err, &ce) {
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error", "the " + endpoint + " call failed", "unusable", 0}
+	}
+	switch {
+	case ce.Failure == tokensource.CallUnbuildable:
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error", "the upstream request could not be built", "bad_url", 0}
+	case ce.Failure == tokensource.CallNoAnswer && ce.Timeout():
+		return &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
+			fmt.Sprintf("the %s did not answer within %s", endpoint, timeout), "timeout", 0}
+	case ce.Failure == tokensource.CallNoAnswer:
+		return &tokenProxyFailure{http.StatusBadGateway, "temporarily_unavailable", "the " + endpoint + " is unreachable", "unreachable", 0}
+	case ce.Failure == tokensource.CallUnreadable && ce.Timeout():
+		return &tokenProxyFailure{http.StatusGatewayTimeout, "temporarily_unavailable",
+			fmt.Sprintf("the %s did not finish its answer within %s", endpoint, timeout), "timeout", ce.Status}
+	case ce.Failure == tokensource.CallUnreadable:
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answer %d could not be read", endpoint, ce.Status), "unreadable", ce.Status}
+	case ce.Failure == tokensource.CallTooLarge:
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d with more than %d bytes", endpoint, ce.Status, ce.Limit), "too_large", ce.Status}
+	default: // tokensource.CallRedirected: the form would go, credentials and all, wherever the Location points
+		return &tokenProxyFailure{http.StatusBadGateway, "server_error",
+			fmt.Sprintf("the %s answered %d, a redirect, which the proxy does not follow", endpoint, ce.Status), "redirect", ce.Status}
+	}
 }
 
 // relayableRetryAfter passes on a Retry-After that is what RFC 9110 allows
@@ -489,7 +366,7 @@ func (p *TokenProxy) roundTrip(ctx context.Context, call, target string, form ur
 // dropped.
 func (p *TokenProxy) relayableRetryAfter(v string) (string, bool) {
 	v = strings.TrimSpace(v)
-	if v == "" || len(v) > 64 || p.redactor.containsSecret(v) {
+	if v == "" || len(v) > 64 || p.redactor.Contains(v) {
 		return "", false
 	}
 	if _, err := strconv.ParseUint(v, 10, 32); err == nil {
@@ -526,33 +403,6 @@ func usableAnswer(call string, status int, body []byte) bool {
 		}
 	}
 	return false
-}
-
-// describeAnswer names an unusable body by kind and size, never by content.
-func describeAnswer(contentType string, body []byte) string {
-	if len(bytes.TrimSpace(body)) == 0 {
-		return "an empty body"
-	}
-	mt, _, _ := mime.ParseMediaType(contentType)
-	kind := "a body that is not JSON"
-	switch {
-	case strings.Contains(mt, "html"):
-		kind = "an HTML page"
-	case json.Valid(body):
-		kind = "unexpected JSON"
-	}
-	if mt == "" || len(mt) > 64 || strings.ContainsFunc(mt, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
-		mt = "no usable content type"
-	}
-	return fmt.Sprintf("%s (%s, %d bytes)", kind, mt, len(body))
-}
-
-func isNetTimeout(err error) bool {
-	t, ok := errors.AsType[interface {
-		error
-		Timeout() bool
-	}](err)
-	return ok && t.Timeout()
 }
 
 // writeOAuthJSON answers {"error":…,"error_description":…}, never cached.
@@ -596,113 +446,10 @@ func (p *TokenProxy) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}))
 }
 
-func parseTokenProxyCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
-	m := new(TokenProxy)
-	err := m.UnmarshalCaddyfile(h.Dispenser)
-	return m, err
-}
-
-// UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
-//
-//	restream_token_proxy {
-//	    client_id      <id>
-//	    client_secret  <secret>
-//	    token_url      <url>
-//	    revoke_url     <url>
-//	    client_auth    basic|body
-//	    timeout        <duration>
-//	    max_concurrent <n>
-//	    redirect_uris  <uri...>
-//	}
-//
-// redirect_uris takes one or more URIs and may be repeated; the other
-// subdirectives take one value each.
-func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // directive name
-	if d.NextArg() {
-		return d.Errf("restream_token_proxy takes no arguments (unexpected %q)", d.Val())
-	}
-	client := clientConfig{&p.ClientID, &p.ClientSecret, &p.TokenURL, &p.ClientAuth}
-	known := append(slices.Clone(clientOptions), "revoke_url", "timeout", "max_concurrent")
-	for d.NextBlock(0) {
-		sub := d.Val()
-		if sub == "redirect_uris" {
-			if err := p.addRedirectURIs(d); err != nil {
-				return err
-			}
-			continue
-		}
-		// As eachOption: one non-empty value, errors at the line.
-		if !slices.Contains(known, sub) {
-			return d.Errf("unknown subdirective %q", sub)
-		}
-		var val string
-		if !d.Args(&val) {
-			return d.Errf("%s: expected one value", sub)
-		}
-		if d.NextArg() {
-			return d.Errf("%s: expected one value, got more", sub)
-		}
-		if val == "" {
-			return d.Errf("%s: empty value", sub)
-		}
-		if err := p.setOption(client, sub, val); err != nil {
-			return d.Err(err.Error())
-		}
-	}
-	return requireCredentials(d, "restream_token_proxy", p.ClientID, p.ClientSecret)
-}
-
-// setOption stores one single-valued subdirective.
-func (p *TokenProxy) setOption(client clientConfig, sub, val string) error {
-	if ok, err := client.set(sub, val); ok {
-		return err
-	}
-	switch sub {
-	case "revoke_url":
-		if err := checkEndpointURL(sub, val); err != nil {
-			return err
-		}
-		p.RevokeURL = val
-	case "timeout":
-		dur, err := parsePositiveDuration(sub, val)
-		if err != nil {
-			return err
-		}
-		p.Timeout = dur
-	case "max_concurrent":
-		n, err := strconv.Atoi(val)
-		if err != nil || n <= 0 {
-			return fmt.Errorf("%s %q: must be a positive integer", sub, val)
-		}
-		p.MaxConcurrent = n
-	}
-	return nil
-}
-
-// addRedirectURIs reads `redirect_uris <uri...>`.
-func (p *TokenProxy) addRedirectURIs(d *caddyfile.Dispenser) error {
-	uris := d.RemainingArgs()
-	if len(uris) == 0 {
-		return d.Err("redirect_uris: expected at least one URI")
-	}
-	for _, u := range uris {
-		if err := checkDeviceRedirectURI(u); err != nil {
-			return d.Err(err.Error())
-		}
-		if slices.Contains(p.RedirectURIs, u) {
-			return d.Errf("redirect_uris %q is listed twice", u)
-		}
-		p.RedirectURIs = append(p.RedirectURIs, u)
-	}
-	return nil
-}
-
 // Interface guards
 var (
 	_ caddy.Provisioner           = (*TokenProxy)(nil)
 	_ caddy.CleanerUpper          = (*TokenProxy)(nil)
 	_ caddyhttp.MiddlewareHandler = (*TokenProxy)(nil)
-	_ caddyfile.Unmarshaler       = (*TokenProxy)(nil)
 	_ zapcore.ObjectMarshaler     = (*TokenProxy)(nil)
 )

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"unicode/utf16"
 	"unicode/utf8"
+
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
 // tpEchoForms are the ways an endpoint echoing its request could show the
@@ -76,16 +78,16 @@ func TestSecretRedactorEchoForms(t *testing.T) {
 		"cs_live_0123456789abcdefABCDEF",
 		"päss wörd 😀 %41",
 	} {
-		r := newSecretRedactor("app-client", secret)
+		r := tokensource.NewRedactor("app-client", secret)
 		for name, form := range tpEchoForms("app-client", secret) {
 			body := `{"error":"invalid_client","error_description":"got ` + form + ` from you","n":1}`
-			got, n := r.redact([]byte(body), true)
+			got, n := r.Redact([]byte(body), true)
 			if n == 0 || strings.Contains(string(got), form) {
 				t.Errorf("secret %q, %s %q: not redacted: %s", secret, name, form, got)
 				continue
 			}
 			if !strings.HasPrefix(string(got), `{"error":"invalid_client","error_description":"got `) ||
-				!strings.HasSuffix(string(got), ` from you","n":1}`) || !strings.Contains(string(got), redactedMark) {
+				!strings.HasSuffix(string(got), ` from you","n":1}`) || !strings.Contains(string(got), tokensource.RedactedMark) {
 				t.Errorf("secret %q, %s: more than the secret changed: %s", secret, name, got)
 			}
 			if !json.Valid(got) {
@@ -96,7 +98,7 @@ func TestSecretRedactorEchoForms(t *testing.T) {
 }
 
 func TestSecretRedactorLeavesOtherTextAlone(t *testing.T) {
-	r := newSecretRedactor("app-client", "test-secret")
+	r := tokensource.NewRedactor("app-client", "test-secret")
 	for _, body := range []string{
 		``,
 		`{"access_token":"at_1","refresh_token":"rt_1","expires_in":3600}`,
@@ -104,17 +106,17 @@ func TestSecretRedactorLeavesOtherTextAlone(t *testing.T) {
 		`{"d":"test%2Dsecre","e":"\u0074est-secre"}`,
 		`%%%%\\\\\u+++`,
 	} {
-		got, n := r.redact([]byte(body), true)
+		got, n := r.Redact([]byte(body), true)
 		if n != 0 || string(got) != body {
 			t.Errorf("redact(%q) = %q, %d; want it unchanged", body, got, n)
 		}
 	}
 	// Several echoes, adjacent ones included.
-	got, n := r.redact([]byte(`test-secrettest%2Dsecret x test-secret`), true)
-	if want := redactedMark + redactedMark + " x " + redactedMark; n != 3 || string(got) != want {
+	got, n := r.Redact([]byte(`test-secrettest%2Dsecret x test-secret`), true)
+	if want := tokensource.RedactedMark + tokensource.RedactedMark + " x " + tokensource.RedactedMark; n != 3 || string(got) != want {
 		t.Errorf("got %q (%d), want %q", got, n, want)
 	}
-	if !r.containsSecret("Basic " + base64.StdEncoding.EncodeToString([]byte("app-client:test-secret"))) {
+	if !r.Contains("Basic " + base64.StdEncoding.EncodeToString([]byte("app-client:test-secret"))) {
 		t.Error("containsSecret misses the Basic credentials")
 	}
 }
@@ -143,8 +145,8 @@ func FuzzSecretRedactor(f *testing.F) {
 		if len(secret) < 4 || !utf8.ValidString(secret) || strings.ContainsAny(secret, "[]REDACT") {
 			return
 		}
-		r := newSecretRedactor("id", secret)
-		got, n := r.redact([]byte(body), false)
+		r := tokensource.NewRedactor("id", secret)
+		got, n := r.Redact([]byte(body), false)
 		if n == 0 && string(got) != body {
 			t.Fatalf("no echo found but the text changed: %q -> %q", body, got)
 		}
@@ -158,7 +160,7 @@ func FuzzSecretRedactor(f *testing.F) {
 		if !json.Valid([]byte(body)) {
 			return
 		}
-		got, n = r.redact([]byte(body), true)
+		got, n = r.Redact([]byte(body), true)
 		if n == 0 && string(got) != body {
 			t.Fatalf("no echo found but the JSON changed: %q -> %q", body, got)
 		}
@@ -202,7 +204,7 @@ func tpJSONStrings(v any, acc []string) []string {
 // BenchmarkSecretRedactor: the cost the redaction adds to a relayed answer,
 // a typical token answer (no echo) and an error echoing the secret.
 func BenchmarkSecretRedactor(b *testing.B) {
-	r := newSecretRedactor("app-client", "cs_3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c")
+	r := tokensource.NewRedactor("app-client", "cs_3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c")
 	for _, bc := range []struct{ name, body string }{
 		{"token_answer", `{"access_token":"at_` + strings.Repeat("a1", 20) + `","expires":1796000000,"expires_in":3600,"refresh_token":"rt_` +
 			strings.Repeat("b2", 20) + `","scope":"profile.default.read channels.read chat.default.read stream.default.read","token_type":"Bearer",` +
@@ -213,7 +215,7 @@ func BenchmarkSecretRedactor(b *testing.B) {
 			body := []byte(bc.body)
 			b.SetBytes(int64(len(body)))
 			for b.Loop() {
-				r.redact(body, true)
+				r.Redact(body, true)
 			}
 		})
 	}

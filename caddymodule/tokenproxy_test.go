@@ -613,7 +613,7 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 		{"closed port revoke", closed, fakerestream.FaultNone, "/oauth/revoke", 502, "temporarily_unavailable", "unreachable"},
 		{"refused", site, fakerestream.FaultRefuse, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
 		{"HTML 502", site, fakerestream.FaultHTML, "/oauth/token", 502, "server_error", "HTML page"},
-		{"200 garbage", site, fakerestream.FaultGarbage, "/oauth/token", 502, "server_error", "not JSON"},
+		{"200 garbage", site, fakerestream.FaultGarbage, "/oauth/token", 502, "server_error", "non-JSON"},
 		{"200 over 1 MiB", site, fakerestream.FaultHuge, "/oauth/token", 502, "server_error", "more than 1048576 bytes"},
 		{"hang", short, fakerestream.FaultHang, "/oauth/token", 504, "temporarily_unavailable", "within 500ms"},
 	} {

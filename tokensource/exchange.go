@@ -1,34 +1,17 @@
 package tokensource
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"mime"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
 	"unicode"
 )
-
-// AuthStyle says how the client credentials reach the token endpoint.
-type AuthStyle int
-
-const (
-	// AuthBasic sends HTTP Basic client_id:client_secret (Restream's recommendation).
-	AuthBasic AuthStyle = iota
-	// AuthBody sends client_id and client_secret as form fields.
-	AuthBody
-)
-
-// MaxResponseBytes caps what is read from the token endpoint.
-const MaxResponseBytes = 1 << 20
 
 // ErrorKind classifies a failed refresh by what the caller should do next.
 type ErrorKind int
@@ -172,59 +155,54 @@ func (x *exchanger) exchangeCode(ctx context.Context, code, redirectURI string) 
 // grant posts one token request; secret is the grant's own secret (refresh
 // token or code), redacted from any error text.
 func (x *exchanger) grant(ctx context.Context, form url.Values, secret string) (*Record, error) {
-	if x.style == AuthBody {
-		form.Set("client_id", x.clientID)
-		form.Set("client_secret", x.clientSecret)
-	}
 	ctx, cancel := withTimeout(ctx, x.clock, x.timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, x.tokenURL, strings.NewReader(form.Encode()))
-	if err != nil {
-		return nil, &Error{Kind: Terminal, Msg: "building token request: bad token_url"}
-	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	if x.style == AuthBasic {
-		req.SetBasicAuth(x.clientID, x.clientSecret)
-	}
 	// Lifetimes count from the moment the request left: the pair was issued
 	// after it, so however long the answer takes, the expiry is not late.
 	sentAt := x.clock.Now()
-	sent := time.Now()
-	resp, err := x.client.Do(req)
+	answer, err := x.endpoint().Post(ctx, form)
 	if err != nil {
-		// Never wrap the *url.Error: it is safe today, but the message is ours to control.
-		e := &Error{Kind: Transient, Msg: "token endpoint unreachable: " + describeTransportError(err, time.Since(sent))}
-		// A timeout may strike after the server rotated the pair.
-		e.Unknown = errors.Is(err, context.DeadlineExceeded) || isTimeout(err)
-		return nil, e
+		return nil, callFailure(err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxResponseBytes+1))
-	if err != nil {
-		return nil, &Error{Kind: Transient, Status: resp.StatusCode, Unknown: resp.StatusCode == http.StatusOK,
-			Msg: fmt.Sprintf("token endpoint answer %d could not be read: %s", resp.StatusCode, describeTransportError(err, time.Since(sent)))}
+	if answer.Status != http.StatusOK {
+		return nil, x.errorFromAnswer(answer, secret)
 	}
-	if len(body) > MaxResponseBytes {
-		return nil, &Error{Kind: Transient, Status: resp.StatusCode, Unknown: resp.StatusCode == http.StatusOK,
-			Msg: fmt.Sprintf("token endpoint answer %d is larger than %d bytes", resp.StatusCode, MaxResponseBytes)}
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, x.errorFromResponse(resp, body, secret)
-	}
-	rec, err := parseTokenResponse(body, resp.Header.Get("Content-Type"), sentAt)
+	rec, err := parseTokenResponse(answer.Body, answer.Header.Get("Content-Type"), sentAt)
 	if err != nil {
 		// The endpoint said 200: the old pair is probably dead, but the answer
 		// is unusable. Nothing better than retrying with the same token exists.
-		return nil, &Error{Kind: Transient, Status: resp.StatusCode, Unknown: true, Msg: err.Error()}
+		return nil, &Error{Kind: Transient, Status: answer.Status, Unknown: true, Msg: err.Error()}
 	}
 	return rec, nil
+}
+
+// endpoint is the token endpoint as the exchanger's client.
+func (x *exchanger) endpoint() *Endpoint {
+	return &Endpoint{URL: x.tokenURL, ClientID: x.clientID, ClientSecret: x.clientSecret, AuthStyle: x.style, Client: x.client}
+}
+
+// callFailure is the refresh failure of a call that brought no usable
+// answer (a *CallError, whose text is safe to show).
+func callFailure(err error) *Error {
+	var ce *CallError
+	if !errors.As(err, &ce) {
+		return &Error{Kind: Transient, Msg: "token endpoint call failed"}
+	}
+	switch ce.Failure {
+	case CallUnbuildable:
+		return &Error{Kind: Terminal, Msg: "building token request: bad token_url"}
+	case CallNoAnswer:
+		// A timeout may strike after the server rotated the pair.
+		return &Error{Kind: Transient, Unknown: ce.Timeout(), Msg: "token endpoint " + ce.Error()}
+	}
+	// A 200 whose body was lost or refused may have rotated the pair.
+	return &Error{Kind: Transient, Status: ce.Status, Unknown: ce.Status == http.StatusOK, Msg: "token endpoint " + ce.Error()}
 }
 
 func parseTokenResponse(body []byte, contentType string, now time.Time) (*Record, error) {
 	var tr tokenResponse
 	if err := json.Unmarshal(body, &tr); err != nil {
-		return nil, fmt.Errorf("token endpoint answer is not a token: %s", describeBody(contentType, body))
+		return nil, fmt.Errorf("token endpoint answer is not a token: %s", DescribeBody(contentType, body))
 	}
 	access := firstNonEmpty(tr.AccessToken, tr.AccessTokenCamel)
 	refresh := firstNonEmpty(tr.RefreshToken, tr.RefreshTokenCamel)
@@ -331,24 +309,27 @@ func ParseOAuthError(body []byte) (code, description string, ok bool) {
 	return n.Name, firstNonEmpty(eb.ErrorDescription, n.Message), true
 }
 
-func (x *exchanger) errorFromResponse(resp *http.Response, body []byte, refreshToken string) *Error {
-	e := &Error{Kind: Transient, Status: resp.StatusCode}
-	if ra := parseRetryAfter(resp.Header.Get("Retry-After"), x.clock.Now()); ra > 0 {
+// errorFromAnswer classifies an answer other than 200; grantSecret is the
+// grant's own secret (refresh token or code), redacted from the text.
+func (x *exchanger) errorFromAnswer(answer *Answer, grantSecret string) *Error {
+	e := &Error{Kind: Transient, Status: answer.Status}
+	if ra := parseRetryAfter(answer.Header.Get("Retry-After"), x.clock.Now()); ra > 0 {
 		e.RetryAfter = ra
 	}
-	code, desc, ok := ParseOAuthError(body)
+	code, desc, ok := ParseOAuthError(answer.Body)
 	if !ok {
-		if resp.StatusCode == http.StatusUnauthorized && resp.Header.Get("WWW-Authenticate") != "" {
+		if answer.Status == http.StatusUnauthorized && answer.Header.Get("WWW-Authenticate") != "" {
 			code = "invalid_client"
 		} else {
-			e.Msg = fmt.Sprintf("token endpoint answered %d with %s", resp.StatusCode, describeBody(resp.Header.Get("Content-Type"), body))
+			e.Msg = fmt.Sprintf("token endpoint answered %d with %s", answer.Status, DescribeBody(answer.Header.Get("Content-Type"), answer.Body))
 			return e
 		}
 	}
 	// The code is endpoint text too: redact it before truncating, so not even
 	// a prefix of a secret survives.
-	e.Code = truncate(sanitize(redact(code, refreshToken, x.clientSecret, x.clientID)), 64)
-	if resp.StatusCode >= 400 && resp.StatusCode < 500 {
+	redactor := NewRedactor(x.clientID, x.clientSecret, grantSecret, x.clientID)
+	e.Code = truncate(sanitize(redactor.RedactString(code)), 64)
+	if answer.Status >= 400 && answer.Status < 500 {
 		switch e.Code {
 		case "invalid_grant":
 			e.Kind = Terminal
@@ -356,8 +337,8 @@ func (x *exchanger) errorFromResponse(resp *http.Response, body []byte, refreshT
 			e.Kind = Misconfigured
 		}
 	}
-	desc = redact(desc, refreshToken, x.clientSecret, x.clientID)
-	e.Msg = fmt.Sprintf("token endpoint answered %d %s", resp.StatusCode, e.Code)
+	desc = redactor.RedactString(desc)
+	e.Msg = fmt.Sprintf("token endpoint answered %d %s", answer.Status, e.Code)
 	if desc != "" {
 		e.Msg += ": " + truncate(sanitize(desc), 200)
 	}
@@ -375,63 +356,6 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		return t.Sub(now)
 	}
 	return 0
-}
-
-// mediaType is what describeBody is willing to repeat of a Content-Type.
-var mediaType = regexp.MustCompile(`^[a-z0-9][a-z0-9.+-]{0,30}/[a-z0-9][a-z0-9.+-]{0,40}$`)
-
-// describeBody names an unusable body without quoting it: an HTML error page
-// or a proxy's answer may echo request data.
-func describeBody(contentType string, body []byte) string {
-	mt, _, _ := mime.ParseMediaType(contentType)
-	if mt == "" {
-		mt = http.DetectContentType(body)
-		if i := strings.IndexByte(mt, ';'); i >= 0 {
-			mt = mt[:i]
-		}
-	}
-	kind := "a non-JSON body"
-	switch {
-	case len(bytes.TrimSpace(body)) == 0:
-		return "an empty body"
-	case strings.Contains(mt, "html"):
-		kind = "an HTML page"
-	case json.Valid(body):
-		kind = "unexpected JSON"
-	}
-	if !mediaType.MatchString(mt) {
-		mt = "unnamed type"
-	}
-	return fmt.Sprintf("%s (%s, %d bytes)", kind, mt, len(body))
-}
-
-func describeTransportError(err error, elapsed time.Duration) string {
-	switch {
-	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
-		return fmt.Sprintf("timed out after %s", elapsed.Round(time.Millisecond))
-	case errors.Is(err, context.Canceled):
-		return "cancelled"
-	}
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		err = ue.Err // drop the URL: it could carry a query string
-	}
-	return truncate(sanitize(err.Error()), 200)
-}
-
-func isTimeout(err error) bool {
-	var t interface{ Timeout() bool }
-	return errors.As(err, &t) && t.Timeout()
-}
-
-// redact replaces every occurrence of the given secrets in s.
-func redact(s string, secrets ...string) string {
-	for _, sec := range secrets {
-		if len(sec) >= 4 {
-			s = strings.ReplaceAll(s, sec, "[REDACTED]")
-		}
-	}
-	return s
 }
 
 // sanitize drops control characters so endpoint text cannot forge log lines.

@@ -65,8 +65,8 @@ func FuzzErrorFromResponse(f *testing.F) {
 		if status < 100 || status > 999 {
 			return
 		}
-		resp := &http.Response{StatusCode: status, Header: http.Header{"Content-Type": {"application/json"}}}
-		e := x.errorFromResponse(resp, body, "rt_secret_refresh")
+		answer := &Answer{Status: status, Header: http.Header{"Content-Type": {"application/json"}}, Body: body}
+		e := x.errorFromAnswer(answer, "rt_secret_refresh")
 		for _, secret := range []string{"rt_secret_refresh", "cs_client_secret"} {
 			if strings.Contains(e.Msg, secret) || strings.Contains(e.Code, secret) {
 				t.Fatalf("secret in error: %q / %q", e.Code, e.Msg)

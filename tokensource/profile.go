@@ -11,11 +11,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"regexp"
-	"time"
 
 	"go.uber.org/zap"
 )
@@ -39,9 +37,9 @@ func ProfileURLFor(tokenURL string) string {
 }
 
 // ReadUser asks Config.ProfileURL which Restream user accessToken acts as.
-// The call follows no redirect (a 3xx is an error: following it would hand
-// the token to another host), is bounded by Config.Timeout and reads at most
-// 64 KiB. Errors describe the answer by status, OAuth error code and body
+// The call, like every call to Restream (see send), follows no redirect (a
+// 3xx is an error: following it would hand the token to another host), is
+// bounded by Config.Timeout and reads at most 64 KiB. Errors describe the answer by status, OAuth error code and body
 // type, never by its text, and never contain the token.
 func (s *Source) ReadUser(ctx context.Context, accessToken string) (*User, error) {
 	if s.cfg.ProfileURL == "" {
@@ -55,31 +53,21 @@ func (s *Source) ReadUser(ctx context.Context, accessToken string) (*User, error
 	}
 	req.Header.Set("Authorization", "Bearer "+accessToken)
 	req.Header.Set("Accept", "application/json")
-	sent := time.Now()
-	resp, err := s.x.client.Do(req) // never follows redirects (noRedirects)
+	answer, err := send(s.x.client, req, maxProfileBytes)
 	if err != nil {
-		return nil, errors.New("reading the Restream profile: " + describeTransportError(err, time.Since(sent)))
+		return nil, errors.New("reading the Restream profile: the endpoint " + err.Error())
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxProfileBytes+1))
-	switch {
-	case err != nil:
-		return nil, fmt.Errorf("reading the Restream profile: answer %d could not be read: %s", resp.StatusCode, describeTransportError(err, time.Since(sent)))
-	case len(body) > maxProfileBytes:
-		return nil, fmt.Errorf("reading the Restream profile: answer %d is larger than %d bytes", resp.StatusCode, maxProfileBytes)
-	case resp.StatusCode >= 300 && resp.StatusCode < 400:
-		return nil, fmt.Errorf("reading the Restream profile: the endpoint answered %d, a redirect (not followed: it would carry the access token elsewhere)", resp.StatusCode)
-	case resp.StatusCode != http.StatusOK:
-		msg := fmt.Sprintf("reading the Restream profile: the endpoint answered %d", resp.StatusCode)
-		if code, _, ok := ParseOAuthError(body); ok && oauthCodePattern.MatchString(code) {
+	if answer.Status != http.StatusOK {
+		msg := fmt.Sprintf("reading the Restream profile: the endpoint answered %d", answer.Status)
+		if code, _, ok := ParseOAuthError(answer.Body); ok && oauthCodePattern.MatchString(code) {
 			msg += " " + code
 		}
-		if resp.StatusCode == http.StatusForbidden {
+		if answer.Status == http.StatusForbidden {
 			msg += " (does the Restream application have the profile read scope?)"
 		}
 		return nil, errors.New(msg)
 	}
-	u, err := parseProfile(body, resp.Header.Get("Content-Type"))
+	u, err := parseProfile(answer.Body, answer.Header.Get("Content-Type"))
 	if err != nil {
 		return nil, errors.New("reading the Restream profile: " + err.Error())
 	}
@@ -99,7 +87,7 @@ func parseProfile(body []byte, contentType string) (*User, error) {
 		Username json.RawMessage `json:"username"`
 	}
 	if err := json.Unmarshal(body, &p); err != nil {
-		return nil, fmt.Errorf("the answer is not a profile: %s", describeBody(contentType, body))
+		return nil, fmt.Errorf("the answer is not a profile: %s", DescribeBody(contentType, body))
 	}
 	var id json.Number
 	if len(p.ID) == 0 || json.Unmarshal(p.ID, &id) != nil || !userIDPattern.MatchString(id.String()) {

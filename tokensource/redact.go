@@ -1,4 +1,4 @@
-package caddymodule
+package tokensource
 
 import (
 	"bytes"
@@ -8,60 +8,76 @@ import (
 	"unicode/utf8"
 )
 
-// redactedMark replaces a secret in relayed text, as tokensource does in
-// error texts.
-const redactedMark = "[REDACTED]"
+// RedactedMark replaces a secret in text that is logged, shown or relayed.
+const RedactedMark = "[REDACTED]"
 
-// secretRedactor finds the client secret in what the token endpoint answers,
-// in the forms an endpoint that echoes its request would show it: as sent
-// (form field or the Basic credentials' base64), through JSON string escapes
-// and URL percent-encoding (either case, '+' for space), in any mix. The
-// proxy relays answers to devices, which must never learn the secret.
-type secretRedactor struct {
+// minSecretLen is the shortest secret a Redactor looks for: a shorter one
+// would match ordinary text all over (a client id "id"), and no credential
+// Restream issues is that short.
+const minSecretLen = 4
+
+// Redactor finds secrets in text that came from, or goes to, an endpoint:
+// error descriptions, relayed answers, headers. It finds them in the forms
+// an endpoint that echoes its request would show them: as sent (a form
+// field, the Basic credentials' base64), through JSON string escapes and URL
+// percent-encoding (either case, '+' for space), in any mix. Plain
+// replacement would miss an echo of a secret with a '/' or '+' in it, sent
+// percent-encoded, and every echo of the Basic credentials.
+type Redactor struct {
 	needles [][]byte
 	// starts marks the bytes an echo can begin with: a needle's first
 	// byte, '%', '\\' and '+'.
 	starts [256]bool
 }
 
-func newSecretRedactor(clientID, clientSecret string) *secretRedactor {
-	if clientSecret == "" {
-		return &secretRedactor{}
-	}
-	basic := []byte(clientID + ":" + clientSecret)
-	needles := [][]byte{[]byte(clientSecret)}
-	// Unpadded: an echo may drop or encode the padding, and the prefix
-	// alone already carries the secret.
-	for _, enc := range []*base64.Encoding{base64.RawStdEncoding, base64.RawURLEncoding} {
-		n := []byte(enc.EncodeToString(basic))
-		if !slices.ContainsFunc(needles, func(x []byte) bool { return bytes.Equal(x, n) }) {
+// NewRedactor returns a Redactor of the client secret, also inside the
+// Basic credentials of clientID, and of other secrets (tokens, codes).
+// Secrets shorter than 4 bytes are not looked for.
+func NewRedactor(clientID, clientSecret string, secrets ...string) *Redactor {
+	var needles [][]byte
+	add := func(n []byte) {
+		if len(n) >= minSecretLen && !slices.ContainsFunc(needles, func(x []byte) bool { return bytes.Equal(x, n) }) {
 			needles = append(needles, n)
 		}
 	}
-	s := &secretRedactor{needles: needles}
+	for _, s := range append([]string{clientSecret}, secrets...) {
+		add([]byte(s))
+	}
+	if len(clientSecret) >= minSecretLen {
+		basic := []byte(clientID + ":" + clientSecret)
+		// Unpadded: an echo may drop or encode the padding, and the prefix
+		// alone already carries the secret.
+		for _, enc := range []*base64.Encoding{base64.RawStdEncoding, base64.RawURLEncoding} {
+			add([]byte(enc.EncodeToString(basic)))
+		}
+	}
+	r := &Redactor{needles: needles}
+	if len(needles) == 0 {
+		return r
+	}
 	for _, n := range needles {
-		s.starts[n[0]] = true
+		r.starts[n[0]] = true
 	}
 	for _, c := range []byte{'%', '\\', '+'} {
-		s.starts[c] = true
+		r.starts[c] = true
 	}
-	return s
+	return r
 }
 
-// redact returns b with every echo of the secret replaced by redactedMark,
+// Redact returns b with every echo of a secret replaced by RedactedMark,
 // and how many it replaced. With jsonText, b is JSON text and its string
 // escapes are decoded; otherwise a backslash is just a backslash. b itself
 // is not modified; without an echo it is returned as is.
-func (s *secretRedactor) redact(b []byte, jsonText bool) ([]byte, int) {
+func (r *Redactor) Redact(b []byte, jsonText bool) ([]byte, int) {
 	var out []byte
 	found, copied := 0, 0
 	for i := 0; i < len(b); {
-		if !s.starts[b[i]] {
+		if !r.starts[b[i]] {
 			i++
 			continue
 		}
 		end := -1
-		for _, n := range s.needles {
+		for _, n := range r.needles {
 			end = max(end, matchEncoded(b, i, n, jsonText))
 		}
 		if end <= i {
@@ -71,7 +87,7 @@ func (s *secretRedactor) redact(b []byte, jsonText bool) ([]byte, int) {
 		if out == nil {
 			out = make([]byte, 0, len(b))
 		}
-		out = append(append(out, b[copied:i]...), redactedMark...)
+		out = append(append(out, b[copied:i]...), RedactedMark...)
 		found++
 		copied, i = end, end
 	}
@@ -81,10 +97,19 @@ func (s *secretRedactor) redact(b []byte, jsonText bool) ([]byte, int) {
 	return append(out, b[copied:]...), found
 }
 
-// containsSecret reports whether v, plain text such as a header, holds an
-// echo of the secret.
-func (s *secretRedactor) containsSecret(v string) bool {
-	_, n := s.redact([]byte(v), false)
+// RedactString returns plain text (an error message, a header) with every
+// echo of a secret replaced by RedactedMark.
+func (r *Redactor) RedactString(text string) string {
+	out, n := r.Redact([]byte(text), false)
+	if n == 0 {
+		return text
+	}
+	return string(out)
+}
+
+// Contains reports whether plain text (a header) holds an echo of a secret.
+func (r *Redactor) Contains(text string) bool {
+	_, n := r.Redact([]byte(text), false)
 	return n > 0
 }
 
@@ -142,7 +167,7 @@ func matchEncoded(b []byte, i int, needle []byte, jsonText bool) int {
 // escape (surrogate pairs joined), else one UTF-8 sequence (one byte if
 // invalid). It returns the rune, its UTF-8 bytes (the raw byte when
 // invalid) and where the next character starts, or -1 at the end of b.
-func nextEchoChar(b []byte, i int, jsonText bool) (rune, []byte, int) {
+func nextEchoChar(b []byte, i int, jsonText bool) (char rune, raw []byte, next int) {
 	if i >= len(b) {
 		return 0, nil, -1
 	}
