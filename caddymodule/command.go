@@ -121,8 +121,8 @@ func loadCLIConfig(configFile, adapter string) (*cliConfig, error) {
 		if h.Account == "" {
 			h.Account = DefaultAccount
 		}
-		if !accountPattern.MatchString(h.Account) {
-			return nil, fmt.Errorf("config %s: account %q: use 1-64 letters, digits, '.', '_' or '-'", file, h.Account)
+		if err := checkAccountName(h.Account); err != nil {
+			return nil, fmt.Errorf("config %s: %v", file, err)
 		}
 		out.accounts[h.Account] = append(out.accounts[h.Account], h)
 	}

@@ -9,7 +9,6 @@ import (
 	"os"
 	"strings"
 	"time"
-	"unicode"
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
@@ -171,19 +170,5 @@ func cliReadRefreshToken(stdin *os.File, stderr io.Writer) (string, error) {
 		}
 		in = b
 	}
-	return cliParseRefreshToken(string(in))
-}
-
-// cliParseRefreshToken trims the input and requires a single token.
-func cliParseRefreshToken(in string) (string, error) {
-	rt := strings.TrimSpace(in)
-	switch {
-	case rt == "":
-		return "", errors.New("no refresh token on stdin")
-	case strings.ContainsAny(rt, "\r\n"):
-		return "", errors.New("stdin holds more than one line: expected one refresh token")
-	case strings.ContainsFunc(rt, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }):
-		return "", errors.New("the refresh token on stdin contains spaces or control characters")
-	}
-	return rt, nil
+	return parseRefreshToken("the refresh token on stdin", string(in))
 }

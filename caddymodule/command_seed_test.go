@@ -88,7 +88,7 @@ func TestCommandSeedRefusals(t *testing.T) {
 		want        string
 	}{
 		{"unknown account", seed, []string{"--account", "nope"}, `account "nope" is not configured: the config's restream_auth accounts are "default", "other"`},
-		{"empty stdin", " \n\t\n", nil, "no refresh token on stdin"},
+		{"empty stdin", " \n\t\n", nil, "the refresh token on stdin is empty"},
 		{"two lines", seed + "\n" + seed + "\n", nil, "more than one line"},
 		{"inner space", "rt_a rt_b", nil, "contains spaces"},
 		{"config on stdin", seed, []string{"--config", "-"}, "--config -"},

@@ -193,6 +193,11 @@ func (h *Handler) tokenConfig() (tokensource.Config, error) {
 	if h.seed, err = resolveSecret(repl, "refresh_token", h.RefreshToken); err != nil {
 		return tokensource.Config{}, err
 	}
+	if h.seed != "" {
+		if h.seed, err = parseRefreshToken("refresh_token", h.seed); err != nil {
+			return tokensource.Config{}, err
+		}
+	}
 	if h.keyring, err = resolveKeyring(repl, h.EncryptionKey, h.EncryptionKeyPrevious); err != nil {
 		return tokensource.Config{}, err
 	}

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"unicode"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -215,6 +216,22 @@ func resolveSecret(repl *caddy.Replacer, name, v string) (string, error) {
 		return "", fmt.Errorf("%s: %v", name, err)
 	}
 	return strings.TrimSpace(out), nil
+}
+
+// parseRefreshToken trims a refresh token read from where (a {file.*}, an
+// environment variable, stdin) and requires exactly one token: a file with
+// two lines or stray words would otherwise be sent to the token endpoint.
+func parseRefreshToken(where, in string) (string, error) {
+	rt := strings.TrimSpace(in)
+	switch {
+	case rt == "":
+		return "", fmt.Errorf("%s is empty", where)
+	case strings.ContainsAny(rt, "\r\n"):
+		return "", fmt.Errorf("%s holds more than one line: expected one refresh token", where)
+	case strings.ContainsFunc(rt, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }):
+		return "", fmt.Errorf("%s contains spaces or control characters", where)
+	}
+	return rt, nil
 }
 
 // resolveKeyring builds the at-rest encryption keyring; nil without a key.
