@@ -268,12 +268,6 @@ func backoffStep(i int) time.Duration {
 	return min(time.Duration(float64(minBackoff)*math.Pow(2, float64(i-1))), maxBackoff)
 }
 
-func sleepUntil(at time.Time) {
-	if d := time.Until(at); d > 0 {
-		time.Sleep(d)
-	}
-}
-
 // tally counts answers; ok counts the wanted ones.
 type tally struct {
 	ok, bad atomic.Int64

@@ -1,7 +1,6 @@
 package caddymodule_test
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"regexp"
@@ -149,36 +148,6 @@ http://127.0.0.1:%d {
 	mustContainNone(t, "metrics", scrape, secrets...)
 	mustContainNone(t, "status", string(statusBody), secrets...)
 	t.Logf("status: %s", statusBody)
-}
-
-type accountStatus struct {
-	Account          string `json:"account"`
-	State            string `json:"state"`
-	Generation       uint64 `json:"generation"`
-	AccessExpiresAt  string `json:"access_expires_at"`
-	RefreshExpiresAt string `json:"refresh_expires_at"`
-	Persisted        bool   `json:"persisted"`
-	LastRefreshAt    string `json:"last_refresh_at"`
-	LastResult       string `json:"last_result"`
-	LastError        string `json:"last_error"`
-	NextRefreshAt    string `json:"next_refresh_at"`
-}
-
-func adminStatus(t *testing.T, admin string) map[string]accountStatus {
-	t.Helper()
-	status, body, _ := do(t, http.MethodGet, admin+"/restream_auth/", nil, nil)
-	if status != http.StatusOK {
-		t.Fatalf("admin status: %d %s", status, body)
-	}
-	var out struct{ Accounts []accountStatus }
-	if err := json.Unmarshal(body, &out); err != nil {
-		t.Fatalf("admin status JSON: %v: %s", err, body)
-	}
-	m := make(map[string]accountStatus)
-	for _, a := range out.Accounts {
-		m[a.Account] = a
-	}
-	return m
 }
 
 func metricsText(t *testing.T, admin string) string {

@@ -1,6 +1,8 @@
 package caddymodule_test
 
 import (
+	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -13,8 +15,11 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
 
 // Tests of what restream_token_proxy relays from upstream: never the client
@@ -272,4 +277,134 @@ http://127.0.0.1:%d {
 		t.Errorf("%d log lines name the redirect, want 20", n)
 	}
 	mustContainNone(t, "logs", string(logs), "test-secret", trap.srv.URL)
+}
+
+// Upstream failures: a JSON error answer (SetDown) is relayed unchanged;
+// no answer, or an unusable one, is the proxy's own 502 (504 on timeout).
+func TestTokenProxyUpstreamDown(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{})
+	rec := tpNewRecorder(t, fake)
+	site := tpSiteFor(t, rec, fake)
+	short := tpSiteFor(t, rec, fake, "timeout 500ms")
+	closed := tpSite{Port: freePort(t), Lines: []string{
+		"client_id test-client",
+		"client_secret test-secret",
+		fmt.Sprintf("token_url http://127.0.0.1:%d/oauth/token", freePort(t)),
+		fmt.Sprintf("revoke_url http://127.0.0.1:%d/oauth/revoke", freePort(t)),
+	}}
+	runInProcess(t, tpCaddyfile(nil, site, short, closed))
+	_, refresh := fake.SeedPair()
+	refreshForm := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
+
+	t.Run("SetDown 503 relayed", func(t *testing.T) {
+		fake.SetDown(http.StatusServiceUnavailable)
+		defer fake.SetDown(0)
+		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
+		if status != http.StatusServiceUnavailable {
+			t.Fatalf("status %d, want 503: %s", status, b)
+		}
+		if code, _ := tpOAuthError(t, b, hdr); code != "server_error" || !bytes.Equal(b, rec.last(t).Body) {
+			t.Errorf("got %q, want the fake's body %q", b, rec.last(t).Body)
+		}
+	})
+	t.Run("429 relayed with Retry-After", func(t *testing.T) {
+		fake.SetRetryAfter(7)
+		fake.SetFault(fakerestream.Fault429)
+		defer fake.SetFault(fakerestream.FaultNone)
+		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
+		if status != http.StatusTooManyRequests || hdr.Get("Retry-After") != "7" || !bytes.Equal(b, rec.last(t).Body) {
+			t.Errorf("status %d, Retry-After %q: %s", status, hdr.Get("Retry-After"), b)
+		}
+	})
+	for _, tc := range []struct {
+		name     string
+		site     tpSite
+		fault    fakerestream.Fault
+		url      string
+		status   int
+		code     string
+		descPart string
+	}{
+		{"closed port", closed, fakerestream.FaultNone, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
+		{"closed port revoke", closed, fakerestream.FaultNone, "/oauth/revoke", 502, "temporarily_unavailable", "unreachable"},
+		{"refused", site, fakerestream.FaultRefuse, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
+		{"HTML 502", site, fakerestream.FaultHTML, "/oauth/token", 502, "server_error", "HTML page"},
+		{"200 garbage", site, fakerestream.FaultGarbage, "/oauth/token", 502, "server_error", "not JSON"},
+		{"200 over 1 MiB", site, fakerestream.FaultHuge, "/oauth/token", 502, "server_error", "more than 1048576 bytes"},
+		{"hang", short, fakerestream.FaultHang, "/oauth/token", 504, "temporarily_unavailable", "within 500ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake.SetFault(tc.fault)
+			defer fake.SetFault(fakerestream.FaultNone)
+			form := refreshForm
+			if strings.HasSuffix(tc.url, "revoke") {
+				form = url.Values{"token": {refresh}}
+			}
+			start := time.Now()
+			status, b, hdr := tpPost(t, tc.site.base()+tc.url, form, nil)
+			if status != tc.status {
+				t.Fatalf("status %d, want %d: %s", status, tc.status, b)
+			}
+			code, desc := tpOAuthError(t, b, hdr)
+			if code != tc.code || !strings.Contains(desc, tc.descPart) {
+				t.Errorf("got %s, want %q with %q", b, tc.code, tc.descPart)
+			}
+			if tc.fault == fakerestream.FaultHang && time.Since(start) > 5*time.Second {
+				t.Errorf("the timeout did not bound the call: %s", time.Since(start))
+			}
+			mustContainNone(t, "error answer", string(b), append(fake.IssuedTokens(), "test-secret")...)
+		})
+	}
+	// Nothing above rotated: the seed still works.
+	if status, b, _ := tpPost(t, site.base()+"/oauth/token", refreshForm, nil); status != http.StatusOK {
+		t.Errorf("after the outages: status %d: %s", status, b)
+	}
+}
+
+// A device that hangs up mid-refresh does not cancel the upstream call: the
+// endpoint's rotation completes for the proxy (the fake counts rotations
+// whose caller went away as lost).
+func TestTokenProxyDetachedFromClient(t *testing.T) {
+	fake := tpNewFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
+	site := tpSite{Port: freePort(t), Lines: []string{
+		"client_id test-client",
+		"client_secret test-secret",
+		"token_url " + fake.TokenURL(),
+		"timeout 5s",
+	}}
+	runInProcess(t, tpCaddyfile(nil, site))
+	_, refresh := fake.SeedPair()
+
+	// The device hangs up once its refresh is in progress at the fake.
+	ctx, hangUp := context.WithCancel(context.Background())
+	defer hangUp()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, site.base()+"/oauth/token",
+		strings.NewReader(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", tpFormType)
+	answered := make(chan error, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			err = fmt.Errorf("the device got an answer (%d) before the fake's latency", resp.StatusCode)
+		} else {
+			err = nil
+		}
+		answered <- err
+	}()
+	waitFor(t, 10*time.Second, "the refresh to reach the fake", func() bool { return fake.Stats().RefreshInFlight == 1 })
+	hangUp()
+	if err := <-answered; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the upstream refresh to finish", func() bool {
+		st := fake.Stats()
+		return st.RefreshCalls == 1 && st.RefreshInFlight == 0
+	})
+	if st := fake.Stats(); st.RefreshOK != 1 || st.LostRotations != 0 {
+		t.Errorf("fake stats %+v: want one rotation, completed for a caller still there", st)
+	}
 }

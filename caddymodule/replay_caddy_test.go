@@ -3,7 +3,9 @@ package caddymodule_test
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -12,6 +14,7 @@ import (
 	"net/http/httptest"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -334,3 +337,96 @@ func TestReplayTotalSlowBodies(t *testing.T) {
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// After the fake revokes every access token, 300 concurrent POSTs with
+// distinct bodies all meet a 401 with the same generation: exactly one refresh,
+// every request replayed with its body intact.
+func TestRevokedTokenConcurrentPostsReplayOnce(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Latency: 100 * time.Millisecond, Logf: func(string, ...any) {}})
+	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed()}
+	runInProcess(t, cfg.Caddyfile())
+	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel-meta/42"
+	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
+		t.Fatalf("warm-up: %d %s", status, body)
+	}
+	before := fake.Stats()
+	fake.RevokeAccessTokens()
+
+	const n = 300
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			body := []byte(strings.Repeat(fmt.Sprintf("body-%d;", i), 50+i))
+			status, resp, hdr := do(t, http.MethodPost, url, body, map[string]string{"Content-Type": "text/plain"})
+			if status != http.StatusOK {
+				failed.Add(1)
+				t.Errorf("request %d: status %d: %s", i, status, resp)
+				return
+			}
+			e := decodeEcho(t, resp)
+			sum := sha256.Sum256(body)
+			if e.BodySHA256 != hex.EncodeToString(sum[:]) || e.BodyLen != len(body) || e.Method != http.MethodPost {
+				t.Errorf("request %d: upstream saw %s %d bytes sha %s, want POST %d bytes", i, e.Method, e.BodyLen, e.BodySHA256, len(body))
+			}
+			if cl := hdr.Values("Content-Length"); len(cl) > 1 {
+				t.Errorf("request %d: duplicate Content-Length %v", i, cl)
+			}
+		}()
+	}
+	wg.Wait()
+	after := fake.Stats()
+	t.Logf("%d POSTs: failed=%d; upstream 401s=%d; refreshes=%d; invalid_grant=%d",
+		n, failed.Load(), after.API401-before.API401, after.RefreshCalls-before.RefreshCalls, after.InvalidGrant)
+	if got := after.RefreshCalls - before.RefreshCalls; got != 1 {
+		t.Fatalf("refreshes after revocation = %d, want exactly 1", got)
+	}
+	if after.InvalidGrant != 0 {
+		t.Fatalf("invalid_grant = %d", after.InvalidGrant)
+	}
+}
+
+// A body over max_replay_body is streamed, not buffered: its 401 passes
+// through after one attempt, while a body within the limit is replayed.
+func TestLargeBodyNotReplayed(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
+	var attempts atomic.Int64
+	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		attempts.Add(1)
+		w.Header().Set("X-Body-Len", strconv.FormatInt(n, 10))
+		w.WriteHeader(http.StatusUnauthorized)
+	}))
+	upstream.Listener, _ = net.Listen("tcp", "127.0.0.1:0")
+	upstream.Start()
+	t.Cleanup(upstream.Close)
+	port := freePort(t)
+	runInProcess(t, fmt.Sprintf(`{
+	admin off
+	storage file_system %s
+}
+
+http://127.0.0.1:%d {
+	restream_auth {
+		client_id test-client
+		client_secret test-secret
+		refresh_token %s
+		token_url %s
+		max_replay_body 1KiB
+	}
+	reverse_proxy %s
+}
+`, t.TempDir(), port, fake.Seed(), fake.TokenURL(), upstream.URL))
+	url := "http://127.0.0.1:" + itoa(port) + "/v2/user/channel/1"
+	for _, tc := range []struct {
+		size, attempts int
+	}{{1024, 2}, {1025, 1}} {
+		attempts.Store(0)
+		status, _, hdr := do(t, http.MethodPatch, url, bytes.Repeat([]byte("x"), tc.size), nil)
+		if status != http.StatusUnauthorized || attempts.Load() != int64(tc.attempts) || hdr.Get("X-Body-Len") != strconv.Itoa(tc.size) {
+			t.Fatalf("%d-byte body: status %d, %d attempts (want %d), upstream read %s bytes", tc.size, status, attempts.Load(), tc.attempts, hdr.Get("X-Body-Len"))
+		}
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -19,9 +20,11 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	"github.com/caddyserver/certmagic"
 
 	_ "github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
 // freePort returns a port on 127.0.0.1 that was free a moment ago.
@@ -333,3 +336,260 @@ func mustContainNone(t testing.TB, where, text string, secrets ...string) {
 }
 
 func itoa(i int) string { return fmt.Sprint(i) }
+
+func newFake(t *testing.T, opts fakerestream.Options) *fakerestream.Server {
+	t.Helper()
+	if opts.Logf == nil {
+		opts.Logf = t.Logf
+	}
+	f := fakerestream.New(opts)
+	t.Cleanup(f.Close)
+	return f
+}
+
+// get is a GET that reports transport errors instead of failing the test.
+func get(cl *http.Client, url string) (int, []byte, error) {
+	resp, err := cl.Get(url)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, nil, err
+	}
+	return resp.StatusCode, b, nil
+}
+
+// answerKey names an answer by status and error code, for reports.
+func answerKey(status int, body []byte) string {
+	s := fmt.Sprint(status)
+	for _, code := range []string{"reauth_required", "temporarily_unavailable", "no_chain", "invalid_token"} {
+		if strings.Contains(string(body), code) {
+			return s + " " + code
+		}
+	}
+	return s
+}
+
+type accountStatus struct {
+	Account          string `json:"account"`
+	State            string `json:"state"`
+	Generation       uint64 `json:"generation"`
+	AccessExpiresAt  string `json:"access_expires_at"`
+	RefreshExpiresAt string `json:"refresh_expires_at"`
+	Persisted        bool   `json:"persisted"`
+	LastRefreshAt    string `json:"last_refresh_at"`
+	LastResult       string `json:"last_result"`
+	LastError        string `json:"last_error"`
+	NextRefreshAt    string `json:"next_refresh_at"`
+}
+
+func adminStatus(t *testing.T, admin string) map[string]accountStatus {
+	t.Helper()
+	status, body, _ := do(t, http.MethodGet, admin+"/restream_auth/", nil, nil)
+	if status != http.StatusOK {
+		t.Fatalf("admin status: %d %s", status, body)
+	}
+	var out struct{ Accounts []accountStatus }
+	if err := json.Unmarshal(body, &out); err != nil {
+		t.Fatalf("admin status JSON: %v: %s", err, body)
+	}
+	m := make(map[string]accountStatus)
+	for _, a := range out.Accounts {
+		m[a.Account] = a
+	}
+	return m
+}
+
+func sleepUntil(at time.Time) {
+	if d := time.Until(at); d > 0 {
+		time.Sleep(d)
+	}
+}
+
+// procSite is the Caddyfile of one sidecar process: an admin endpoint, a
+// health route, and file_system storage at Root, or the fault storage over
+// the same root when Control is set.
+type procSite struct {
+	Port, AdminPort int
+	Root            string
+	Control         string
+	Journal         string
+	Fake            *fakerestream.Server
+	Seed            string
+	Extra           string // more restream_auth subdirectives
+}
+
+// withFaults makes the site use the fault storage with control and journal.
+func (c procSite) withFaults(control, journal string) procSite {
+	c.Control, c.Journal = control, journal
+	return c
+}
+
+func (c procSite) Caddyfile() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "{\n\tadmin 127.0.0.1:%d\n\tauto_https off\n\tpersist_config off\n", c.AdminPort)
+	if c.Control != "" {
+		fmt.Fprintf(&b, "\tstorage restream_test_faults {\n\t\troot %s\n\t\tcontrol %s\n\t\tjournal %s\n\t}\n", c.Root, c.Control, c.Journal)
+	} else {
+		fmt.Fprintf(&b, "\tstorage file_system %s\n", c.Root)
+	}
+	fmt.Fprintf(&b, "}\n\nhttp://127.0.0.1:%d {\n\thandle /healthz {\n\t\trestream_auth_health\n\t}\n\thandle {\n", c.Port)
+	b.WriteString("\t\trestream_auth {\n\t\t\tclient_id test-client\n\t\t\tclient_secret test-secret\n")
+	if c.Seed != "" {
+		fmt.Fprintf(&b, "\t\t\trefresh_token %s\n", c.Seed)
+	}
+	fmt.Fprintf(&b, "\t\t\ttoken_url %s\n", c.Fake.TokenURL())
+	for line := range strings.SplitSeq(c.Extra, "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			b.WriteString("\t\t\t" + line + "\n")
+		}
+	}
+	fmt.Fprintf(&b, "\t\t}\n\t\treverse_proxy %s\n\t}\n}\n", c.Fake.URL())
+	return b.String()
+}
+
+func (c procSite) url() string { return fmt.Sprintf("http://127.0.0.1:%d/v2/user/profile", c.Port) }
+
+func (c procSite) admin() string { return fmt.Sprintf("http://127.0.0.1:%d", c.AdminPort) }
+
+// start runs the site with bin and waits until it answers.
+func (c procSite) start(t *testing.T, bin string) *caddyProc {
+	t.Helper()
+	p := startProcessBin(t, bin, c.Caddyfile())
+	waitReady(t, c.url(), p)
+	return p
+}
+
+func (c procSite) status(t *testing.T) accountStatus { return adminStatus(t, c.admin())["default"] }
+
+// health returns the health route's status code and state.
+func (c procSite) health(t *testing.T) (int, string) {
+	t.Helper()
+	status, body, _ := do(t, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/healthz", c.Port), nil, nil)
+	var h struct {
+		State string `json:"state"`
+	}
+	_ = json.Unmarshal(body, &h)
+	return status, h.State
+}
+
+// forceRefresh asks the admin API for a refresh and returns its answer.
+func (c procSite) forceRefresh(t *testing.T) (int, accountStatus, string) {
+	t.Helper()
+	status, body, _ := do(t, http.MethodPost, c.admin()+"/restream_auth/default/refresh", nil, nil)
+	var st accountStatus
+	_ = json.Unmarshal(body, &st)
+	return status, st, strings.TrimSpace(string(body))
+}
+
+func newProcSite(t *testing.T, fake *fakerestream.Server, root, seed, extra string) procSite {
+	return procSite{Port: freePort(t), AdminPort: freePort(t), Root: root, Fake: fake, Seed: seed, Extra: extra}
+}
+
+// leaseFile is lease.json as tokensource writes it.
+type leaseFile struct {
+	Owner     string    `json:"owner"`
+	Nonce     string    `json:"nonce,omitempty"`
+	Seq       uint64    `json:"seq,omitempty"`
+	TTLMillis int64     `json:"ttl_ms,omitempty"`
+	Mark      string    `json:"mark,omitempty"`
+	MarkedBy  string    `json:"marked_by,omitempty"`
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+}
+
+// readLease reads root's lease.json; the zero leaseFile if there is none.
+func readLease(t *testing.T, root string) (leaseFile, []byte) {
+	t.Helper()
+	path := filepath.Join(root, filepath.FromSlash(tokensource.LeaseKey("default")))
+	var l leaseFile
+	for range 50 { // a file being replaced may read empty for a moment
+		b, err := os.ReadFile(path)
+		if os.IsNotExist(err) {
+			return l, nil
+		}
+		if err == nil && json.Unmarshal(b, &l) == nil {
+			return l, b
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("%s stays unreadable", path)
+	return l, nil
+}
+
+// plantLease writes lease.json as another instance would: under the
+// account's storage lock, and only while no instance holds the lease (so no
+// token call is in flight). It returns what it wrote, and when.
+func plantLease(t *testing.T, root string, l leaseFile) ([]byte, time.Time) {
+	t.Helper()
+	return writeLease(t, root, l, true)
+}
+
+// releasePlanted releases a planted lease, as its holder would.
+func releasePlanted(t *testing.T, root string) {
+	t.Helper()
+	writeLease(t, root, leaseFile{}, false)
+}
+
+func writeLease(t *testing.T, root string, l leaseFile, onlyIfFree bool) ([]byte, time.Time) {
+	t.Helper()
+	st := &certmagic.FileStorage{Path: root}
+	ctx := context.Background()
+	name := tokensource.KeyPrefix("default") + "/lease"
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no moment with the storage lock free and the lease released in 30 s")
+		}
+		// One attempt at the lock: certmagic waits a second between
+		// attempts unless the context has ended.
+		done, cancel := context.WithCancel(ctx)
+		cancel()
+		if st.Lock(done, name) != nil {
+			continue
+		}
+		if cur, _ := readLease(t, root); cur.Owner == "" || !onlyIfFree {
+			break
+		}
+		_ = st.Unlock(ctx, name)
+	}
+	defer func() { _ = st.Unlock(ctx, name) }()
+	if l.ExpiresAt.IsZero() && l.Owner != "" {
+		l.ExpiresAt = time.Now().Add(time.Duration(l.TTLMillis) * time.Millisecond)
+	}
+	b, _ := json.Marshal(l)
+	at := time.Now()
+	if err := st.Store(ctx, tokensource.LeaseKey("default"), b); err != nil {
+		t.Fatal(err)
+	}
+	return b, at
+}
+
+// timedGet is one GET and how long it took.
+type timedAnswer struct {
+	status int
+	body   []byte
+	hdr    http.Header
+	took   time.Duration
+}
+
+func (a timedAnswer) key() string { return answerKey(a.status, a.body) }
+
+// is503 reports a 503 with the error code and a Retry-After in seconds.
+func (a timedAnswer) is503(code string) bool {
+	ra, err := strconv.Atoi(a.hdr.Get("Retry-After"))
+	return a.status == http.StatusServiceUnavailable && strings.Contains(string(a.body), `"error":"`+code+`"`) && err == nil && ra >= 1
+}
+
+func (a timedAnswer) String() string {
+	return fmt.Sprintf("%d %s (Retry-After %q, %s)", a.status, strings.TrimSpace(string(a.body)), a.hdr.Get("Retry-After"), a.took.Round(time.Millisecond))
+}
+
+func timedGet(t *testing.T, url string) timedAnswer {
+	t.Helper()
+	start := time.Now()
+	status, body, hdr := do(t, http.MethodGet, url, nil, nil)
+	return timedAnswer{status, body, hdr, time.Since(start)}
+}
+
+func quiet(string, ...any) {}
