@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Chaos parameters.
@@ -48,12 +48,12 @@ type chaosInstance struct {
 	cfg  siteConfig
 	url  string
 	mu   sync.Mutex
-	proc *caddyProc
-	all  []*caddyProc
+	proc *testproc.Process
+	all  []*testproc.Process
 	down []downtime
 }
 
-func (in *chaosInstance) current() *caddyProc {
+func (in *chaosInstance) current() *testproc.Process {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	return in.proc
@@ -118,10 +118,10 @@ func mergedTimeline(instances []*chaosInstance, n int) string {
 	var lines []line
 	for _, in := range instances {
 		in.mu.Lock()
-		procs := append([]*caddyProc(nil), in.all...)
+		procs := append([]*testproc.Process(nil), in.all...)
 		in.mu.Unlock()
 		for m, p := range procs {
-			label := fmt.Sprintf("i%d.p%d(pid %d)", in.idx, m+1, p.cmd.Process.Pid)
+			label := fmt.Sprintf("i%d.p%d(pid %d)", in.idx, m+1, p.PID())
 			answered503 := 0
 			for _, raw := range strings.Split(p.Output(), "\n") {
 				var e struct {
@@ -154,25 +154,22 @@ func mergedTimeline(instances []*chaosInstance, n int) string {
 	return strings.Join(out, "\n")
 }
 
-// waitAnswer waits until url answers anything, like waitReady, but returns
-// an error instead of failing the test (the caller has goroutines to stop).
-func waitAnswer(url string, p *caddyProc, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+// waitAnswer waits up to 30 s until url answers anything, like waitReady,
+// but returns an error instead of failing the test (the caller has
+// goroutines to stop).
+func waitAnswer(url string, p *testproc.Process) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	for {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		resp, err := http.DefaultClient.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("no answer after %s: %v", timeout, err)
-		case <-p.exited:
-			return errors.New("caddy exited early")
-		case <-time.After(20 * time.Millisecond):
-		}
+	return testproc.WaitHTTP(ctx, url, p)
+}
+
+// exitedBeforeKill reports whether p has exited by itself.
+func exitedBeforeKill(p *testproc.Process) bool {
+	select {
+	case <-p.Exited():
+		return true
+	default:
+		return false
 	}
 }
 
@@ -215,7 +212,7 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 	seed := fake.Seed()
 	instances := make([]*chaosInstance, chaosInstances)
 	for i := range instances {
-		cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: seed,
+		cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: seed,
 			Extra: "refresh_ahead 1s\ntimeout 2s", Global: redisGlobal(srv.URL())}
 		in := &chaosInstance{idx: i, cfg: cfg, url: "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"}
 		in.proc = startProcess(t, cfg.Caddyfile())
@@ -400,21 +397,22 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 		p := in.current()
 		n, oldest, sinceEnd := fake.TokenActivity()
 		journal.add("driver: SIGKILL instance %d pid %d (safe=%v, token calls in flight=%d oldest=%s, last ended %s ago)",
-			in.idx, p.cmd.Process.Pid, isSafe, n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond))
+			in.idx, p.PID(), isSafe, n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond))
 		in.mu.Lock()
 		in.down = append(in.down, downtime{from: time.Now()})
 		in.mu.Unlock()
-		if err := p.cmd.Process.Kill(); err != nil {
+		if exitedBeforeKill(p) {
+			// Exited by itself: show why (a crash, or the host out of memory).
 			unclaim()
-			driverErr = fmt.Errorf("kill instance %d (pid %d): %v; its output ends:\n%s", in.idx, p.cmd.Process.Pid, err, tailString(p.Output(), 30))
+			driverErr = fmt.Errorf("instance %d (pid %d) exited before the kill; its output ends:\n%s", in.idx, p.PID(), tailString(p.Output(), 30))
 			break
 		}
-		<-p.exited
+		p.Kill()
 		unclaim()
 		kills++
 		np := startProcess(t, in.cfg.Caddyfile())
-		journal.add("driver: restarted instance %d as pid %d", in.idx, np.cmd.Process.Pid)
-		if err := waitAnswer(in.url, np, 30*time.Second); err != nil {
+		journal.add("driver: restarted instance %d as pid %d", in.idx, np.PID())
+		if err := waitAnswer(in.url, np); err != nil {
 			driverErr = fmt.Errorf("restarting instance %d: %v\n%s", in.idx, err, np.Output())
 		}
 		journal.add("driver: instance %d answers", in.idx)
@@ -475,7 +473,7 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 	writeBacks := 0
 	for _, in := range instances {
 		in.mu.Lock()
-		procs := append([]*caddyProc(nil), in.all...)
+		procs := append([]*testproc.Process(nil), in.all...)
 		in.mu.Unlock()
 		for _, p := range procs {
 			out := p.Output()

@@ -22,6 +22,7 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
 )
@@ -88,7 +89,7 @@ func TestChaosKillRestart(t *testing.T) {
 	}
 	instances := make([]*chaosInstance, chaosInstances)
 	for i := range instances {
-		cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: extra}
+		cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: extra}
 		in := &chaosInstance{idx: i, cfg: cfg, url: "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"}
 		in.proc = startProcess(t, cfg.Caddyfile())
 		in.all = append(in.all, in.proc)
@@ -215,20 +216,20 @@ func TestChaosKillRestart(t *testing.T) {
 		p := in.current()
 		n, oldest, sinceEnd := fake.TokenActivity()
 		journal.add("driver: SIGKILL instance %d pid %d (safe=%v, lock file=%v, token calls in flight=%d oldest=%s, last ended %s ago)",
-			in.idx, p.cmd.Process.Pid, isSafe, locked, n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond))
+			in.idx, p.PID(), isSafe, locked, n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond))
 		in.mu.Lock()
 		in.down = append(in.down, downtime{from: time.Now()})
 		in.mu.Unlock()
-		if err := p.cmd.Process.Kill(); err != nil {
+		if exitedBeforeKill(p) {
 			// Exited by itself: show why (a crash, or the host out of memory).
-			driverErr = fmt.Errorf("kill instance %d (pid %d): %v; its output ends:\n%s", in.idx, p.cmd.Process.Pid, err, tailString(p.Output(), 30))
+			driverErr = fmt.Errorf("instance %d (pid %d) exited before the kill; its output ends:\n%s", in.idx, p.PID(), tailString(p.Output(), 30))
 			break
 		}
-		<-p.exited
+		p.Kill()
 		kills++
 		np := startProcess(t, in.cfg.Caddyfile())
-		journal.add("driver: restarted instance %d as pid %d", in.idx, np.cmd.Process.Pid)
-		if err := waitAnswer(in.url, np, 30*time.Second); err != nil {
+		journal.add("driver: restarted instance %d as pid %d", in.idx, np.PID())
+		if err := waitAnswer(in.url, np); err != nil {
 			driverErr = fmt.Errorf("restarting instance %d: %v\n%s", in.idx, err, np.Output())
 		}
 		journal.add("driver: instance %d answers", in.idx)
@@ -347,7 +348,7 @@ func TestKillDuringRefreshLosesChain(t *testing.T) {
 	}
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{AccessTTL: 4 * time.Second, Latency: 400 * time.Millisecond, Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 2s\ntimeout 2s"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 2s\ntimeout 2s"}
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	p := startProcess(t, cfg.Caddyfile())
 	waitReady(t, url, p)
@@ -358,10 +359,7 @@ func TestKillDuringRefreshLosesChain(t *testing.T) {
 		st := fake.Stats()
 		return st.RefreshInFlight == 1 && st.RefreshCalls == 1 // counted after the latency: this is call 2
 	})
-	if err := p.cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	<-p.exited
+	killProcess(t, p)
 	waitFor(t, 5*time.Second, "the fake to rotate for the dead client", func() bool { return fake.Stats().LostRotations == 1 })
 	callsAtKill := fake.Stats().RefreshCalls
 
@@ -457,10 +455,7 @@ func TestItem18HolderKilledMidRefresh(t *testing.T) {
 	if held.Owner == "" || held.Mark == "" || held.MarkedBy != held.Owner {
 		t.Fatalf("A's lease does not mark the token it is sending: %+v", held)
 	}
-	if err := pa.cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	<-pa.exited
+	killProcess(t, pa)
 	killed := time.Now()
 	waitFor(t, 5*time.Second, "the fake to drop the dead call", func() bool { return fake.Stats().Hanging == 0 })
 	callsAtKill := fake.Stats().RefreshCalls

@@ -19,6 +19,7 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
@@ -118,7 +119,7 @@ func runFaultCase(t *testing.T, fc faultCase) faultFigures {
 	dir := t.TempDir()
 	logFile := filepath.Join(dir, "caddy.log")
 	cfg := siteConfig{
-		Port: freePort(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
+		Port: testproc.Port(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
 		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
 	}
 	runInProcess(t, cfg.Caddyfile())
@@ -403,7 +404,7 @@ func TestFaultRotateThenHang(t *testing.T) {
 	dir := t.TempDir()
 	logFile := filepath.Join(dir, "caddy.log")
 	cfg := siteConfig{
-		Port: freePort(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
+		Port: testproc.Port(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
 		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
 	}
 	runInProcess(t, cfg.Caddyfile())

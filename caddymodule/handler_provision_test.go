@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // unsetVar is never set in the environment of the commands run here.
@@ -244,7 +245,7 @@ func TestPlaceholderSecretsResolveAtProvision(t *testing.T) {
 	seed := fake.Seed() // each call starts a new chain
 	t.Setenv("RESTREAM_PLACEHOLDER_TEST_SEED", seed)
 
-	port := freePort(t)
+	port := testproc.Port(t)
 	text := fmt.Sprintf(`{
 	admin off
 	storage file_system %s

@@ -23,12 +23,13 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
 func TestHeaderReplaced(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed()}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed()}
 	runInProcess(t, cfg.Caddyfile())
 	base := "http://127.0.0.1:" + itoa(cfg.Port)
 
@@ -52,7 +53,7 @@ func TestHeaderReplaced(t *testing.T) {
 // value and leaving the other parameters as they were.
 func TestQueryParamReplaced(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "query_param accessToken"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "query_param accessToken"}
 	runInProcess(t, cfg.Caddyfile())
 	status, body, _ := do(t, http.MethodGet, "http://127.0.0.1:"+itoa(cfg.Port)+"/v2/user/profile?b=2&accessToken=from-client&a=x%20y&accessToken=again", nil, nil)
 	if status != http.StatusOK {
@@ -91,7 +92,7 @@ func TestUpstream401And403PassThrough(t *testing.T) {
 	upstream.Start()
 	t.Cleanup(upstream.Close)
 
-	port := freePort(t)
+	port := testproc.Port(t)
 	caddyfileText := fmt.Sprintf(`{
 	admin off
 	storage file_system %s
@@ -150,7 +151,7 @@ http://127.0.0.1:%d {
 func TestUnavailable503(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	seed := fake.Seed()
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: seed, Extra: "refresh_ahead 1s"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: seed, Extra: "refresh_ahead 1s"}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	if status, _, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
@@ -189,7 +190,7 @@ func TestUnavailable503(t *testing.T) {
 
 func TestDeadSeedAnswersReauthRequired(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: "rt_never_issued_0123456789"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: "rt_never_issued_0123456789"}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	for range 5 {
@@ -209,7 +210,7 @@ func TestDeadSeedAnswersReauthRequired(t *testing.T) {
 func TestRestartStaleSeedAndNewSeed(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
-	cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	st := &certmagic.FileStorage{Path: storageDir}
 
@@ -271,7 +272,7 @@ func TestRestartStaleSeedAndNewSeed(t *testing.T) {
 // no invalid_grant at the fake.
 func TestRotationUnderLoad(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 50 * time.Millisecond, Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel/all"
 
@@ -316,7 +317,7 @@ func TestNoSecretsInLogs(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, ClientSecret: "cs_literal_secret_9f8e7d", Logf: func(string, ...any) {}})
 	dir := t.TempDir()
 	serverLog, accessLog := filepath.Join(dir, "server.log"), filepath.Join(dir, "access.log")
-	port := freePort(t)
+	port := testproc.Port(t)
 	seed := fake.Seed()
 	seedFile := filepath.Join(dir, "seed")
 	if err := os.WriteFile(seedFile, []byte(seed+"\n"), 0o600); err != nil {
@@ -414,7 +415,7 @@ func revokeGrant(t *testing.T, fake *fakerestream.Server, refreshToken string) {
 // reauth_required at once, without reaching the upstream.
 func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
-	cfg := siteConfig{Port: freePort(t), AdminPort: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
+	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
 	runInProcess(t, cfg.Caddyfile())
 	site := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	if got := timedGet(t, site); got.status != http.StatusOK {
@@ -461,7 +462,7 @@ func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
 // once the endpoint works again, 200.
 func TestItem13RejectedAndFailedRefreshAnswers503(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
 	runInProcess(t, cfg.Caddyfile())
 	site := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	if got := timedGet(t, site); got.status != http.StatusOK {
@@ -533,7 +534,7 @@ func TestQueryParamTokenNotInDebugLogs(t *testing.T) {
 	t.Cleanup(ws.Close)
 	dir := t.TempDir()
 	debugLog, accessLog := filepath.Join(dir, "debug.log"), filepath.Join(dir, "access.log")
-	port := freePort(t)
+	port := testproc.Port(t)
 	runInProcess(t, queryLogSite(port, filepath.Join(dir, "storage"), debugLog, accessLog, fake, ws))
 	addr := "127.0.0.1:" + itoa(port)
 	const bogus = "client-supplied-bogus"

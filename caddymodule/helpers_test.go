@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -24,19 +23,13 @@ import (
 
 	_ "github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
-// freePort returns a port on 127.0.0.1 that was free a moment ago.
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+// freePort is testproc.Port, for the command tests that still call it
+// by this name.
+func freePort(t testing.TB) int { return testproc.Port(t) }
 
 // siteConfig is a sidecar Caddyfile in front of the fake.
 type siteConfig struct {
@@ -171,150 +164,73 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
+// builds holds the Caddy binaries built for the tests, once per test binary.
+var builds testproc.Builds
+
 // TestMain removes the Caddy binaries built for the tests.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	for _, dir := range []string{caddyBinaryDir, faultsBinaryDir} {
-		if dir != "" {
-			_ = os.RemoveAll(dir)
-		}
-	}
+	_ = builds.Cleanup()
 	os.Exit(code)
 }
 
-var caddyBinaryDir, faultsBinaryDir string
-
 // caddyBinary builds cmd/caddy once per test binary.
-var caddyBinary = sync.OnceValues(func() (string, error) {
-	return buildCaddy(&caddyBinaryDir, "caddy", "../cmd/caddy")
-})
+func caddyBinary() (string, error) { return builds.Binary("../cmd/caddy") }
 
 // caddyFaultsBinary builds internal/faultstorage/cmd/caddy-faults (cmd/caddy
 // plus the test-only storage module restream_test_faults) once per test binary.
-var caddyFaultsBinary = sync.OnceValues(func() (string, error) {
-	return buildCaddy(&faultsBinaryDir, "caddy-faults", "../internal/faultstorage/cmd/caddy-faults")
-})
-
-func buildCaddy(dirVar *string, name, pkg string) (string, error) {
-	dir, err := os.MkdirTemp("", "restream-auth-"+name+"-")
-	if err != nil {
-		return "", err
-	}
-	*dirVar = dir
-	bin := filepath.Join(dir, name)
-	cmd := exec.Command("go", "build", "-o", bin, pkg)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("go build %s: %v\n%s", pkg, err, out.String())
-	}
-	return bin, nil
-}
-
-// caddyProc is a Caddy process started from the built binary.
-type caddyProc struct {
-	cmd    *exec.Cmd
-	output *bytes.Buffer
-	mu     sync.Mutex
-	exited chan struct{}
-}
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	b  *bytes.Buffer
-}
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
+func caddyFaultsBinary() (string, error) {
+	return builds.Binary("../internal/faultstorage/cmd/caddy-faults")
 }
 
 // startProcess runs `caddy run` with the Caddyfile and stops it (by PID) at
 // the end of the test.
-func startProcess(t *testing.T, caddyfileText string, args ...string) *caddyProc {
+func startProcess(t *testing.T, caddyfileText string, args ...string) *testproc.Process {
 	t.Helper()
-	bin, err := caddyBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return startProcessBin(t, bin, caddyfileText, args...)
+	return startProcessBin(t, builds.MustBinary(t, "../cmd/caddy"), caddyfileText, args...)
 }
 
-// startProcessBin is startProcess with another Caddy binary.
-func startProcessBin(t *testing.T, bin, caddyfileText string, args ...string) *caddyProc {
+// startProcessBin is startProcess with another Caddy binary. HOME and the
+// XDG directories point into the test's temporary directory, so Caddy
+// writes nothing outside it.
+func startProcessBin(t *testing.T, bin, caddyfileText string, args ...string) *testproc.Process {
 	t.Helper()
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgPath, []byte(caddyfileText), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p := &caddyProc{output: new(bytes.Buffer), exited: make(chan struct{})}
-	p.cmd = exec.Command(bin, append([]string{"run", "--config", cfgPath, "--adapter", "caddyfile"}, args...)...)
-	p.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
-	w := lockedWriter{&p.mu, p.output}
-	p.cmd.Stdout, p.cmd.Stderr = w, w
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = p.cmd.Wait(); close(p.exited) }()
-	t.Cleanup(func() { p.stop(t) })
-	return p
+	cmd := exec.Command(bin, append([]string{"run", "--config", cfgPath, "--adapter", "caddyfile"}, args...)...)
+	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	return testproc.Start(t, "caddy", cmd)
 }
 
-func (p *caddyProc) Output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.output.String()
-}
-
-func (p *caddyProc) stop(t *testing.T) {
+// killProcess SIGKILLs p, as a crash would, and waits for it. A process
+// that exited before the kill fails the test: a crash of its own is worth
+// seeing.
+func killProcess(t *testing.T, p *testproc.Process) {
+	t.Helper()
 	select {
-	case <-p.exited:
-		return
+	case <-p.Exited():
+		t.Fatalf("%s (pid %d) exited before the kill; its output ends:\n%s", p.Name, p.PID(), tailString(p.Output(), 30))
 	default:
 	}
-	_ = p.cmd.Process.Signal(os.Interrupt)
-	select {
-	case <-p.exited:
-	case <-time.After(10 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.exited
-		t.Errorf("caddy (pid %d) did not stop on SIGINT; killed", p.cmd.Process.Pid)
-	}
+	p.Kill()
 }
 
-// waitReady waits until url answers anything at all.
-func waitReady(t *testing.T, url string, p *caddyProc) {
+// waitReady waits until url answers anything at all; p may be nil (a Caddy
+// running in this process).
+func waitReady(t *testing.T, url string, p *testproc.Process) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	for {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		resp, err := http.DefaultClient.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			return
+	if err := testproc.WaitHTTP(ctx, url, p); err != nil {
+		out := ""
+		if p != nil {
+			out = p.Output()
 		}
-		select {
-		case <-ctx.Done():
-			out := ""
-			if p != nil {
-				out = p.Output()
-			}
-			t.Fatalf("caddy at %s never came up: %v\n%s", url, err, out)
-		case <-p.exitedChan():
-			t.Fatalf("caddy exited early:\n%s", p.Output())
-		case <-time.After(50 * time.Millisecond):
-		}
+		t.Fatalf("caddy at %s never came up: %v\n%s", url, err, out)
 	}
-}
-
-func (p *caddyProc) exitedChan() <-chan struct{} {
-	if p == nil {
-		return nil
-	}
-	return p.exited
 }
 
 func decodeEcho(t testing.TB, b []byte) echo {
@@ -455,7 +371,7 @@ func (c procSite) url() string { return fmt.Sprintf("http://127.0.0.1:%d/v2/user
 func (c procSite) admin() string { return fmt.Sprintf("http://127.0.0.1:%d", c.AdminPort) }
 
 // start runs the site with bin and waits until it answers.
-func (c procSite) start(t *testing.T, bin string) *caddyProc {
+func (c procSite) start(t *testing.T, bin string) *testproc.Process {
 	t.Helper()
 	p := startProcessBin(t, bin, c.Caddyfile())
 	waitReady(t, c.url(), p)
@@ -485,7 +401,7 @@ func (c procSite) forceRefresh(t *testing.T) (int, accountStatus, string) {
 }
 
 func newProcSite(t *testing.T, fake *fakerestream.Server, root, seed, extra string) procSite {
-	return procSite{Port: freePort(t), AdminPort: freePort(t), Root: root, Fake: fake, Seed: seed, Extra: extra}
+	return procSite{Port: testproc.Port(t), AdminPort: testproc.Port(t), Root: root, Fake: fake, Seed: seed, Extra: extra}
 }
 
 // leaseFile is lease.json as tokensource writes it.

@@ -19,6 +19,7 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
@@ -150,7 +151,7 @@ func TestLoginRequiresAuthentication(t *testing.T) {
 // scope, outage, not JSON, too large, a redirect) installs nothing either.
 func TestLoginPinsExpectedUser(t *testing.T) {
 	site := newLoginSite(t, true)
-	site.adminPort = freePort(t)
+	site.adminPort = testproc.Port(t)
 	site.loginExtra = "expected_user_id 4242"
 	runInProcess(t, site.caddyfile())
 	b := newLoginBrowser(t, site)
@@ -464,7 +465,7 @@ func TestLoginHostCookieOverHTTPS(t *testing.T) {
 // button to connect or re-authorize; every value is escaped.
 func TestLoginStatusPage(t *testing.T) {
 	site := newLoginSite(t, true)
-	site.adminPort = freePort(t)
+	site.adminPort = testproc.Port(t)
 	runInProcess(t, site.caddyfile())
 	b := newLoginBrowser(t, site)
 	p := b.get(site.base() + "/restream/")

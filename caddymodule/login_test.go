@@ -22,6 +22,7 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
@@ -66,7 +67,7 @@ func newLoginSite(t *testing.T, proxy bool) *loginSite {
 	t.Cleanup(authz.Close)
 	t.Setenv(loginSecretEn, loginSecret)
 	dir := t.TempDir()
-	return &loginSite{t: t, port: freePort(t), storageDir: filepath.Join(dir, "storage"), fake: fake,
+	return &loginSite{t: t, port: testproc.Port(t), storageDir: filepath.Join(dir, "storage"), fake: fake,
 		authorize: authz.URL + "/login", proxy: proxy, logFile: filepath.Join(dir, "caddy.log"),
 		accessLog: filepath.Join(dir, "access.log")}
 }
@@ -618,7 +619,7 @@ func TestLoginWithoutRunningHandlerStoresChain(t *testing.T) {
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	cfg := siteConfig{Port: freePort(t), StorageDir: site.storageDir, Fake: site.fake,
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: site.storageDir, Fake: site.fake,
 		Extra: "client_secret {env." + loginSecretEn + "}"}
 	loadInProcess(t, cfg.Caddyfile())
 	status, body, _ := do(t, http.MethodGet, "http://127.0.0.1:"+itoa(cfg.Port)+"/v2/user/profile", nil, nil)

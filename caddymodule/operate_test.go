@@ -9,13 +9,14 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Metrics, the admin status API and the health handler, through real Caddy:
 // series exist from provisioning, events move them, nothing shows a token.
 func TestMetricsStatusAndHealth(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	port, adminPort := freePort(t), freePort(t)
+	port, adminPort := testproc.Port(t), testproc.Port(t)
 	seed := fake.Seed()
 	caddyfileText := fmt.Sprintf(`{
 	admin 127.0.0.1:%d
@@ -176,7 +177,7 @@ func TestNoSecretsInAdminConfig(t *testing.T) {
 	seed := fake.Seed()
 	t.Setenv("RESTREAM_TEST_SECRET", "cs_admin_config_secret")
 	t.Setenv("RESTREAM_TEST_SEED", seed)
-	port, adminPort := freePort(t), freePort(t)
+	port, adminPort := testproc.Port(t), testproc.Port(t)
 	caddyfileText := fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	storage file_system %s

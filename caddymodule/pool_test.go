@@ -14,13 +14,14 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // A config reload keeps exactly one refresher per account and serves
 // requests throughout.
 func TestReloadKeepsOneRefresher(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	if status, _, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
@@ -66,7 +67,7 @@ func refreshers(t *testing.T) int {
 func TestItem12ReloadWithForeignLeaseIsQuick(t *testing.T) {
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
-	cfg := siteConfig{Port: freePort(t), AdminPort: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
+	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
 	runInProcess(t, cfg.Caddyfile())
 	site := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	if got := timedGet(t, site); got.status != http.StatusOK {
@@ -149,7 +150,7 @@ func TestReloadUnderLoad(t *testing.T) {
 		goroutineSlack = 10
 	)
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 20 * time.Millisecond, Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s\ntimeout 5s", Global: "grace_period 300ms"}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s\ntimeout 5s", Global: "grace_period 300ms"}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 
@@ -268,7 +269,7 @@ func countGoroutines() (other, lockRefreshers int) {
 func TestReloadReplacingSourceClosesTokenConnections(t *testing.T) {
 	const replacements = 4
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), AdminPort: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: "grace_period 100ms"}
+	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: "grace_period 100ms"}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	for i := range replacements + 1 {

@@ -18,6 +18,7 @@ import (
 	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
 )
@@ -92,7 +93,7 @@ func TestRedisServesThroughCaddy(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
-	cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	serveWhile(t, url, 20*time.Second, "generation 4 in Redis", func() bool { return redisGeneration(srv, "default") >= 4 })
@@ -109,7 +110,7 @@ func TestRedisServesThroughCaddy(t *testing.T) {
 func TestRedisClientSharedAcrossReloads(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 
 	inProcessMu.Lock()
@@ -151,7 +152,7 @@ func TestRedisImportsFromCaddyStorage(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
 	st := &certmagic.FileStorage{Path: storageDir}
-	cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed()}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed()}
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 
 	inProcessMu.Lock()
@@ -196,7 +197,7 @@ func TestRedisImportsFromCaddyStorage(t *testing.T) {
 func TestRedisFlushUnderCaddy(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 	serveWhile(t, url, 15*time.Second, "generation 2", func() bool { return redisGeneration(srv, "default") >= 2 })
@@ -230,7 +231,7 @@ func TestRedisCredentialsNeverShown(t *testing.T) {
 			t.Setenv("RESTREAM_TEST_REDIS_PW", pw)
 			fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 			dir := t.TempDir()
-			cfg := siteConfig{Port: freePort(t), AdminPort: freePort(t), StorageDir: dir, Fake: fake, Seed: fake.Seed(),
+			cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: dir, Fake: fake, Seed: fake.Seed(),
 				LogFile: filepath.Join(dir, "caddy.log"),
 				Global:  redisGlobal("redis://:{env.RESTREAM_TEST_REDIS_PW}@" + srv.Addr() + "/0")}
 			p := startProcess(t, cfg.Caddyfile())
@@ -260,7 +261,9 @@ func TestRedisCredentialsNeverShown(t *testing.T) {
 					t.Errorf("the admin config does not show the URL as written: %s", b)
 				}
 			}
-			p.stop(t)
+			if _, err := p.Stop(os.Interrupt, 10*time.Second); err != nil {
+				t.Error(err)
+			}
 			logs, _ := os.ReadFile(cfg.LogFile)
 			if pw == wrong && !strings.Contains(string(logs), "WRONGPASS") {
 				t.Errorf("the log does not show Redis refusing the password:\n%s", logs)
@@ -289,7 +292,7 @@ func TestRedisValidateNeverConnects(t *testing.T) {
 		return 0
 	}
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	var c caddy.Config
 	if err := json.Unmarshal(adapt(t, cfg.Caddyfile()), &c); err != nil {
 		t.Fatal(err)

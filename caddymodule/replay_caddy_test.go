@@ -23,6 +23,7 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // startLocal starts an httptest server on 127.0.0.1.
@@ -43,7 +44,7 @@ func startLocal(t *testing.T, h http.Handler) *httptest.Server {
 // is a path prefix and its extra restream_auth subdirectives.
 func capSite(t *testing.T, fake *fakerestream.Server, upstream string, routes map[string]string) int {
 	t.Helper()
-	port := freePort(t)
+	port := testproc.Port(t)
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "{\n\tadmin off\n\tstorage file_system %s\n\tauto_https off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n\nhttp://127.0.0.1:%d {\n", t.TempDir(), port)
 	for path, extra := range routes {
@@ -343,7 +344,7 @@ func mib(n int64) float64 { return float64(n) / (1 << 20) }
 // every request replayed with its body intact.
 func TestRevokedTokenConcurrentPostsReplayOnce(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Latency: 100 * time.Millisecond, Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed()}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed()}
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel-meta/42"
 	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
@@ -402,7 +403,7 @@ func TestLargeBodyNotReplayed(t *testing.T) {
 	upstream.Listener, _ = net.Listen("tcp", "127.0.0.1:0")
 	upstream.Start()
 	t.Cleanup(upstream.Close)
-	port := freePort(t)
+	port := testproc.Port(t)
 	runInProcess(t, fmt.Sprintf(`{
 	admin off
 	storage file_system %s

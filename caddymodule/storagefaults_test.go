@@ -18,6 +18,7 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/faultstorage"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
@@ -150,7 +151,7 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 			t.Fatalf("stored generation %d while every write fails", g)
 		}
 	}
-	fails := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionFail, pa.cmd.Process.Pid)
+	fails := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionFail, pa.PID())
 	if fails < 2 {
 		t.Errorf("%d failed writes of token.json by A, want the first and at least one retry", fails)
 	}
@@ -261,7 +262,7 @@ func TestItem03SlowWriteKeepsLease(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, pa.cmd.Process.Pid)
+	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, pa.PID())
 	waitFor(t, 10*time.Second, "B to adopt the stored pair", func() bool { return timedGet(t, b.url()).status == http.StatusOK })
 	end := fake.Stats()
 	t.Logf("item 3: pair stored %s after the token call (old lease TTL 12 s) after %d slow writes by A; B: %d answers, %d of them 503 temporarily_unavailable; fake: token calls %d, invalid_grant %d",
@@ -404,7 +405,7 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 			t.Fatalf("a token call while the lease could not be read")
 		}
 	}
-	fails := injected(t, journal, faultstorage.OpLoad, "/lease.json", faultstorage.ActionFail, pa.cmd.Process.Pid)
+	fails := injected(t, journal, faultstorage.OpLoad, "/lease.json", faultstorage.ActionFail, pa.PID())
 	st := a.status(t)
 	if fails == 0 || st.State != "backoff" || !strings.Contains(st.LastError, "lease.json") {
 		t.Errorf("after %d failed reads of lease.json: status %+v", fails, st)
@@ -447,7 +448,7 @@ func twoProcesses(t *testing.T, extra string) {
 	seed := fake.Seed()
 	var urls []string
 	for range 2 {
-		cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: "refresh_ahead 1s\n" + extra}
+		cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: "refresh_ahead 1s\n" + extra}
 		p := startProcess(t, cfg.Caddyfile())
 		u := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
 		waitReady(t, u, p)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Tests of restream_token_proxy's max_concurrent: calls beyond it are
@@ -135,7 +136,7 @@ func TestTokenProxyMaxConcurrent(t *testing.T) {
 			fake := tpNewFake(t, fakerestream.Options{})
 			rec := tpNewRecorder(t, fake)
 			gate := tpNewGate(t, rec.srv.URL)
-			site := tpSite{Port: freePort(t), Lines: append([]string{
+			site := tpSite{Port: testproc.Port(t), Lines: append([]string{
 				"client_id test-client",
 				"client_secret test-secret",
 				"token_url " + gate.srv.URL + "/oauth/token",
@@ -441,7 +442,7 @@ func TestTokenProxyFloodSparesSidecarRefresh(t *testing.T) {
 	run := func(t *testing.T, maxConcurrent int) setup {
 		fake := tpNewFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 150 * time.Millisecond, Logf: func(string, ...any) {}})
 		lim := tpNewLimiter(t, fake, clientLimit)
-		apiPort, devPort := freePort(t), freePort(t)
+		apiPort, devPort := testproc.Port(t), testproc.Port(t)
 		runInProcess(t, fmt.Sprintf(`{
 	admin off
 	storage file_system %s

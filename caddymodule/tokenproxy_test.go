@@ -20,6 +20,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Tests of restream_token_proxy: real Caddy (in process) in front of the
@@ -150,7 +151,7 @@ func tpCaddyfile(global []string, sites ...tpSite) string {
 // tpSiteFor is a site proxying to rec with the fake's default credentials.
 func tpSiteFor(t *testing.T, rec *tpRecorder, fake *fakerestream.Server, extra ...string) tpSite {
 	return tpSite{
-		Port: freePort(t),
+		Port: testproc.Port(t),
 		Lines: append([]string{
 			"client_id test-client",
 			"client_secret test-secret",
@@ -572,7 +573,7 @@ func TestTokenProxyNoSecretsInLogs(t *testing.T) {
 	t.Setenv("TP_TEST_CLIENT_SECRET", secret)
 	dir := t.TempDir()
 	serverLog, accessLog := filepath.Join(dir, "server.log"), filepath.Join(dir, "access.log")
-	port := freePort(t)
+	port := testproc.Port(t)
 	revokeURL := strings.TrimSuffix(fake.TokenURL(), "/token") + "/revoke"
 	runInProcess(t, fmt.Sprintf(`{
 	admin off

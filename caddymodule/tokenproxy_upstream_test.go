@@ -20,6 +20,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Tests of what restream_token_proxy relays from upstream: never the client
@@ -89,7 +90,7 @@ func TestTokenProxyRedactsEchoedSecret(t *testing.T) {
 	echo := tpNewEcho(t)
 	t.Setenv("TP_ECHO_SECRET", tpEchoSecret)
 	logFile := filepath.Join(t.TempDir(), "server.log")
-	basic, body := freePort(t), freePort(t)
+	basic, body := testproc.Port(t), testproc.Port(t)
 	site := func(port int, auth string) string {
 		return fmt.Sprintf(`
 http://127.0.0.1:%d {
@@ -220,7 +221,7 @@ func TestTokenProxyRefusesRedirects(t *testing.T) {
 	}))
 	t.Cleanup(redirector.Close)
 	logFile := filepath.Join(t.TempDir(), "server.log")
-	port := freePort(t)
+	port := testproc.Port(t)
 	for _, auth := range []string{"basic", "body"} {
 		t.Run(auth, func(t *testing.T) {
 			runInProcess(t, fmt.Sprintf(`{
@@ -286,11 +287,11 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 	rec := tpNewRecorder(t, fake)
 	site := tpSiteFor(t, rec, fake)
 	short := tpSiteFor(t, rec, fake, "timeout 500ms")
-	closed := tpSite{Port: freePort(t), Lines: []string{
+	closed := tpSite{Port: testproc.Port(t), Lines: []string{
 		"client_id test-client",
 		"client_secret test-secret",
-		fmt.Sprintf("token_url http://127.0.0.1:%d/oauth/token", freePort(t)),
-		fmt.Sprintf("revoke_url http://127.0.0.1:%d/oauth/revoke", freePort(t)),
+		fmt.Sprintf("token_url http://127.0.0.1:%d/oauth/token", testproc.Port(t)),
+		fmt.Sprintf("revoke_url http://127.0.0.1:%d/oauth/revoke", testproc.Port(t)),
 	}}
 	runInProcess(t, tpCaddyfile(nil, site, short, closed))
 	_, refresh := fake.SeedPair()
@@ -366,7 +367,7 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 // whose caller went away as lost).
 func TestTokenProxyDetachedFromClient(t *testing.T) {
 	fake := tpNewFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
-	site := tpSite{Port: freePort(t), Lines: []string{
+	site := tpSite{Port: testproc.Port(t), Lines: []string{
 		"client_id test-client",
 		"client_secret test-secret",
 		"token_url " + fake.TokenURL(),

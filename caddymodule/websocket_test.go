@@ -14,6 +14,7 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // wsSite is a sidecar laid out like caddyfile.example: one restream_auth
@@ -89,7 +90,7 @@ func startWSSite(t *testing.T, opts fakerestream.Options, extra string) (wsSite,
 	t.Cleanup(fake.Close)
 	ws := fakerestream.NewWebsocket(fake)
 	t.Cleanup(ws.Close)
-	site := wsSite{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, WS: ws, Seed: fake.Seed(), Extra: extra}
+	site := wsSite{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, WS: ws, Seed: fake.Seed(), Extra: extra}
 	runInProcess(t, site.Caddyfile())
 	return site, "127.0.0.1:" + itoa(site.Port)
 }
