@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
-	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
@@ -64,21 +63,29 @@ func (in *chaosInstance) current() *testproc.Process {
 func (in *chaosInstance) wasDown(from, to time.Time, margin time.Duration) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	for _, d := range in.down {
-		until := d.until
-		if until.IsZero() {
-			until = time.Now()
-		}
-		if !from.After(until.Add(margin)) && !to.Before(d.from.Add(-margin)) {
-			return true
-		}
-	}
-	return false
+	_, down := overlapping(in.down, from, to, margin, margin)
+	return down
 }
 
 // downtime is from just before a kill to the restarted process answering;
 // until is zero while the restart is in progress.
 type downtime struct{ from, until time.Time }
+
+// overlapping returns the first of downs that [from, to] overlaps, each
+// downtime widened by before and after; one still in progress lasts until
+// now.
+func overlapping(downs []downtime, from, to time.Time, before, after time.Duration) (downtime, bool) {
+	for _, d := range downs {
+		until := d.until
+		if until.IsZero() {
+			until = time.Now()
+		}
+		if !from.After(until.Add(after)) && !to.Before(d.from.Add(-before)) {
+			return d, true
+		}
+	}
+	return downtime{}, false
+}
 
 // chaosEvent is a request that did not end in 200.
 type chaosEvent struct {
@@ -181,47 +188,40 @@ func tailString(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// chaosRedisRun is one sub-run of TestChaosRedis.
-type chaosRedisRun struct {
+// chaosSafeWait bounds the driver's wait for a moment when a kill cannot
+// lose a rotated pair; past it the kill goes ahead and is counted as forced.
+const chaosSafeWait = 10 * time.Second
+
+// chaosRun is one run of the chaos driver: three Caddy processes, and
+// where they keep the account's chain.
+type chaosRun struct {
 	name       string
-	appendOnly bool
 	duration   time.Duration
-	redisKills int
-	// recovery is how long after Redis answers again a 503 still counts as
-	// caused by its downtime: the refresher's next round (recheckInterval,
-	// 1 s) plus a token call (at most 300 ms), and, when Redis came back
-	// empty, the settle lease of the record written back from memory
-	// (redisstore.DefaultRestoreSettle), during which nobody refreshes.
-	recovery time.Duration
+	storageDir string // the instances' Caddy storage (file_system)
+	global     string // more global options (the Redis backend)
+	extra      string // more restream_auth subdirectives
+	storage    chaosStorage
+	// redis, if set, is killed and restarted too during the run.
+	redis *redisOutages
+	// hard: RESTREAM_AUTH_CHAOS=hard (file_system), where requests may time
+	// out or get 503 and only outages longer than chaosSettle fail.
+	hard bool
+	// minRotations: a run with fewer means too little traffic to judge.
+	minRotations int64
 }
 
-// Redis downtime: long enough for the served 2-second tokens to expire.
-const (
-	chaosRedisDownMin = time.Second
-	chaosRedisDownMax = 2 * time.Second
-)
-
-func runChaosRedis(t *testing.T, run chaosRedisRun) {
-	srv := redistest.Start(t, redistest.Options{AppendOnly: run.appendOnly})
+// runChaos starts the run's three instances in front of the fake (2-second
+// tokens, 100-300 ms token latency, refresh_ahead 1s, timeout 2s), loads
+// them from 12 workers for the run's duration while the driver kills and
+// restarts a random instance every 3-5 s (and Redis, if the run says so),
+// then checks that the chain survived: see TestChaosKillRestart.
+func runChaos(t *testing.T, run chaosRun) {
 	var journal chaosJournal
 	fake := newFake(t, fakerestream.Options{
 		AccessTTL: 2 * time.Second, Latency: chaosLatency, LatencyJitter: 200 * time.Millisecond,
 		DropDisconnected: true, Logf: journal.add,
 	})
-	storageDir := t.TempDir()
-	seed := fake.Seed()
-	instances := make([]*chaosInstance, chaosInstances)
-	for i := range instances {
-		cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: seed,
-			Extra: "refresh_ahead 1s\ntimeout 2s", Global: redisGlobal(srv.URL())}
-		in := &chaosInstance{idx: i, cfg: cfg, url: "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"}
-		in.proc = startProcess(t, cfg.Caddyfile())
-		in.all = append(in.all, in.proc)
-		instances[i] = in
-	}
-	for _, in := range instances {
-		waitReady(t, in.url, in.proc)
-	}
+	instances := startChaosInstances(t, run, fake)
 	diagnose := func() {
 		// RESTREAM_AUTH_CHAOS_DUMP names a file for the whole timeline.
 		if path := os.Getenv("RESTREAM_AUTH_CHAOS_DUMP"); path != "" {
@@ -231,232 +231,238 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 		t.Logf("driver and fake events (tail):\n%s", journal.tail(150))
 	}
 
-	// redisDown holds Redis's downtimes, from just before each kill to the
-	// restarted server answering.
-	var redisMu sync.Mutex
-	var redisDown []downtime
-	redisDownAround := func(from, to time.Time) (downtime, bool) {
-		redisMu.Lock()
-		defer redisMu.Unlock()
-		for _, d := range redisDown {
-			until := d.until
-			if until.IsZero() {
-				until = time.Now()
-			}
-			if !from.After(until.Add(run.recovery)) && !to.Before(d.from) {
-				return d, true
-			}
-		}
-		return downtime{}, false
+	load := startChaosLoad(instances)
+	defer load.halt()
+	driver := &chaosDriver{t: t, run: run, fake: fake, journal: &journal, instances: instances}
+	err := driver.drive()
+	load.halt()
+	if err != nil {
+		diagnose()
+		t.Fatal(err)
 	}
+	outcome := classifyChaos(load.events, instances, run.redis)
+	settled, dead := settleChaos(load.client, instances)
+	reportChaos(t, run, driver, load, outcome, settled, fake.Stats())
+	checkChaos(t, run, driver, load, outcome, dead, fake.Stats())
+	if t.Failed() || run.hard {
+		diagnose()
+	}
+}
 
-	cl := &http.Client{Timeout: chaosClientTimeout, Transport: &http.Transport{MaxIdleConnsPerHost: chaosWorkers}}
-	defer cl.CloseIdleConnections()
-	var (
-		ok       atomic.Int64
-		evMu     sync.Mutex
-		events   []chaosEvent
-		stop     = make(chan struct{})
-		wg       sync.WaitGroup
-		started  = time.Now()
-		loadDone = started.Add(run.duration)
-	)
+func startChaosInstances(t *testing.T, run chaosRun, fake *fakerestream.Server) []*chaosInstance {
+	seed := fake.Seed()
+	instances := make([]*chaosInstance, chaosInstances)
+	for i := range instances {
+		cfg := siteConfig{Port: testproc.Port(t), StorageDir: run.storageDir, Fake: fake, Seed: seed,
+			Extra: "refresh_ahead 1s\ntimeout 2s\n" + run.extra, Global: run.global}
+		in := &chaosInstance{idx: i, cfg: cfg, url: cfg.profileURL()}
+		in.proc = startProcess(t, cfg.Caddyfile())
+		in.all = append(in.all, in.proc)
+		instances[i] = in
+	}
+	for _, in := range instances {
+		waitReady(t, in.url, in.proc)
+	}
+	return instances
+}
+
+// chaosLoad is the workers' traffic: what succeeded, what did not, and the
+// longest time without any 200.
+type chaosLoad struct {
+	client *http.Client
+	ok     atomic.Int64
+	stop   chan struct{}
+	halt   func()
+
+	mu       sync.Mutex
+	events   []chaosEvent
+	lastOK   time.Time
+	outage   time.Duration
+	outageAt time.Time
+}
+
+// startChaosLoad starts chaosWorkers workers, each going round the
+// instances; halt stops them and waits.
+func startChaosLoad(instances []*chaosInstance) *chaosLoad {
+	l := &chaosLoad{
+		client: &http.Client{Timeout: chaosClientTimeout, Transport: &http.Transport{MaxIdleConnsPerHost: chaosWorkers}},
+		stop:   make(chan struct{}),
+		lastOK: time.Now(),
+	}
+	var wg sync.WaitGroup
 	for w := range chaosWorkers {
 		wg.Go(func() {
 			for n := 0; ; n++ {
 				select {
-				case <-stop:
+				case <-l.stop:
 					return
 				default:
 				}
-				in := instances[(w+n)%chaosInstances]
-				start := time.Now()
-				status, body, err := get(cl, in.url)
-				if err == nil && status == http.StatusOK {
-					ok.Add(1)
-					continue
-				}
-				ev := chaosEvent{instance: in.idx, start: start, end: time.Now(), status: status}
-				if err != nil {
-					ev.detail = err.Error()
-				} else {
-					ev.detail = strings.TrimSpace(string(body))
-				}
-				evMu.Lock()
-				events = append(events, ev)
-				evMu.Unlock()
-				if err != nil {
+				if !l.send(instances[(w+n)%chaosInstances]) {
 					time.Sleep(20 * time.Millisecond) // don't spin on a refused port
 				}
 			}
 		})
 	}
-	stopLoad := sync.OnceFunc(func() { close(stop); wg.Wait() })
-	defer stopLoad()
+	l.halt = sync.OnceFunc(func() {
+		close(l.stop)
+		wg.Wait()
+		l.client.CloseIdleConnections()
+	})
+	return l
+}
 
-	// The quiet-moment rule of TestChaosKillRestart, read from Redis.
-	recordKey := redisRecordKey("default")
-	leaseKey := strings.TrimSuffix(recordKey, "record") + "lease"
-	persisted := func() bool {
-		gen, err := srv.Do("HGET", recordKey, "gen")
-		s, _ := gen.(string)
-		return err == nil && s == fmt.Sprint(fake.Stats().RefreshOK)
-	}
-	// The driver holds the refresh lease itself while it checks and kills,
-	// as an instance would: no instance can then be between marking a
-	// refresh token and storing its answer, so no refresh can start between
-	// the check and the kill (a free lease alone let one start in that gap
-	// under load, and the kill landed in the window no client survives).
-	// Instances meet it as a lease of an unknown owner and wait.
-	const driverLease = `{"owner":"chaos driver","nonce":"driver"}`
-	claim := func() bool {
-		v, err := srv.Do("SET", leaseKey, driverLease, "NX", "PX", "5000")
-		return err == nil && v == "OK"
-	}
-	unclaim := func() {
-		_, _ = srv.Do("EVAL", "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-			"1", leaseKey, driverLease)
-	}
-	safe := func() bool {
-		if !claim() {
-			return false // held by an instance, or the settle lease of a write-back
+// send sends one request and records its outcome; it reports false on a
+// transport error.
+func (l *chaosLoad) send(in *chaosInstance) bool {
+	start := time.Now()
+	status, body, err := get(l.client, in.url)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err == nil && status == http.StatusOK {
+		l.ok.Add(1)
+		if now := time.Now(); now.Sub(l.lastOK) > l.outage {
+			l.outage, l.outageAt = now.Sub(l.lastOK), l.lastOK
 		}
-		if fake.TokenIdleFor() >= chaosQuiet && persisted() {
-			return true
-		}
-		unclaim()
-		return false
+		l.lastOK = time.Now()
+		return true
 	}
+	ev := chaosEvent{instance: in.idx, start: start, end: time.Now(), status: status}
+	if err != nil {
+		ev.detail = err.Error()
+	} else {
+		ev.detail = strings.TrimSpace(string(body))
+	}
+	l.events = append(l.events, ev)
+	return err == nil
+}
 
-	// Redis is killed at evenly spread times, give or take a second.
+// chaosDriver kills and restarts the instances, and Redis if the run has
+// it, until the run's duration is over.
+type chaosDriver struct {
+	t         *testing.T
+	run       chaosRun
+	fake      *fakerestream.Server
+	journal   *chaosJournal
+	instances []*chaosInstance
+
+	kills, forced, lockKills, redisRestarts int
+	safeWaits                               []time.Duration
+}
+
+func (d *chaosDriver) drive() error {
+	started := time.Now()
+	loadDone := started.Add(d.run.duration)
 	var redisAt []time.Time
-	for i := 1; i <= run.redisKills; i++ {
-		at := started.Add(run.duration * time.Duration(i) / time.Duration(run.redisKills+1))
-		redisAt = append(redisAt, at.Add(rand.N(2*time.Second)-time.Second))
+	if d.run.redis != nil {
+		redisAt = d.run.redis.schedule(started, d.run.duration)
 	}
-
-	var kills, forced, redisRestarts int
-	var redisKillNotes []string
-	var safeWaits []time.Duration
-	var driverErr error
 	nextCaddy := time.Now().Add(chaosKillMin + rand.N(chaosKillMax-chaosKillMin))
-	for driverErr == nil {
+	for {
 		if len(redisAt) > 0 && redisAt[0].Before(nextCaddy) {
-			// Kill Redis, wherever the protocol is.
 			sleepUntil(redisAt[0])
 			redisAt = redisAt[1:]
-			if redisRestarts == 0 {
-				// The first kill aims at a rotation: a token call just sent,
-				// whose answer comes after Redis is gone.
-				aim := time.Now()
-				for time.Since(aim) < 3*time.Second {
-					if n, oldest, _ := fake.TokenActivity(); n > 0 && oldest < chaosLatency/2 {
-						break
-					}
-					time.Sleep(time.Millisecond)
-				}
-			}
-			down := chaosRedisDownMin + rand.N(chaosRedisDownMax-chaosRedisDownMin)
-			n, oldest, sinceEnd := fake.TokenActivity()
-			journal.add("driver: SIGKILL redis-server for %s (token calls in flight=%d oldest=%s, last ended %s ago; rotations=%d)",
-				down.Round(time.Millisecond), n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond), fake.Stats().RefreshOK)
-			rotationsAtKill := fake.Stats().RefreshOK
-			redisMu.Lock()
-			redisDown = append(redisDown, downtime{from: time.Now()})
-			redisMu.Unlock()
-			srv.Kill()
-			time.Sleep(down) // the downtime itself: nothing to wait for
-			srv.Restart()
-			redisMu.Lock()
-			redisDown[len(redisDown)-1].until = time.Now()
-			redisMu.Unlock()
-			redisRestarts++
-			redisKillNotes = append(redisKillNotes, fmt.Sprintf("down %s, token calls in flight at the kill %d, rotations while down %d",
-				redisDown[len(redisDown)-1].until.Sub(redisDown[len(redisDown)-1].from).Round(time.Millisecond), n, fake.Stats().RefreshOK-rotationsAtKill))
-			journal.add("driver: redis-server answers again (generation %s, rotations %d)",
-				redisField(srv, "default", "gen"), fake.Stats().RefreshOK)
+			d.run.redis.killAndRestart(d.fake, d.journal, d.redisRestarts == 0)
+			d.redisRestarts++
 			nextCaddy = later(nextCaddy, time.Now())
 			continue
 		}
 		if nextCaddy.After(loadDone) {
 			sleepUntil(loadDone)
-			break
+			return nil
 		}
 		sleepUntil(nextCaddy)
 		nextCaddy = nextCaddy.Add(chaosKillMin + rand.N(chaosKillMax-chaosKillMin))
-		in := instances[rand.IntN(chaosInstances)]
-		waitStart := time.Now()
-		isSafe := safe()
-		for ; !isSafe && time.Since(waitStart) < 10*time.Second; isSafe = safe() {
-			time.Sleep(time.Millisecond)
+		if err := d.killInstance(d.instances[rand.IntN(chaosInstances)]); err != nil {
+			return err
 		}
-		if !isSafe {
-			forced++
-		}
-		safeWaits = append(safeWaits, time.Since(waitStart))
-		p := in.current()
-		n, oldest, sinceEnd := fake.TokenActivity()
-		journal.add("driver: SIGKILL instance %d pid %d (safe=%v, token calls in flight=%d oldest=%s, last ended %s ago)",
-			in.idx, p.PID(), isSafe, n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond))
-		in.mu.Lock()
-		in.down = append(in.down, downtime{from: time.Now()})
-		in.mu.Unlock()
-		if exitedBeforeKill(p) {
-			// Exited by itself: show why (a crash, or the host out of memory).
-			unclaim()
-			driverErr = fmt.Errorf("instance %d (pid %d) exited before the kill; its output ends:\n%s", in.idx, p.PID(), tailString(p.Output(), 30))
-			break
-		}
-		p.Kill()
-		unclaim()
-		kills++
-		np := startProcess(t, in.cfg.Caddyfile())
-		journal.add("driver: restarted instance %d as pid %d", in.idx, np.PID())
-		if err := waitAnswer(in.url, np); err != nil {
-			driverErr = fmt.Errorf("restarting instance %d: %v\n%s", in.idx, err, np.Output())
-		}
-		journal.add("driver: instance %d answers", in.idx)
-		in.mu.Lock()
-		in.proc = np
-		in.all = append(in.all, np)
-		in.down[len(in.down)-1].until = time.Now()
-		in.mu.Unlock()
 	}
-	stopLoad()
-	if driverErr != nil {
-		diagnose()
-		t.Fatal(driverErr)
-	}
+}
 
-	// Classify what did not end in 200.
-	var failed, redis503, connErrs, liveErrs []chaosEvent
-	var lastRedis503 time.Duration // latest end of a Redis 503 after Redis answered again
+// killInstance SIGKILLs the instance's process at a safe moment (or after
+// chaosSafeWait), restarts it on the same port with the same Caddyfile and
+// waits until it answers.
+func (d *chaosDriver) killInstance(in *chaosInstance) error {
+	waitStart := time.Now()
+	moment := d.run.storage.waitForKill(d.fake)
+	d.safeWaits = append(d.safeWaits, time.Since(waitStart))
+	if !moment.safe {
+		d.forced++
+	}
+	if moment.lockFile {
+		d.lockKills++
+	}
+	p := in.current()
+	n, oldest, sinceEnd := d.fake.TokenActivity()
+	d.journal.add("driver: SIGKILL instance %d pid %d (safe=%v, lock file=%v, token calls in flight=%d oldest=%s, last ended %s ago)",
+		in.idx, p.PID(), moment.safe, moment.lockFile, n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond))
+	in.mu.Lock()
+	in.down = append(in.down, downtime{from: time.Now()})
+	in.mu.Unlock()
+	if exitedBeforeKill(p) {
+		// Exited by itself: show why (a crash, or the host out of memory).
+		moment.release()
+		return fmt.Errorf("instance %d (pid %d) exited before the kill; its output ends:\n%s", in.idx, p.PID(), tailString(p.Output(), 30))
+	}
+	p.Kill()
+	moment.release()
+	d.kills++
+	np := startProcess(d.t, in.cfg.Caddyfile())
+	d.journal.add("driver: restarted instance %d as pid %d", in.idx, np.PID())
+	err := waitAnswer(in.url, np)
+	d.journal.add("driver: instance %d answers", in.idx)
+	in.mu.Lock()
+	in.proc = np
+	in.all = append(in.all, np)
+	in.down[len(in.down)-1].until = time.Now()
+	in.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("restarting instance %d: %v\n%s", in.idx, err, np.Output())
+	}
+	return nil
+}
+
+// chaosOutcome sorts the requests that did not end in 200.
+type chaosOutcome struct {
+	failed   []chaosEvent // a completed answer other than 200
+	redis503 []chaosEvent // 503 temporarily_unavailable while Redis was down or recovering
+	connErrs []chaosEvent // transport errors of instances being killed or restarted
+	liveErrs []chaosEvent // transport errors of live instances
+	// lastRedis503 is the latest end of a Redis 503 after Redis answered again.
+	lastRedis503 time.Duration
+}
+
+func classifyChaos(events []chaosEvent, instances []*chaosInstance, redis *redisOutages) chaosOutcome {
+	var o chaosOutcome
 	for _, ev := range events {
 		switch {
 		case ev.status == http.StatusServiceUnavailable && strings.Contains(ev.detail, `"temporarily_unavailable"`):
-			d, during := redisDownAround(ev.start, ev.end)
+			d, during := redis.around(ev.start, ev.end)
 			if !during {
-				failed = append(failed, ev)
+				o.failed = append(o.failed, ev)
 				break
 			}
-			redis503 = append(redis503, ev)
-			lastRedis503 = max(lastRedis503, ev.end.Sub(d.until))
+			o.redis503 = append(o.redis503, ev)
+			o.lastRedis503 = max(o.lastRedis503, ev.end.Sub(d.until))
 		case ev.status != 0:
-			failed = append(failed, ev)
+			o.failed = append(o.failed, ev)
 		case instances[ev.instance].wasDown(ev.start, ev.end, 50*time.Millisecond):
-			connErrs = append(connErrs, ev)
+			o.connErrs = append(o.connErrs, ev)
 		default:
-			liveErrs = append(liveErrs, ev)
+			o.liveErrs = append(o.liveErrs, ev)
 		}
 	}
+	return o
+}
 
-	// The chain must be alive: every instance answers 200 once settled.
+// settleChaos waits up to chaosSettle for every instance to answer 200 and
+// returns how long that took and the instances that never did.
+func settleChaos(client *http.Client, instances []*chaosInstance) (settled time.Duration, dead []string) {
 	settleStart := time.Now()
-	var dead []string
 	for _, in := range instances {
 		deadline := settleStart.Add(chaosSettle)
 		for {
-			status, body, err := get(cl, in.url)
+			status, body, err := get(client, in.url)
 			if err == nil && status == http.StatusOK {
 				break
 			}
@@ -467,30 +473,38 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
-	settled := time.Since(settleStart)
+	return time.Since(settleStart), dead
+}
 
-	// Write-backs from memory, as the instances logged them.
-	writeBacks := 0
-	for _, in := range instances {
-		in.mu.Lock()
-		procs := append([]*testproc.Process(nil), in.all...)
-		in.mu.Unlock()
-		for _, p := range procs {
-			out := p.Output()
-			writeBacks += strings.Count(out, "wrote it back") + strings.Count(out, "wrote the newer one")
-		}
-	}
-	st := fake.Stats()
+func reportChaos(t *testing.T, run chaosRun, d *chaosDriver, load *chaosLoad, o chaosOutcome, settled time.Duration, st fakerestream.Stats) {
 	var maxWait time.Duration
-	for _, w := range safeWaits {
+	for _, w := range d.safeWaits {
 		maxWait = max(maxWait, w)
 	}
-	t.Logf("chaos on redis (%s): requests ok=%d 503_while_redis_down=%d (last %s after Redis answered) failed=%d connection_errors=%d (to killed/restarting instances) other_transport_errors=%d; "+
-		"caddy kills=%d (%d without a safe moment, longest wait %s); redis restarts=%d (%s); write-backs logged=%d; "+
-		"fake: rotations=%d refresh_calls=%d invalid_grant=%d dropped_calls=%d lost_rotations=%d max_concurrent_refreshes=%d api401=%d; settle=%s",
-		run.name, ok.Load(), len(redis503), lastRedis503.Round(time.Millisecond), len(failed), len(connErrs), len(liveErrs),
-		kills, forced, maxWait.Round(time.Millisecond), redisRestarts, strings.Join(redisKillNotes, "; "), writeBacks,
-		st.RefreshOK, st.RefreshCalls, st.InvalidGrant, st.DroppedCalls, st.LostRotations, st.MaxConcurrentRefresh, st.API401, settled.Round(time.Millisecond))
+	mode := run.name
+	if run.hard {
+		mode += ", hard"
+	}
+	t.Logf("chaos (%s): requests ok=%d failed=%d connection_errors=%d (to killed/restarting instances) other_transport_errors=%d; "+
+		"caddy kills=%d (%d while a storage lock file existed, %d without a safe moment, longest wait %s); longest_outage=%s (from %s) settle=%s; "+
+		"fake: rotations=%d refresh_calls=%d invalid_grant=%d dropped_calls=%d lost_rotations=%d max_concurrent_refreshes=%d api401=%d",
+		mode, load.ok.Load(), len(o.failed), len(o.connErrs), len(o.liveErrs),
+		d.kills, d.lockKills, d.forced, maxWait.Round(time.Millisecond), load.outage.Round(time.Millisecond), load.outageAt.Format("15:04:05.000"), settled.Round(time.Millisecond),
+		st.RefreshOK, st.RefreshCalls, st.InvalidGrant, st.DroppedCalls, st.LostRotations, st.MaxConcurrentRefresh, st.API401)
+	if run.redis != nil {
+		writeBacks := 0
+		for _, in := range d.instances {
+			in.mu.Lock()
+			procs := append([]*testproc.Process(nil), in.all...)
+			in.mu.Unlock()
+			for _, p := range procs {
+				out := p.Output()
+				writeBacks += strings.Count(out, "wrote it back") + strings.Count(out, "wrote the newer one")
+			}
+		}
+		t.Logf("chaos (%s): 503_while_redis_down=%d (last %s after Redis answered); redis restarts=%d (%s); write-backs logged=%d",
+			mode, len(o.redis503), o.lastRedis503.Round(time.Millisecond), d.redisRestarts, strings.Join(run.redis.notes, "; "), writeBacks)
+	}
 	report := func(what string, evs []chaosEvent) {
 		for i, ev := range evs {
 			if i == 10 {
@@ -500,35 +514,48 @@ func runChaosRedis(t *testing.T, run chaosRedisRun) {
 			t.Logf("%s: instance %d at %s (took %s): %d %.300s", what, ev.instance, ev.start.Format("15:04:05.000"), ev.end.Sub(ev.start).Round(time.Millisecond), ev.status, ev.detail)
 		}
 	}
-	report("failed response", failed)
-	report("transport error on a live instance", liveErrs)
+	report("failed response", o.failed)
+	report("transport error on a live instance", o.liveErrs)
 	if testing.Verbose() {
-		report("503 while Redis was down", redis503)
+		report("connection error (kill)", o.connErrs)
+		report("503 while Redis was down", o.redis503)
 	}
+}
 
+func checkChaos(t *testing.T, run chaosRun, d *chaosDriver, load *chaosLoad, o chaosOutcome, dead []string, st fakerestream.Stats) {
 	if len(dead) > 0 {
 		t.Errorf("the chain is not alive %s after the load:\n%s", chaosSettle, strings.Join(dead, "\n"))
 	}
 	if st.InvalidGrant != 0 {
 		t.Errorf("invalid_grant = %d (lost rotations %d)", st.InvalidGrant, st.LostRotations)
 	}
-	if len(failed) != 0 {
-		t.Errorf("%d completed responses were neither 200 nor a 503 while Redis was down", len(failed))
+	if run.hard {
+		if load.outage > chaosSettle {
+			t.Errorf("no instance answered 200 for %s (from %s)", load.outage, load.outageAt.Format("15:04:05.000"))
+		}
+	} else {
+		switch {
+		case len(o.failed) != 0 && run.redis != nil:
+			t.Errorf("%d completed responses were neither 200 nor a 503 while Redis was down", len(o.failed))
+		case len(o.failed) != 0:
+			t.Errorf("%d completed responses were not 200", len(o.failed))
+		}
+		if len(o.liveErrs) != 0 {
+			t.Errorf("%d requests to live instances got no answer (client timeout %s)", len(o.liveErrs), chaosClientTimeout)
+		}
+		redisKills := 0
+		if run.redis != nil {
+			redisKills = run.redis.kills
+		}
+		if want := int(run.duration/chaosKillMax) - 1 - redisKills; d.kills < want {
+			t.Errorf("only %d Caddy kills in %s, want %d or more", d.kills, run.duration, want)
+		}
 	}
-	if len(liveErrs) != 0 {
-		t.Errorf("%d requests to live instances got no answer (client timeout %s)", len(liveErrs), chaosClientTimeout)
+	if run.redis != nil && d.redisRestarts != run.redis.kills {
+		t.Errorf("Redis restarted %d times, want %d", d.redisRestarts, run.redis.kills)
 	}
-	if redisRestarts != run.redisKills {
-		t.Errorf("Redis restarted %d times, want %d", redisRestarts, run.redisKills)
-	}
-	if want := int(run.duration/chaosKillMax) - 1 - run.redisKills; kills < want {
-		t.Errorf("only %d Caddy kills in %s, want %d or more", kills, run.duration, want)
-	}
-	if ok.Load() == 0 || st.RefreshOK < int64(run.duration/(2*time.Second)) {
-		t.Errorf("too little traffic to mean anything: %d ok requests, %d rotations", ok.Load(), st.RefreshOK)
-	}
-	if t.Failed() {
-		diagnose()
+	if load.ok.Load() == 0 || st.RefreshOK < run.minRotations {
+		t.Errorf("too little traffic to mean anything: %d ok requests, %d rotations", load.ok.Load(), st.RefreshOK)
 	}
 }
 

@@ -4,17 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
-	"math/rand/v2"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -42,10 +35,13 @@ import (
 // (DropDisconnected), so a call sent just before a kill cannot rotate.
 // Nor does it kill while the refresh lease is held (the others would wait
 // for it to expire, timeout + 10 s, by design) or while a storage lock file
-// exists: killing the holder of
-// the file_system lock stalls every instance for about 35 s (certmagic's
-// flaw keeps the dead holder's lock fresh until restream_auth's guard breaks
-// it), which RESTREAM_AUTH_CHAOS=hard exercises and reports.
+// exists: killing the holder of the file_system lock stalls every instance
+// for about 35 s (certmagic's flaw keeps the dead holder's lock fresh until
+// restream_auth's guard breaks it), which RESTREAM_AUTH_CHAOS=hard exercises
+// and reports. From the check to the kill the driver holds the account's
+// storage lock itself (the one every instance takes to write the lease), so
+// no refresh can start in between; TestChaosRedis's driver holds the lease.
+// The driver is runChaos, shared with TestChaosRedis.
 //
 // Asserted: 0 invalid_grant; every completed HTTP response is 200; no
 // transport error except to an instance that was being killed or restarted
@@ -65,273 +61,21 @@ func TestChaosKillRestart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos: three Caddy processes for over a minute")
 	}
-	hard := os.Getenv("RESTREAM_AUTH_CHAOS") == "hard"
-	var journal chaosJournal
-	fake := newFake(t, fakerestream.Options{
-		AccessTTL: 2 * time.Second, Latency: chaosLatency, LatencyJitter: 200 * time.Millisecond,
-		DropDisconnected: true, Logf: journal.add,
-	})
 	storageDir := t.TempDir()
-	store := &certmagic.FileStorage{Path: storageDir}
-	seed := fake.Seed()
+	storage := &fileChaosStorage{dir: storageDir, store: &certmagic.FileStorage{Path: storageDir}, hard: os.Getenv("RESTREAM_AUTH_CHAOS") == "hard"}
+	run := chaosRun{name: "file_system", duration: chaosDuration, storageDir: storageDir, storage: storage, hard: storage.hard, minRotations: 20}
 	// RESTREAM_AUTH_CHAOS_ENCRYPT=1 runs the same chaos with the record
 	// encrypted at rest.
-	extra := "refresh_ahead 1s\ntimeout 2s"
-	var keyring *tokensource.Keyring
 	if os.Getenv("RESTREAM_AUTH_CHAOS_ENCRYPT") == "1" {
 		key := bytes.Repeat([]byte{42}, 32)
 		t.Setenv("RESTREAM_TEST_CHAOS_KEY", base64.StdEncoding.EncodeToString(key))
-		extra += "\nencryption_key {env.RESTREAM_TEST_CHAOS_KEY}"
+		run.extra = "encryption_key {env.RESTREAM_TEST_CHAOS_KEY}"
 		var err error
-		if keyring, err = tokensource.NewKeyring(key); err != nil {
+		if storage.keyring, err = tokensource.NewKeyring(key); err != nil {
 			t.Fatal(err)
 		}
 	}
-	instances := make([]*chaosInstance, chaosInstances)
-	for i := range instances {
-		cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: extra}
-		in := &chaosInstance{idx: i, cfg: cfg, url: "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"}
-		in.proc = startProcess(t, cfg.Caddyfile())
-		in.all = append(in.all, in.proc)
-		instances[i] = in
-	}
-	for _, in := range instances {
-		waitReady(t, in.url, in.proc)
-	}
-	diagnose := func() {
-		t.Logf("merged restream_auth timeline of all processes (tail):\n%s", mergedTimeline(instances, 150))
-		t.Logf("driver and fake events (tail):\n%s", journal.tail(150))
-	}
-
-	cl := &http.Client{Timeout: chaosClientTimeout, Transport: &http.Transport{MaxIdleConnsPerHost: chaosWorkers}}
-	defer cl.CloseIdleConnections()
-	var (
-		okMu     sync.Mutex
-		lastOK   = time.Now()
-		outage   time.Duration // longest time without any 200
-		outageAt time.Time
-		ok       atomic.Int64
-		evMu     sync.Mutex
-		events   []chaosEvent
-		stop     = make(chan struct{})
-		wg       sync.WaitGroup
-		loadDone = time.Now().Add(chaosDuration)
-	)
-	for w := range chaosWorkers {
-		wg.Go(func() {
-			for n := 0; ; n++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				in := instances[(w+n)%chaosInstances]
-				start := time.Now()
-				status, body, err := get(cl, in.url)
-				if err == nil && status == http.StatusOK {
-					ok.Add(1)
-					okMu.Lock()
-					if now := time.Now(); now.Sub(lastOK) > outage {
-						outage, outageAt = now.Sub(lastOK), lastOK
-					}
-					lastOK = time.Now()
-					okMu.Unlock()
-					continue
-				}
-				ev := chaosEvent{instance: in.idx, start: start, end: time.Now(), status: status}
-				if err != nil {
-					ev.detail = err.Error()
-				} else {
-					ev.detail = strings.TrimSpace(string(body))
-				}
-				evMu.Lock()
-				events = append(events, ev)
-				evMu.Unlock()
-				if err != nil {
-					time.Sleep(20 * time.Millisecond) // don't spin on a refused port
-				}
-			}
-		})
-	}
-	stopLoad := sync.OnceFunc(func() { close(stop); wg.Wait() })
-	defer stopLoad()
-
-	// The killer. safe says when a kill cannot lose a rotated pair.
-	persisted := func() bool {
-		rotations := fake.Stats().RefreshOK
-		rec, err := tokensource.LoadRecordKeyring(context.Background(), store, "default", keyring)
-		return err == nil && rec != nil && int64(rec.Generation) == rotations
-	}
-	lockHeld := func() bool {
-		m, _ := filepath.Glob(filepath.Join(storageDir, "locks", "*.lock"))
-		return len(m) > 0
-	}
-	leaseFree := func() bool {
-		b, err := os.ReadFile(filepath.Join(storageDir, tokensource.KeyPrefix("default"), "lease.json"))
-		if errors.Is(err, fs.ErrNotExist) {
-			return true
-		}
-		var l struct {
-			Owner   string    `json:"owner"`
-			Expires time.Time `json:"expires_at"`
-		}
-		return err == nil && json.Unmarshal(b, &l) == nil && (l.Owner == "" || time.Now().After(l.Expires))
-	}
-	safe := func() bool { return fake.TokenIdleFor() >= chaosQuiet && !lockHeld() && leaseFree() && persisted() }
-	if hard {
-		safe = func() bool {
-			n, oldest, sinceEnd := fake.TokenActivity()
-			return sinceEnd >= chaosQuiet && (n == 0 || oldest < chaosLatency-30*time.Millisecond) && persisted()
-		}
-	}
-	var kills, lockKills, forced int
-	var safeWaits []time.Duration
-	var driverErr error
-	for driverErr == nil {
-		next := time.Now().Add(chaosKillMin + rand.N(chaosKillMax-chaosKillMin))
-		if next.After(loadDone) {
-			sleepUntil(loadDone)
-			break
-		}
-		sleepUntil(next)
-		in := instances[rand.IntN(chaosInstances)]
-		waitStart := time.Now()
-		if hard {
-			for !(lockHeld() && safe()) && time.Since(waitStart) < time.Second {
-				time.Sleep(200 * time.Microsecond)
-			}
-		}
-		isSafe := safe()
-		for ; !isSafe && time.Since(waitStart) < 10*time.Second; isSafe = safe() {
-			time.Sleep(time.Millisecond)
-		}
-		if !isSafe {
-			forced++
-		}
-		safeWaits = append(safeWaits, time.Since(waitStart))
-		locked := lockHeld()
-		if locked {
-			lockKills++
-		}
-		p := in.current()
-		n, oldest, sinceEnd := fake.TokenActivity()
-		journal.add("driver: SIGKILL instance %d pid %d (safe=%v, lock file=%v, token calls in flight=%d oldest=%s, last ended %s ago)",
-			in.idx, p.PID(), isSafe, locked, n, oldest.Round(time.Millisecond), sinceEnd.Round(time.Millisecond))
-		in.mu.Lock()
-		in.down = append(in.down, downtime{from: time.Now()})
-		in.mu.Unlock()
-		if exitedBeforeKill(p) {
-			// Exited by itself: show why (a crash, or the host out of memory).
-			driverErr = fmt.Errorf("instance %d (pid %d) exited before the kill; its output ends:\n%s", in.idx, p.PID(), tailString(p.Output(), 30))
-			break
-		}
-		p.Kill()
-		kills++
-		np := startProcess(t, in.cfg.Caddyfile())
-		journal.add("driver: restarted instance %d as pid %d", in.idx, np.PID())
-		if err := waitAnswer(in.url, np); err != nil {
-			driverErr = fmt.Errorf("restarting instance %d: %v\n%s", in.idx, err, np.Output())
-		}
-		journal.add("driver: instance %d answers", in.idx)
-		in.mu.Lock()
-		in.proc = np
-		in.all = append(in.all, np)
-		in.down[len(in.down)-1].until = time.Now()
-		in.mu.Unlock()
-	}
-	stopLoad()
-	if driverErr != nil {
-		diagnose()
-		t.Fatal(driverErr)
-	}
-
-	// Classify what did not end in 200.
-	var failed, connErrs, liveErrs []chaosEvent
-	for _, ev := range events {
-		switch {
-		case ev.status != 0:
-			failed = append(failed, ev)
-		case instances[ev.instance].wasDown(ev.start, ev.end, 50*time.Millisecond):
-			connErrs = append(connErrs, ev)
-		default:
-			liveErrs = append(liveErrs, ev)
-		}
-	}
-
-	// The chain must be alive: every instance answers 200 once settled.
-	settleStart := time.Now()
-	var dead []string
-	for _, in := range instances {
-		deadline := settleStart.Add(chaosSettle)
-		for {
-			status, body, err := get(cl, in.url)
-			if err == nil && status == http.StatusOK {
-				break
-			}
-			if time.Now().After(deadline) {
-				dead = append(dead, fmt.Sprintf("instance %d: %d %s %v", in.idx, status, bytes.TrimSpace(body), err))
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	settled := time.Since(settleStart)
-
-	st := fake.Stats()
-	var maxWait time.Duration
-	for _, w := range safeWaits {
-		maxWait = max(maxWait, w)
-	}
-	mode := "normal"
-	if hard {
-		mode = "hard"
-	}
-	t.Logf("chaos (%s): kills survived=%d (%d while a storage lock file existed, %d without a safe moment) requests ok=%d failed=%d connection_errors=%d (to killed/restarting instances) other_transport_errors=%d refresh_calls=%d invalid_grant=%d max_concurrent_refreshes=%d dropped_calls=%d lost_rotations=%d api401=%d longest_outage=%s (from %s) settle=%s max_wait_for_safe_kill=%s",
-		mode, kills, lockKills, forced, ok.Load(), len(failed), len(connErrs), len(liveErrs), st.RefreshCalls, st.InvalidGrant, st.MaxConcurrentRefresh,
-		st.DroppedCalls, st.LostRotations, st.API401, outage.Round(time.Millisecond), outageAt.Format("15:04:05.000"), settled.Round(time.Millisecond), maxWait.Round(time.Millisecond))
-	report := func(what string, evs []chaosEvent) {
-		for i, ev := range evs {
-			if i == 10 {
-				t.Logf("... %d more %s", len(evs)-10, what)
-				break
-			}
-			t.Logf("%s: instance %d at %s (took %s): %d %.300s", what, ev.instance, ev.start.Format("15:04:05.000"), ev.end.Sub(ev.start).Round(time.Millisecond), ev.status, ev.detail)
-		}
-	}
-	report("failed response", failed)
-	report("transport error on a live instance", liveErrs)
-	if testing.Verbose() {
-		report("connection error (kill)", connErrs)
-	}
-
-	if len(dead) > 0 {
-		t.Errorf("the chain is not alive %s after the load:\n%s", chaosSettle, strings.Join(dead, "\n"))
-	}
-	if st.InvalidGrant != 0 {
-		t.Errorf("invalid_grant = %d (lost rotations %d)", st.InvalidGrant, st.LostRotations)
-	}
-	switch {
-	case hard:
-		if outage > chaosSettle {
-			t.Errorf("no instance answered 200 for %s (from %s)", outage, outageAt.Format("15:04:05.000"))
-		}
-	default:
-		if len(failed) != 0 {
-			t.Errorf("%d completed responses were not 200", len(failed))
-		}
-		if len(liveErrs) != 0 {
-			t.Errorf("%d requests to live instances got no answer (client timeout %s)", len(liveErrs), chaosClientTimeout)
-		}
-		if kills < int(chaosDuration/chaosKillMax)-1 {
-			t.Errorf("only %d kills in %s", kills, chaosDuration)
-		}
-	}
-	if ok.Load() == 0 || st.RefreshOK < 20 {
-		t.Errorf("too little traffic to mean anything: %d ok requests, %d rotations", ok.Load(), st.RefreshOK)
-	}
-	if t.Failed() || hard {
-		diagnose()
-	}
+	runChaos(t, run)
 }
 
 // A SIGKILL while the instance's own refresh is in flight, after Restream
@@ -349,7 +93,7 @@ func TestKillDuringRefreshLosesChain(t *testing.T) {
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{AccessTTL: 4 * time.Second, Latency: 400 * time.Millisecond, Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 2s\ntimeout 2s"}
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	p := startProcess(t, cfg.Caddyfile())
 	waitReady(t, url, p)
 	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
@@ -529,7 +273,8 @@ func TestItem18HolderKilledMidRefresh(t *testing.T) {
 // Caddy kills follow TestChaosKillRestart's rule (a kill inside the rotation
 // window loses the chain by design, see TestKillDuringRefreshLosesChain):
 // no token call in flight or ended in the last chaosQuiet, the lease free,
-// and Redis's generation caught up with every rotation the fake made. Redis
+// and Redis's generation caught up with every rotation the fake made; the
+// driver holds the lease in Redis (SET NX PX) from the check to the kill. Redis
 // kills wait for nothing; the first of each sub-run even aims at a token
 // call just sent (waiting up to 3 s for one), so that Restream rotates while
 // Redis is down. Without persistence that was a window that lost the chain
@@ -537,17 +282,29 @@ func TestItem18HolderKilledMidRefresh(t *testing.T) {
 //
 // Asserted: 0 invalid_grant; every completed response is 200, except 503
 // temporarily_unavailable while Redis is down or recovering (see
-// chaosRedisRun.recovery); no transport error except to an instance being
+// redisOutages.recovery); no transport error except to an instance being
 // killed or restarted; each instance answers 200 at the end.
 func TestChaosRedis(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos: three Caddy processes and a redis-server for 90 s")
 	}
-	for _, run := range []chaosRedisRun{
-		{name: "appendonly", appendOnly: true, duration: 60 * time.Second, redisKills: 2, recovery: 2 * time.Second},
-		{name: "no persistence", duration: 30 * time.Second, redisKills: 2, recovery: 2*time.Second + redisstore.DefaultRestoreSettle},
+	for _, tc := range []struct {
+		name       string
+		appendOnly bool
+		duration   time.Duration
+		recovery   time.Duration // see redisOutages.recovery
+	}{
+		{name: "appendonly", appendOnly: true, duration: 60 * time.Second, recovery: 2 * time.Second},
+		{name: "no persistence", duration: 30 * time.Second, recovery: 2*time.Second + redisstore.DefaultRestoreSettle},
 	} {
-		t.Run(run.name, func(t *testing.T) { runChaosRedis(t, run) })
+		t.Run(tc.name, func(t *testing.T) {
+			srv := redistest.Start(t, redistest.Options{AppendOnly: tc.appendOnly})
+			runChaos(t, chaosRun{
+				name: "redis, " + tc.name, duration: tc.duration, storageDir: t.TempDir(), global: redisGlobal(srv.URL()),
+				storage: &redisChaosStorage{srv: srv}, redis: &redisOutages{srv: srv, kills: 2, recovery: tc.recovery},
+				minRotations: int64(tc.duration / (2 * time.Second)),
+			})
+		})
 	}
 }
 

@@ -42,6 +42,11 @@ type siteConfig struct {
 	LogFile         string // if set, logs go here at DEBUG
 }
 
+// profileURL is the site's URL of Restream's profile endpoint.
+func (c siteConfig) profileURL() string {
+	return "http://127.0.0.1:" + itoa(c.Port) + "/v2/user/profile"
+}
+
 func (c siteConfig) Caddyfile() string {
 	var b strings.Builder
 	b.WriteString("{\n")
@@ -415,6 +420,10 @@ type leaseFile struct {
 	ExpiresAt time.Time `json:"expires_at,omitzero"`
 }
 
+// storageLockName is the storage lock an instance takes for each read and
+// write of an account's lease and record (tokensource's storageStore).
+func storageLockName(account string) string { return tokensource.KeyPrefix(account) + "/lease" }
+
 // readLease reads root's lease.json; the zero leaseFile if there is none.
 func readLease(t *testing.T, root string) (leaseFile, []byte) {
 	t.Helper()
@@ -452,7 +461,7 @@ func writeLease(t *testing.T, root string, l leaseFile, onlyIfFree bool) ([]byte
 	t.Helper()
 	st := &certmagic.FileStorage{Path: root}
 	ctx := context.Background()
-	name := tokensource.KeyPrefix("default") + "/lease"
+	name := storageLockName("default")
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("no moment with the storage lock free and the lease released in 30 s")
