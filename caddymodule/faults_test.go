@@ -116,18 +116,8 @@ func runFaultCase(t *testing.T, fc faultCase) faultFigures {
 	if fc.retryAfter > 0 {
 		fake.SetRetryAfter(fc.retryAfter)
 	}
-	dir := t.TempDir()
-	logFile := filepath.Join(dir, "caddy.log")
-	cfg := siteConfig{
-		Port: testproc.Port(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
-		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
-	}
-	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
-	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
-		t.Fatalf("warm-up: %d %s", status, body)
-	}
-	useUntil, refreshAt := tokenTimes(t, cfg.StorageDir)
+	site := startFaultSite(t, fake)
+	url, logFile, useUntil, refreshAt := site.url, site.logFile, site.useUntil, site.refreshAt
 	fig := faultFigures{name: fc.name}
 
 	sleepUntil(refreshAt.Add(-faultLead))
@@ -206,6 +196,33 @@ func runFaultCase(t *testing.T, fc faultCase) faultFigures {
 		t.Logf("sidecar log:\n%s", tail(logFile, 60))
 	}
 	return fig
+}
+
+// faultSite is a sidecar in this process in front of the fake, with the
+// fault matrix's timing (faultAhead, faultTimeout) and its log in a file.
+type faultSite struct {
+	url, logFile string
+	// useUntil and refreshAt are those of the pair the warm-up got: see
+	// tokenTimes.
+	useUntil, refreshAt time.Time
+}
+
+// startFaultSite starts the site and sends one request, which must be
+// answered 200.
+func startFaultSite(t *testing.T, fake *fakerestream.Server) faultSite {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := siteConfig{
+		Port: testproc.Port(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: filepath.Join(dir, "caddy.log"),
+		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
+	}
+	runInProcess(t, cfg.Caddyfile())
+	site := faultSite{url: cfg.profileURL(), logFile: cfg.LogFile}
+	if status, body, _ := do(t, http.MethodGet, site.url, nil, nil); status != http.StatusOK {
+		t.Fatalf("warm-up: %d %s", status, body)
+	}
+	site.useUntil, site.refreshAt = tokenTimes(t, cfg.StorageDir)
+	return site
 }
 
 // tokenTimes reads the stored pair and returns when restream_auth stops
@@ -401,18 +418,8 @@ func tail(path string, n int) string {
 // says to re-authorize.
 func TestFaultRotateThenHang(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: faultTTL, Logf: func(string, ...any) {}})
-	dir := t.TempDir()
-	logFile := filepath.Join(dir, "caddy.log")
-	cfg := siteConfig{
-		Port: testproc.Port(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
-		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
-	}
-	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
-	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
-		t.Fatalf("warm-up: %d %s", status, body)
-	}
-	useUntil, refreshAt := tokenTimes(t, cfg.StorageDir)
+	site := startFaultSite(t, fake)
+	url, logFile, useUntil, refreshAt := site.url, site.logFile, site.useUntil, site.refreshAt
 	sleepUntil(refreshAt.Add(-faultLead))
 	fake.SetFault(fakerestream.FaultRotateThenHang)
 	waitFor(t, 5*time.Second, "the proactive refresh to rotate and hang", func() bool { return fake.Stats().RefreshOK == 2 })

@@ -5,15 +5,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -73,7 +70,7 @@ func TestQueryParamReplaced(t *testing.T) {
 func TestUpstream401And403PassThrough(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 	var calls401, calls403 atomic.Int64
-	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	upstream := startLocal(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("X-Upstream", "yes")
@@ -88,28 +85,11 @@ func TestUpstream401And403PassThrough(t *testing.T) {
 			io.WriteString(w, `{"error":{"statusCode":403,"name":"insufficient_scope"}}`)
 		}
 	}))
-	upstream.Listener, _ = net.Listen("tcp", "127.0.0.1:0")
-	upstream.Start()
-	t.Cleanup(upstream.Close)
 
-	port := testproc.Port(t)
-	caddyfileText := fmt.Sprintf(`{
-	admin off
-	storage file_system %s
-}
-http://127.0.0.1:%d {
-	header X-Sidecar on
-	restream_auth {
-		client_id test-client
-		client_secret test-secret
-		refresh_token %s
-		token_url %s
-	}
-	reverse_proxy %s
-}
-`, t.TempDir(), port, fake.Seed(), fake.TokenURL(), upstream.URL)
-	runInProcess(t, caddyfileText)
-	base := "http://127.0.0.1:" + itoa(port)
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(),
+		SiteExtra: "header X-Sidecar on", Upstream: upstream.URL}
+	runInProcess(t, cfg.Caddyfile())
+	base := "http://127.0.0.1:" + itoa(cfg.Port)
 
 	status, body, hdr := do(t, http.MethodPost, base+"/always401", []byte("payload"), nil)
 	if status != http.StatusUnauthorized || !strings.Contains(string(body), "invalid_token") {
@@ -153,7 +133,7 @@ func TestUnavailable503(t *testing.T) {
 	seed := fake.Seed()
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: seed, Extra: "refresh_ahead 1s"}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	if status, _, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
 		t.Fatalf("status %d", status)
 	}
@@ -192,7 +172,7 @@ func TestDeadSeedAnswersReauthRequired(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: "rt_never_issued_0123456789"}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	for range 5 {
 		status, body, hdr := do(t, http.MethodGet, url, nil, nil)
 		if status != http.StatusServiceUnavailable || !strings.Contains(string(body), `"reauth_required"`) || !strings.Contains(string(body), "re-authorize") || hdr.Get("Retry-After") == "" {
@@ -211,7 +191,7 @@ func TestRestartStaleSeedAndNewSeed(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	st := &certmagic.FileStorage{Path: storageDir}
 
 	inProcessMu.Lock()
@@ -276,29 +256,11 @@ func TestRotationUnderLoad(t *testing.T) {
 	runInProcess(t, cfg.Caddyfile())
 	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel/all"
 
-	var ok, bad atomic.Int64
-	deadline := time.Now().Add(10 * time.Second)
-	var wg sync.WaitGroup
-	for range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for time.Now().Before(deadline) {
-				status, body, _ := do(t, http.MethodGet, url, nil, nil)
-				if status == http.StatusOK {
-					ok.Add(1)
-				} else {
-					bad.Add(1)
-					t.Errorf("status %d: %s", status, body)
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	ok, failed := loadFor(t, []string{url}, 8, 10*time.Second)
 	st := fake.Stats()
 	t.Logf("requests ok=%d failed=%d; fake: refreshes=%d invalid_grant=%d api401=%d max concurrent refreshes=%d",
-		ok.Load(), bad.Load(), st.RefreshCalls, st.InvalidGrant, st.API401, st.MaxConcurrentRefresh)
-	if bad.Load() != 0 || st.InvalidGrant != 0 {
+		ok, failed, st.RefreshCalls, st.InvalidGrant, st.API401, st.MaxConcurrentRefresh)
+	if failed != 0 || st.InvalidGrant != 0 {
 		t.Fatalf("want 0 failures and 0 invalid_grant")
 	}
 	if st.RefreshCalls < 5 {
@@ -327,13 +289,7 @@ func TestNoSecretsInLogs(t *testing.T) {
 	caddyfileText := fmt.Sprintf(`{
 	admin off
 	storage file_system %s
-	log {
-		output file %s
-		level DEBUG
-	}
-	servers {
-		trace
-	}
+	%s
 }
 
 http://127.0.0.1:%d {
@@ -349,7 +305,7 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-`, filepath.Join(dir, "storage"), serverLog, port, accessLog, seedFile, fake.TokenURL(), fake.URL())
+`, filepath.Join(dir, "storage"), debugLogOptions(serverLog), port, accessLog, seedFile, fake.TokenURL(), fake.URL())
 	runInProcess(t, caddyfileText)
 	url := "http://127.0.0.1:" + itoa(port) + "/v2/user/profile"
 	get := func() int {
@@ -368,14 +324,7 @@ http://127.0.0.1:%d {
 	if err := caddy.Stop(); err != nil { // flush logs
 		t.Fatal(err)
 	}
-	logs := ""
-	for _, f := range []string{serverLog, accessLog} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		logs += string(b)
-	}
+	logs := readFiles(t, serverLog, accessLog)
 	for _, want := range []string{"refreshed token pair", "token refresh failed; retrying", `"restream_auth"`, "replaying request after 401"} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("logs lack %q: the test would not see a leak there", want)
@@ -416,11 +365,7 @@ func revokeGrant(t *testing.T, fake *fakerestream.Server, refreshToken string) {
 func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
-	runInProcess(t, cfg.Caddyfile())
-	site := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
-	if got := timedGet(t, site); got.status != http.StatusOK {
-		t.Fatalf("warm-up: %s", got)
-	}
+	site := runWarmedUp(t, cfg)
 	rec, err := tokensource.LoadRecord(context.Background(), &certmagic.FileStorage{Path: cfg.StorageDir}, "default")
 	if err != nil || rec == nil {
 		t.Fatalf("stored record: %v", err)
@@ -463,11 +408,7 @@ func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
 func TestItem13RejectedAndFailedRefreshAnswers503(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
-	runInProcess(t, cfg.Caddyfile())
-	site := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
-	if got := timedGet(t, site); got.status != http.StatusOK {
-		t.Fatalf("warm-up: %s", got)
-	}
+	site := runWarmedUp(t, cfg)
 	fake.RevokeAccessTokens()
 	fake.SetFault(fakerestream.Fault500)
 	before := fake.Stats()
@@ -492,38 +433,6 @@ func TestItem13RejectedAndFailedRefreshAnswers503(t *testing.T) {
 	}
 }
 
-// queryLogSite is a sidecar with query_param accessToken and DEBUG logging
-// to a file, plus an access log: /ws goes to the fake websocket, anything
-// else to the fake API.
-func queryLogSite(port int, storageDir, debugLog, accessLog string, fake *fakerestream.Server, ws *fakerestream.WSServer) string {
-	return fmt.Sprintf(`{
-	admin off
-	storage file_system %s
-	auto_https off
-	persist_config off
-	log {
-		output file %s
-		level DEBUG
-	}
-}
-
-http://127.0.0.1:%d {
-	log {
-		output file %s
-	}
-	restream_auth {
-		client_id test-client
-		client_secret test-secret
-		refresh_token %s
-		token_url %s
-		query_param accessToken
-	}
-	reverse_proxy /ws %s
-	reverse_proxy %s
-}
-`, storageDir, debugLog, port, accessLog, fake.Seed(), fake.TokenURL(), ws.URL(), fake.URL())
-}
-
 // With query_param the token reaches the upstream in the query, for a plain
 // request and for a websocket upgrade, yet no token appears in Caddy's DEBUG
 // log (reverse_proxy's "upstream roundtrip" logs r.RequestURI as "uri") or
@@ -534,9 +443,12 @@ func TestQueryParamTokenNotInDebugLogs(t *testing.T) {
 	t.Cleanup(ws.Close)
 	dir := t.TempDir()
 	debugLog, accessLog := filepath.Join(dir, "debug.log"), filepath.Join(dir, "access.log")
-	port := testproc.Port(t)
-	runInProcess(t, queryLogSite(port, filepath.Join(dir, "storage"), debugLog, accessLog, fake, ws))
-	addr := "127.0.0.1:" + itoa(port)
+	// /ws goes to the fake websocket, anything else to the fake API; both
+	// are logged, at DEBUG and in the access log.
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(),
+		LogFile: debugLog, Extra: "query_param accessToken", SiteExtra: "log {\noutput file " + accessLog + "\n}\nreverse_proxy /ws " + ws.URL()}
+	runInProcess(t, cfg.Caddyfile())
+	addr := "127.0.0.1:" + itoa(cfg.Port)
 	const bogus = "client-supplied-bogus"
 
 	// (1) A plain GET: the upstream sees the token in the header and in the

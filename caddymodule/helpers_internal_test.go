@@ -2,12 +2,16 @@ package caddymodule
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
@@ -78,3 +82,62 @@ var okNext = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) 
 	w.WriteHeader(http.StatusOK)
 	return nil
 })
+
+// caddyfileCase is a directive's Caddyfile block and the value it must
+// parse into.
+type caddyfileCase[T any] struct {
+	name, input string
+	want        T
+}
+
+// checkCaddyfileCases parses each case's block into a new T and compares
+// it with the case's want.
+func checkCaddyfileCases[T any, P interface {
+	*T
+	caddyfile.Unmarshaler
+}](t *testing.T, cases []caddyfileCase[T]) {
+	t.Helper()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var got T
+			if err := P(&got).UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got\n%+v\nwant\n%+v", got, tc.want)
+			}
+		})
+	}
+}
+
+// caddyfileErrorCase is a Caddyfile block a directive's parser must refuse.
+type caddyfileErrorCase struct {
+	name, input string
+	reason      string // substring of the error
+	line        int    // the error ends with ", at Testfile:<line>"
+}
+
+// checkCaddyfileErrors parses each case's block into a new T and wants an
+// error that gives the reason and ends with the line.
+func checkCaddyfileErrors[T any, P interface {
+	*T
+	caddyfile.Unmarshaler
+}](t *testing.T, cases []caddyfileErrorCase) {
+	t.Helper()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var parsed T
+			err := P(&parsed).UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("no error for\n%s", tc.input)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tc.reason) {
+				t.Errorf("error %q does not give the reason %q", msg, tc.reason)
+			}
+			if at := fmt.Sprintf(", at Testfile:%d", tc.line); !strings.HasSuffix(msg, at) {
+				t.Errorf("error %q does not end with the line %q", msg, at)
+			}
+		})
+	}
+}

@@ -6,13 +6,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,11 +43,47 @@ type siteConfig struct {
 	Extra           string // more restream_auth subdirectives
 	Global          string // more global options
 	LogFile         string // if set, logs go here at DEBUG
+	SiteExtra       string // more directives of the site
+	Upstream        string // reverse_proxy's target; the fake's API if empty
+}
+
+// debugLogOptions are global options that write Caddy's log to path at
+// DEBUG and trace every request through the handlers (servers { trace }):
+// everything a test for leaked secrets must read.
+func debugLogOptions(path string) string {
+	return fmt.Sprintf("log {\n\t\toutput file %s\n\t\tlevel DEBUG\n\t}\n\tservers {\n\t\ttrace\n\t}", path)
+}
+
+// readFiles returns the files' contents one after the other: the logs of a
+// Caddy that stopped, which flushed them.
+func readFiles(t *testing.T, paths ...string) string {
+	t.Helper()
+	var out strings.Builder
+	for _, path := range paths {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out.Write(b)
+	}
+	return out.String()
 }
 
 // profileURL is the site's URL of Restream's profile endpoint.
 func (c siteConfig) profileURL() string {
 	return "http://127.0.0.1:" + itoa(c.Port) + "/v2/user/profile"
+}
+
+// runWarmedUp runs the site in this process (see runInProcess) and returns
+// its profileURL once a request through it has been answered 200.
+func runWarmedUp(t *testing.T, cfg siteConfig) string {
+	t.Helper()
+	runInProcess(t, cfg.Caddyfile())
+	url := cfg.profileURL()
+	if got := timedGet(t, url); got.status != http.StatusOK {
+		t.Fatalf("warm-up: %s", got)
+	}
+	return url
 }
 
 func (c siteConfig) Caddyfile() string {
@@ -59,23 +98,31 @@ func (c siteConfig) Caddyfile() string {
 	if c.LogFile != "" {
 		fmt.Fprintf(&b, "\tlog {\n\t\toutput file %s\n\t\tlevel DEBUG\n\t}\n", c.LogFile)
 	}
-	for _, line := range strings.Split(c.Global, "\n") {
-		if line = strings.TrimSpace(line); line != "" {
-			b.WriteString("\t" + line + "\n")
-		}
-	}
-	fmt.Fprintf(&b, "}\n\nhttp://127.0.0.1:%d {\n\trestream_auth {\n\t\tclient_id test-client\n\t\tclient_secret test-secret\n", c.Port)
+	writeIndented(&b, "\t", c.Global)
+	fmt.Fprintf(&b, "}\n\nhttp://127.0.0.1:%d {\n", c.Port)
+	writeIndented(&b, "\t", c.SiteExtra)
+	b.WriteString("\trestream_auth {\n\t\tclient_id test-client\n\t\tclient_secret test-secret\n")
 	if c.Seed != "" {
 		fmt.Fprintf(&b, "\t\trefresh_token %s\n", c.Seed)
 	}
 	fmt.Fprintf(&b, "\t\ttoken_url %s\n", c.Fake.TokenURL())
-	for _, line := range strings.Split(c.Extra, "\n") {
+	writeIndented(&b, "\t\t", c.Extra)
+	upstream := c.Upstream
+	if upstream == "" {
+		upstream = c.Fake.URL()
+	}
+	fmt.Fprintf(&b, "\t}\n\treverse_proxy %s\n}\n", upstream)
+	return b.String()
+}
+
+// writeIndented writes each non-blank line of text, trimmed, after indent.
+// Nested blocks come out flat, which the Caddyfile does not mind.
+func writeIndented(b *strings.Builder, indent, text string) {
+	for line := range strings.SplitSeq(text, "\n") {
 		if line = strings.TrimSpace(line); line != "" {
-			b.WriteString("\t\t" + line + "\n")
+			b.WriteString(indent + line + "\n")
 		}
 	}
-	fmt.Fprintf(&b, "\t}\n\treverse_proxy %s\n}\n", c.Fake.URL())
-	return b.String()
 }
 
 // inProcessMu serializes tests that run Caddy in this process: Caddy has one
@@ -154,6 +201,30 @@ func do(t testing.TB, method, url string, body []byte, hdr map[string]string) (i
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, b, resp.Header
+}
+
+// loadFor sends GETs from workers for d, worker w to urls[w%len(urls)].
+// Every answer must be 200; it returns how many were and how many were not.
+func loadFor(t *testing.T, urls []string, workers int, d time.Duration) (ok, failed int64) {
+	t.Helper()
+	var okCount, failedCount atomic.Int64
+	deadline := time.Now().Add(d)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				status, body, _ := do(t, http.MethodGet, urls[w%len(urls)], nil, nil)
+				if status == http.StatusOK {
+					okCount.Add(1)
+				} else {
+					failedCount.Add(1)
+					t.Errorf("status %d: %s", status, body)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return okCount.Load(), failedCount.Load()
 }
 
 // waitFor polls cond until it holds or the deadline passes. It is for
@@ -362,11 +433,7 @@ func (c procSite) Caddyfile() string {
 		fmt.Fprintf(&b, "\t\t\trefresh_token %s\n", c.Seed)
 	}
 	fmt.Fprintf(&b, "\t\t\ttoken_url %s\n", c.Fake.TokenURL())
-	for line := range strings.SplitSeq(c.Extra, "\n") {
-		if line = strings.TrimSpace(line); line != "" {
-			b.WriteString("\t\t\t" + line + "\n")
-		}
-	}
+	writeIndented(&b, "\t\t\t", c.Extra)
 	fmt.Fprintf(&b, "\t\t}\n\t\treverse_proxy %s\n\t}\n}\n", c.Fake.URL())
 	return b.String()
 }
@@ -518,3 +585,17 @@ func timedGet(t *testing.T, url string) timedAnswer {
 }
 
 func quiet(string, ...any) {}
+
+// startLocal starts an httptest server on 127.0.0.1.
+func startLocal(t *testing.T, h http.Handler) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewUnstartedServer(h)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Listener = l
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv
+}

@@ -1,19 +1,12 @@
 package caddymodule
 
 import (
-	"fmt"
-	"reflect"
 	"strings"
 	"testing"
-
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 func TestLoginCaddyfile(t *testing.T) {
-	for _, tc := range []struct {
-		name, input string
-		want        Login
-	}{
+	checkCaddyfileCases(t, []caddyfileCase[Login]{
 		{
 			name: "every subdirective",
 			input: `restream_auth_login main-acct {
@@ -68,17 +61,7 @@ func TestLoginCaddyfile(t *testing.T) {
 				TokenURL: "http://127.0.0.1:9/oauth/token", AuthorizeURL: "http://localhost:9/login?prompt=x",
 				RedirectURI: "http://[::1]:8080/onboard/restream/callback"},
 		},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var got Login
-			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
-				t.Fatalf("unexpected error: %v", err)
-			}
-			if !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("got\n%+v\nwant\n%+v", got, tc.want)
-			}
-		})
-	}
+	})
 }
 
 func TestLoginCaddyfileErrors(t *testing.T) {
@@ -96,11 +79,7 @@ func TestLoginCaddyfileErrors(t *testing.T) {
 		return "restream_auth_login {\n\tclient_id id\n\tclient_secret secret\n\t" + redirect + "\n\t" +
 			strings.Join(lines, "\n\t") + "\n}"
 	}
-	for _, tc := range []struct {
-		name, input string
-		reason      string // substring of the error
-		line        int
-	}{
+	checkCaddyfileErrors[Login](t, []caddyfileErrorCase{
 		{"unknown subdirective", block("refresh_token x"), `unknown subdirective "refresh_token"`, 5},
 		{"missing value", block("client_auth basic", "authorize_url"), "authorize_url: expected one value", 6},
 		{"extra value", block("redirect_uri https://a.example/callback https://b.example/callback"), "redirect_uri: expected one value, got more", 5},
@@ -129,20 +108,5 @@ func TestLoginCaddyfileErrors(t *testing.T) {
 		{"no block at all", "restream_auth_login acct", "client_id is required", 1},
 		{"bad account name", "restream_auth_login ../etc {\n\tclient_id id\n}", `account "../etc": use 1-64 letters`, 1},
 		{"two account args", "restream_auth_login one two {\n\tclient_id id\n}", "wrong argument count or unexpected line ending after 'two'", 1},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var l Login
-			err := l.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-			if err == nil {
-				t.Fatalf("no error for\n%s", tc.input)
-			}
-			msg := err.Error()
-			if !strings.Contains(msg, tc.reason) {
-				t.Errorf("error %q does not give the reason %q", msg, tc.reason)
-			}
-			if at := fmt.Sprintf(", at Testfile:%d", tc.line); !strings.HasSuffix(msg, at) {
-				t.Errorf("error %q does not end with the line %q", msg, at)
-			}
-		})
-	}
+	})
 }

@@ -323,19 +323,7 @@ func TestLoginProfileUnreadableWithoutPin(t *testing.T) {
 func TestLoginStateSingleUseAndBound(t *testing.T) {
 	site := newLoginSite(t, true)
 	other := site.base() + "/other/callback"
-	site.extraSite = fmt.Sprintf(`	handle /other/* {
-		basic_auth {
-			%s %s
-		}
-		restream_auth_login {
-			client_id test-client
-			client_secret {env.%s}
-			token_url %s
-			authorize_url %s
-			redirect_uri %s
-		}
-	}
-`, loginUser, loginHash, loginSecretEn, site.fake.TokenURL(), site.authorize, other)
+	site.extraSite = site.loginRoute("/other/", other, "")
 	runInProcess(t, site.caddyfile())
 	cbBase := site.redirectURI()
 	u, _ := url.Parse(cbBase)

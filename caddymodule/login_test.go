@@ -80,28 +80,40 @@ func (s *loginSite) redirectURI() string {
 	return s.base() + "/restream/callback"
 }
 
+// loginRoute is a handle block with a restream_auth_login under prefix,
+// behind basic_auth unless noAuth, with the fake's endpoints and the
+// site's credentials.
+func (s *loginSite) loginRoute(prefix, redirectURI, extra string) string {
+	auth := fmt.Sprintf("basic_auth {\n\t\t\t%s %s\n\t\t}", loginUser, loginHash)
+	if s.noAuth {
+		auth = "# no authentication"
+	}
+	return fmt.Sprintf(`	handle %s* {
+		%s
+		restream_auth_login {
+			client_id test-client
+			client_secret {env.%s}
+			token_url %s
+			authorize_url %s
+			redirect_uri %s
+			%s
+		}
+	}
+`, prefix, auth, loginSecretEn, s.fake.TokenURL(), s.authorize, redirectURI, extra)
+}
+
 func (s *loginSite) caddyfile() string {
 	var b strings.Builder
 	admin := "admin off"
 	if s.adminPort != 0 {
 		admin = "admin 127.0.0.1:" + itoa(s.adminPort)
 	}
-	auth := fmt.Sprintf("basic_auth {\n\t\t\t%s %s\n\t\t}", loginUser, loginHash)
-	if s.noAuth {
-		auth = "# no authentication"
-	}
 	fmt.Fprintf(&b, `{
 	%s
 	storage file_system %s
 	auto_https off
 	persist_config off
-	log {
-		output file %s
-		level DEBUG
-	}
-	servers {
-		trace
-	}
+	%s
 	%s
 }
 
@@ -117,18 +129,8 @@ http://127.0.0.1:%d {
 			}
 		}
 	}
-	handle /restream/* {
-		%s
-		restream_auth_login {
-			client_id test-client
-			client_secret {env.%s}
-			token_url %s
-			authorize_url %s
-			redirect_uri %s
-			%s
-		}
-	}
-`, admin, s.storageDir, s.logFile, s.global, s.port, s.accessLog, auth, loginSecretEn, s.fake.TokenURL(), s.authorize, s.redirectURI(), s.loginExtra)
+`, admin, s.storageDir, debugLogOptions(s.logFile), s.global, s.port, s.accessLog)
+	b.WriteString(s.loginRoute("/restream/", s.redirectURI(), s.loginExtra))
 	b.WriteString(s.extraSite)
 	if s.proxy {
 		fmt.Fprintf(&b, `	handle {
@@ -158,14 +160,7 @@ func (s *loginSite) record() *tokensource.Record {
 // logs returns the server log and the access log.
 func (s *loginSite) logs() string {
 	s.t.Helper()
-	var out string
-	for _, f := range []string{s.logFile, s.accessLog} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			s.t.Fatal(err)
-		}
-		out += string(b)
-	}
+	out := readFiles(s.t, s.logFile, s.accessLog)
 	if !strings.Contains(out, `"uri":"/restream/callback?code=REDACTED`) {
 		s.t.Error("the access log has no filtered callback line: the test would not see a leak there")
 	}

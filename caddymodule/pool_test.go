@@ -23,7 +23,7 @@ func TestReloadKeepsOneRefresher(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	if status, _, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
 		t.Fatalf("status %d", status)
 	}
@@ -68,11 +68,7 @@ func TestItem12ReloadWithForeignLeaseIsQuick(t *testing.T) {
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
-	runInProcess(t, cfg.Caddyfile())
-	site := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
-	if got := timedGet(t, site); got.status != http.StatusOK {
-		t.Fatalf("warm-up: %s", got)
-	}
+	site := runWarmedUp(t, cfg)
 	planted, _ := plantLease(t, cfg.StorageDir, leaseFile{Owner: "another-instance", Nonce: "n", Seq: 1, TTLMillis: 60000})
 	before := fake.Stats()
 
@@ -152,7 +148,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 20 * time.Millisecond, Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s\ntimeout 5s", Global: "grace_period 300ms"}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 
 	var ok, failed, resets atomic.Int64
 	var firstBad atomic.Value
@@ -271,7 +267,7 @@ func TestReloadReplacingSourceClosesTokenConnections(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: "grace_period 100ms"}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	for i := range replacements + 1 {
 		cfg.Extra = fmt.Sprintf("timeout %ds", 5+i) // a new source each time
 		if i > 0 {

@@ -95,7 +95,7 @@ func TestRedisServesThroughCaddy(t *testing.T) {
 	storageDir := t.TempDir()
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	serveWhile(t, url, 20*time.Second, "generation 4 in Redis", func() bool { return redisGeneration(srv, "default") >= 4 })
 	if st := fake.Stats(); st.InvalidGrant != 0 || st.RefreshOK < 4 {
 		t.Fatalf("fake: %d invalid_grant, %d rotations", st.InvalidGrant, st.RefreshOK)
@@ -111,7 +111,7 @@ func TestRedisClientSharedAcrossReloads(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 
 	inProcessMu.Lock()
 	defer inProcessMu.Unlock()
@@ -153,7 +153,7 @@ func TestRedisImportsFromCaddyStorage(t *testing.T) {
 	storageDir := t.TempDir()
 	st := &certmagic.FileStorage{Path: storageDir}
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed()}
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 
 	inProcessMu.Lock()
 	defer inProcessMu.Unlock()
@@ -199,7 +199,7 @@ func TestRedisFlushUnderCaddy(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	serveWhile(t, url, 15*time.Second, "generation 2", func() bool { return redisGeneration(srv, "default") >= 2 })
 	for _, lose := range []func(){
 		func() { srv.MustDo("FLUSHALL") },

@@ -11,7 +11,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"runtime"
 	"strconv"
 	"strings"
@@ -25,20 +24,6 @@ import (
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
-
-// startLocal starts an httptest server on 127.0.0.1.
-func startLocal(t *testing.T, h http.Handler) *httptest.Server {
-	t.Helper()
-	srv := httptest.NewUnstartedServer(h)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.Listener = l
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return srv
-}
 
 // capSite is a sidecar with restream_auth in front of upstream; each route
 // is a path prefix and its extra restream_auth subdirectives.
@@ -394,33 +379,16 @@ func TestRevokedTokenConcurrentPostsReplayOnce(t *testing.T) {
 func TestLargeBodyNotReplayed(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 	var attempts atomic.Int64
-	upstream := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	upstream := startLocal(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, r.Body)
 		attempts.Add(1)
 		w.Header().Set("X-Body-Len", strconv.FormatInt(n, 10))
 		w.WriteHeader(http.StatusUnauthorized)
 	}))
-	upstream.Listener, _ = net.Listen("tcp", "127.0.0.1:0")
-	upstream.Start()
-	t.Cleanup(upstream.Close)
-	port := testproc.Port(t)
-	runInProcess(t, fmt.Sprintf(`{
-	admin off
-	storage file_system %s
-}
-
-http://127.0.0.1:%d {
-	restream_auth {
-		client_id test-client
-		client_secret test-secret
-		refresh_token %s
-		token_url %s
-		max_replay_body 1KiB
-	}
-	reverse_proxy %s
-}
-`, t.TempDir(), port, fake.Seed(), fake.TokenURL(), upstream.URL))
-	url := "http://127.0.0.1:" + itoa(port) + "/v2/user/channel/1"
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(),
+		Extra: "max_replay_body 1KiB", Upstream: upstream.URL}
+	runInProcess(t, cfg.Caddyfile())
+	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel/1"
 	for _, tc := range []struct {
 		size, attempts int
 	}{{1024, 2}, {1025, 1}} {

@@ -40,6 +40,36 @@ func faultsBin(t *testing.T) string {
 	return bin
 }
 
+// faultPair is two sidecar processes, A and B, on the fault storage over
+// one root, with its control file and journal. A started and answered
+// first, so A exchanged the seed; B adopted A's pair.
+type faultPair struct {
+	a, b                   procSite
+	procA                  *testproc.Process
+	root, control, journal string
+}
+
+// startFaultPair starts A, then B (timeout 2s each), and waits until each
+// has answered a request with 200.
+func startFaultPair(t *testing.T, fake *fakerestream.Server) faultPair {
+	t.Helper()
+	bin := faultsBin(t)
+	var p faultPair
+	p.root, p.control, p.journal = faultFiles(t)
+	seed := fake.Seed()
+	p.a = newProcSite(t, fake, p.root, seed, "timeout 2s").withFaults(p.control, p.journal)
+	p.b = newProcSite(t, fake, p.root, seed, "timeout 2s").withFaults(p.control, p.journal)
+	p.procA = p.a.start(t, bin)
+	if got := timedGet(t, p.a.url()); got.status != http.StatusOK {
+		t.Fatalf("A warm-up: %s", got)
+	}
+	p.b.start(t, bin)
+	if got := timedGet(t, p.b.url()); got.status != http.StatusOK {
+		t.Fatalf("B warm-up: %s", got)
+	}
+	return p
+}
+
 // faultFiles returns a storage root, a control file and a journal in a
 // fresh directory.
 func faultFiles(t *testing.T) (root, control, journal string) {
@@ -89,21 +119,11 @@ func injected(t *testing.T, journal, op, suffix, action string, pid int) int {
 // Retry-After meanwhile); once writes work again the pair reaches storage,
 // the lease is released and the second process adopts the pair.
 func TestItem01FailedWriteKeepsLease(t *testing.T) {
-	bin := faultsBin(t)
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
-	root, control, journal := faultFiles(t)
-	seed := fake.Seed()
-	a := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	b := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	pa := a.start(t, bin)
-	if got := timedGet(t, a.url()); got.status != http.StatusOK {
-		t.Fatalf("A warm-up: %s", got)
-	}
-	b.start(t, bin)
-	if got := timedGet(t, b.url()); got.status != http.StatusOK {
-		t.Fatalf("B warm-up: %s", got)
-	}
+	pair := startFaultPair(t, fake)
+	a, b, pa := pair.a, pair.b, pair.procA
+	root, control, journal := pair.root, pair.control, pair.journal
 	before := fake.Stats()
 
 	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/token.json", Action: faultstorage.ActionFail}); err != nil {
@@ -188,20 +208,10 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 // (timeout + 10 s); the refresher keeps and renews its lease throughout, so
 // the second process never takes it and never sends the spent token.
 func TestItem03SlowWriteKeepsLease(t *testing.T) {
-	bin := faultsBin(t)
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
-	root, control, journal := faultFiles(t)
-	seed := fake.Seed()
-	a := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	b := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	pa := a.start(t, bin)
-	if got := timedGet(t, a.url()); got.status != http.StatusOK {
-		t.Fatalf("A warm-up: %s", got)
-	}
-	b.start(t, bin)
-	if got := timedGet(t, b.url()); got.status != http.StatusOK {
-		t.Fatalf("B warm-up: %s", got)
-	}
+	pair := startFaultPair(t, fake)
+	a, b, pa := pair.a, pair.b, pair.procA
+	root, control, journal := pair.root, pair.control, pair.journal
 	before := fake.Stats()
 	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/token.json",
 		Action: faultstorage.ActionDelay, Delay: faultstorage.Duration(13 * time.Second), Count: 2}); err != nil {
@@ -450,33 +460,15 @@ func twoProcesses(t *testing.T, extra string) {
 	for range 2 {
 		cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: "refresh_ahead 1s\n" + extra}
 		p := startProcess(t, cfg.Caddyfile())
-		u := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+		u := cfg.profileURL()
 		waitReady(t, u, p)
 		urls = append(urls, u)
 	}
-	var ok, bad atomic.Int64
-	deadline := time.Now().Add(10 * time.Second)
-	var wg sync.WaitGroup
-	for w := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for time.Now().Before(deadline) {
-				status, body, _ := do(t, http.MethodGet, urls[w%2], nil, nil)
-				if status == http.StatusOK {
-					ok.Add(1)
-				} else {
-					bad.Add(1)
-					t.Errorf("status %d: %s", status, body)
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	ok, failed := loadFor(t, urls, 8, 10*time.Second)
 	st := fake.Stats()
 	t.Logf("two processes: ok=%d failed=%d; fake: refreshes=%d invalid_grant=%d max concurrent refreshes=%d upstream 401s=%d",
-		ok.Load(), bad.Load(), st.RefreshCalls, st.InvalidGrant, st.MaxConcurrentRefresh, st.API401)
-	if bad.Load() != 0 || st.InvalidGrant != 0 || st.MaxConcurrentRefresh != 1 {
+		ok, failed, st.RefreshCalls, st.InvalidGrant, st.MaxConcurrentRefresh, st.API401)
+	if failed != 0 || st.InvalidGrant != 0 || st.MaxConcurrentRefresh != 1 {
 		t.Fatalf("want 0 failures, 0 invalid_grant, 1 concurrent refresh at most")
 	}
 	if st.RefreshCalls < 5 {

@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"encoding/json"
-	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -10,14 +9,10 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 func TestTokenProxyCaddyfile(t *testing.T) {
-	for _, tc := range []struct {
-		name, input string
-		want        TokenProxy
-	}{
+	checkCaddyfileCases(t, []caddyfileCase[TokenProxy]{
 		{
 			name: "every subdirective",
 			input: `restream_token_proxy {
@@ -66,17 +61,7 @@ func TestTokenProxyCaddyfile(t *testing.T) {
 			input: "restream_token_proxy {\n\tclient_id id\n\tclient_secret secret\n\ttoken_url http://localhost:9/t\n}",
 			want:  TokenProxy{ClientID: "id", ClientSecret: "secret", TokenURL: "http://localhost:9/t"},
 		},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var got TokenProxy
-			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
-				t.Fatalf("unexpected error: %v", err)
-			}
-			if !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("got\n%+v\nwant\n%+v", got, tc.want)
-			}
-		})
-	}
+	})
 }
 
 func TestTokenProxyCaddyfileErrors(t *testing.T) {
@@ -84,11 +69,7 @@ func TestTokenProxyCaddyfileErrors(t *testing.T) {
 	block := func(lines ...string) string {
 		return "restream_token_proxy {\n\tclient_id id\n\tclient_secret secret\n\t" + strings.Join(lines, "\n\t") + "\n}"
 	}
-	for _, tc := range []struct {
-		name, input string
-		reason      string // substring of the error
-		line        int
-	}{
+	checkCaddyfileErrors[TokenProxy](t, []caddyfileErrorCase{
 		{"unknown subdirective", block("refresh_token rt"), `unknown subdirective "refresh_token"`, 4},
 		{"unknown subdirective without value", block("timeout 1s", "replay_401"), `unknown subdirective "replay_401"`, 5},
 		{"missing value", block("timeout 1s", "token_url"), "token_url: expected one value", 5},
@@ -128,22 +109,7 @@ func TestTokenProxyCaddyfileErrors(t *testing.T) {
 		{"redirect_uris listed twice", block("redirect_uris https://a.example/cb", "redirect_uris https://b.example/cb https://a.example/cb"), `redirect_uris "https://a.example/cb" is listed twice`, 5},
 		{"redirect_uris block", block("redirect_uris {", "}"), "redirect_uris: expected at least one URI", 4},
 		{"redirect_uris then a block", block("redirect_uris https://a.example/cb {", "}"), `unknown subdirective "{"`, 4},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var p TokenProxy
-			err := p.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-			if err == nil {
-				t.Fatalf("no error for\n%s", tc.input)
-			}
-			msg := err.Error()
-			if !strings.Contains(msg, tc.reason) {
-				t.Errorf("error %q does not give the reason %q", msg, tc.reason)
-			}
-			if at := fmt.Sprintf(", at Testfile:%d", tc.line); !strings.HasSuffix(msg, at) {
-				t.Errorf("error %q does not end with the line %q", msg, at)
-			}
-		})
-	}
+	})
 }
 
 // The directive works outside route blocks, before reverse_proxy, with or

@@ -3,7 +3,6 @@ package caddymodule_test
 import (
 	"net/http"
 	"net/url"
-	"reflect"
 	"strings"
 	"testing"
 
@@ -20,7 +19,7 @@ const tpAppRedirectURI = "com.example.app:/oauth2redirect"
 // with them for any redirect_uri not listed exactly; the refresh grant
 // needs no list.
 func TestTokenProxyRedirectURIs(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	none := tpSiteFor(t, rec, fake)
 	listed := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI, "redirect_uris "+tpAppRedirectURI)
@@ -89,7 +88,7 @@ func TestTokenProxyRedirectURIs(t *testing.T) {
 // A device's PKCE code_verifier goes upstream unchanged with the code
 // grant, and only with it.
 func TestTokenProxyForwardsCodeVerifier(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	site := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI)
 	body := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI, "client_auth body")
@@ -107,14 +106,8 @@ func TestTokenProxyForwardsCodeVerifier(t *testing.T) {
 			if status != http.StatusOK {
 				t.Fatalf("status %d: %s", status, b)
 			}
-			want := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}, "code_verifier": {verifier}}
-			if s.name == "body" {
-				want.Set("client_id", "test-client")
-				want.Set("client_secret", "test-secret")
-			}
-			if got := rec.last(t).Form; !reflect.DeepEqual(got, want) {
-				t.Errorf("upstream got %v, want %v", got, want)
-			}
+			wantForwarded(t, rec.last(t), url.Values{"grant_type": {"authorization_code"}, "code": {code},
+				"redirect_uri": {tpRedirectURI}, "code_verifier": {verifier}}, s.name == "body")
 		})
 	}
 	t.Run("not with the refresh grant", func(t *testing.T) {

@@ -133,7 +133,7 @@ func TestTokenProxyMaxConcurrent(t *testing.T) {
 		{"default", nil, 16},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			fake := tpNewFake(t, fakerestream.Options{})
+			fake := newFake(t, fakerestream.Options{})
 			rec := tpNewRecorder(t, fake)
 			gate := tpNewGate(t, rec.srv.URL)
 			site := tpSite{Port: testproc.Port(t), Lines: append([]string{
@@ -440,7 +440,7 @@ func TestTokenProxyFloodSparesSidecarRefresh(t *testing.T) {
 		throttled  func() float64
 	}
 	run := func(t *testing.T, maxConcurrent int) setup {
-		fake := tpNewFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 150 * time.Millisecond, Logf: func(string, ...any) {}})
+		fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 150 * time.Millisecond, Logf: func(string, ...any) {}})
 		lim := tpNewLimiter(t, fake, clientLimit)
 		apiPort, devPort := testproc.Port(t), testproc.Port(t)
 		runInProcess(t, fmt.Sprintf(`{

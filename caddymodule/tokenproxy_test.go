@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -28,16 +29,6 @@ import (
 // the proxy sent upstream and the exact bytes upstream answered.
 
 const tpRedirectURI = "https://device.example/callback"
-
-func tpNewFake(t *testing.T, opts fakerestream.Options) *fakerestream.Server {
-	t.Helper()
-	if opts.Logf == nil {
-		opts.Logf = t.Logf
-	}
-	f := fakerestream.New(opts)
-	t.Cleanup(f.Close)
-	return f
-}
 
 // tpCall is one call that went through the recorder.
 type tpCall struct {
@@ -178,6 +169,23 @@ func tpBasic(id, secret string) string {
 	return "Basic " + base64.StdEncoding.EncodeToString([]byte(id+":"+secret))
 }
 
+// wantForwarded checks a call that reached the upstream: the device's
+// fields in want, and the configured client credentials, as Basic or, with
+// client_auth body, as form fields.
+func wantForwarded(t *testing.T, up tpCall, want url.Values, bodyAuth bool) {
+	t.Helper()
+	want = maps.Clone(want)
+	wantAuthorization := tpBasic("test-client", "test-secret")
+	if bodyAuth {
+		want.Set("client_id", "test-client")
+		want.Set("client_secret", "test-secret")
+		wantAuthorization = ""
+	}
+	if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthorization {
+		t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthorization)
+	}
+}
+
 // tpTokens decodes a token answer.
 func tpTokens(t *testing.T, body []byte) (access, refresh string) {
 	t.Helper()
@@ -226,7 +234,7 @@ func tpCheckHeaders(t *testing.T, hdr http.Header, withBody bool) {
 // works, the old refresh token is then rejected with the fake's own
 // invalid_grant answer, byte for byte, and status 400.
 func TestTokenProxyRefreshRotates(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	site := tpSiteFor(t, rec, fake)
 	runInProcess(t, tpCaddyfile(nil, site))
@@ -292,7 +300,7 @@ func TestTokenProxyRefreshRotates(t *testing.T) {
 // An authorization code is redeemed through the proxy, with Basic and with
 // body client authentication; a second use of the code is invalid_grant.
 func TestTokenProxyAuthorizationCode(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	basic := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI)
 	body := tpSiteFor(t, rec, fake, "client_auth body", "redirect_uris "+tpRedirectURI)
@@ -318,16 +326,7 @@ func TestTokenProxyAuthorizationCode(t *testing.T) {
 			if access, _ := tpTokens(t, b); !fake.ValidAccessToken(access) {
 				t.Error("the issued access token is not valid at the fake")
 			}
-			want := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}
-			wantAuthz := tpBasic("test-client", "test-secret")
-			if tc.mode == "body" {
-				want.Set("client_id", "test-client")
-				want.Set("client_secret", "test-secret")
-				wantAuthz = ""
-			}
-			if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
-				t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
-			}
+			wantForwarded(t, up, url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}, tc.mode == "body")
 
 			status, b, hdr = tpPost(t, tc.site.base()+"/oauth/token", form, nil)
 			if status != http.StatusBadRequest {
@@ -346,7 +345,7 @@ func TestTokenProxyAuthorizationCode(t *testing.T) {
 // Whatever client credentials a device sends (a wrong secret as form fields,
 // as Basic, or both) are dropped; the configured ones are used.
 func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	basic := tpSiteFor(t, rec, fake)
 	body := tpSiteFor(t, rec, fake, "client_auth body")
@@ -379,17 +378,7 @@ func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
 				if status != http.StatusOK {
 					t.Fatalf("status %d: %s", status, b)
 				}
-				up := rec.last(t)
-				want := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
-				wantAuthz := tpBasic("test-client", "test-secret")
-				if site.name == "body" {
-					want.Set("client_id", "test-client")
-					want.Set("client_secret", "test-secret")
-					wantAuthz = ""
-				}
-				if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
-					t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
-				}
+				wantForwarded(t, rec.last(t), url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, site.name == "body")
 			})
 		}
 	}
@@ -401,7 +390,7 @@ func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
 // Every refusal is answered by the proxy itself, as an OAuth JSON error, and
 // nothing reaches upstream.
 func TestTokenProxyRefusals(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	site := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI)
 	runInProcess(t, tpCaddyfile(nil, site))
@@ -508,7 +497,7 @@ func TestTokenProxyRefusals(t *testing.T) {
 // POST …/revoke forwards the token with the client credentials; the revoked
 // pair stops working at the fake.
 func TestTokenProxyRevoke(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	site := tpSiteFor(t, rec, fake)
 	body := tpSiteFor(t, rec, fake, "client_auth body")
@@ -540,15 +529,7 @@ func TestTokenProxyRevoke(t *testing.T) {
 			if up.Path != "/oauth/revoke" || !bytes.Equal(b, up.Body) {
 				t.Errorf("upstream call %s answered %q, device got %q", up.Path, up.Body, b)
 			}
-			wantAuthz := tpBasic("test-client", "test-secret")
-			if tc.site.Port == body.Port {
-				want.Set("client_id", "test-client")
-				want.Set("client_secret", "test-secret")
-				wantAuthz = ""
-			}
-			if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
-				t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
-			}
+			wantForwarded(t, up, want, tc.site.Port == body.Port)
 			if fake.ValidAccessToken(access) {
 				t.Error("the access token still works after revocation")
 			}
@@ -568,7 +549,7 @@ func TestTokenProxyRevoke(t *testing.T) {
 // `servers { trace }` and access logs.
 func TestTokenProxyNoSecretsInLogs(t *testing.T) {
 	const secret = "cs_tokenproxy_secret_5d4c3b"
-	fake := tpNewFake(t, fakerestream.Options{ClientID: "tp-client", ClientSecret: secret, Logf: func(string, ...any) {}})
+	fake := newFake(t, fakerestream.Options{ClientID: "tp-client", ClientSecret: secret, Logf: func(string, ...any) {}})
 	t.Setenv("TP_TEST_CLIENT_ID", "tp-client")
 	t.Setenv("TP_TEST_CLIENT_SECRET", secret)
 	dir := t.TempDir()
@@ -579,13 +560,7 @@ func TestTokenProxyNoSecretsInLogs(t *testing.T) {
 	admin off
 	auto_https off
 	persist_config off
-	log {
-		output file %s
-		level DEBUG
-	}
-	servers {
-		trace
-	}
+	%s
 }
 
 http://127.0.0.1:%d {
@@ -601,7 +576,7 @@ http://127.0.0.1:%d {
 		redirect_uris %s
 	}
 }
-`, serverLog, port, accessLog, fake.TokenURL(), revokeURL, tpRedirectURI))
+`, debugLogOptions(serverLog), port, accessLog, fake.TokenURL(), revokeURL, tpRedirectURI))
 	base := "http://127.0.0.1:" + itoa(port)
 	device := map[string]string{"Authorization": tpBasic("device-id", "device-secret-must-not-log")}
 	code := fake.IssueCode(tpRedirectURI)
@@ -639,14 +614,7 @@ http://127.0.0.1:%d {
 	if err := caddy.Stop(); err != nil { // flush logs
 		t.Fatal(err)
 	}
-	logs := ""
-	for _, f := range []string{serverLog, accessLog} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		logs += string(b)
-	}
+	logs := readFiles(t, serverLog, accessLog)
 	for _, want := range []string{`"msg":"token proxy call"`, `"grant_type":"refresh_token"`, `"grant_type":"authorization_code"`,
 		`"grant_type":"revoke"`, `"upstream_status":400`, `"failure":"unusable"`, "refused token proxy request", `"msg":"restream_token_proxy","module":{"token_url"`} {
 		if !strings.Contains(logs, want) {

@@ -283,7 +283,7 @@ http://127.0.0.1:%d {
 // Upstream failures: a JSON error answer (SetDown) is relayed unchanged;
 // no answer, or an unusable one, is the proxy's own 502 (504 on timeout).
 func TestTokenProxyUpstreamDown(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
+	fake := newFake(t, fakerestream.Options{})
 	rec := tpNewRecorder(t, fake)
 	site := tpSiteFor(t, rec, fake)
 	short := tpSiteFor(t, rec, fake, "timeout 500ms")
@@ -366,7 +366,7 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 // endpoint's rotation completes for the proxy (the fake counts rotations
 // whose caller went away as lost).
 func TestTokenProxyDetachedFromClient(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
+	fake := newFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
 	site := tpSite{Port: testproc.Port(t), Lines: []string{
 		"client_id test-client",
 		"client_secret test-secret",
