@@ -58,9 +58,7 @@ import (
 // no outage (time without any 200 from any instance) longer than
 // chaosSettle.
 func TestChaosKillRestart(t *testing.T) {
-	if testing.Short() {
-		t.Skip("chaos: three Caddy processes for over a minute")
-	}
+	skipIfShort(t, "chaos: three Caddy processes for over a minute")
 	storageDir := t.TempDir()
 	storage := &fileChaosStorage{dir: storageDir, store: &certmagic.FileStorage{Path: storageDir}, hard: os.Getenv("RESTREAM_AUTH_CHAOS") == "hard"}
 	run := chaosRun{name: "file_system", duration: chaosDuration, storageDir: storageDir, storage: storage, hard: storage.hard, minRotations: 20}
@@ -87,9 +85,7 @@ func TestChaosKillRestart(t *testing.T) {
 // it finds the mark: the token may be spent, so it is never sent (0
 // invalid_grant), and requests get 503 reauth_required.
 func TestKillDuringRefreshLosesChain(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts Caddy processes")
-	}
+	skipIfShort(t, "starts Caddy processes")
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{AccessTTL: 4 * time.Second, Latency: 400 * time.Millisecond, Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 2s\ntimeout 2s"}
@@ -164,9 +160,7 @@ func TestKillDuringRefreshLosesChain(t *testing.T) {
 // reauth_required, and the token is never sent a second time (invalid_grant
 // 0, no token call after the kill).
 func TestItem18HolderKilledMidRefresh(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts Caddy processes")
-	}
+	skipIfShort(t, "starts Caddy processes")
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: quiet})
 	root := t.TempDir()
@@ -285,9 +279,7 @@ func TestItem18HolderKilledMidRefresh(t *testing.T) {
 // redisOutages.recovery); no transport error except to an instance being
 // killed or restarted; each instance answers 200 at the end.
 func TestChaosRedis(t *testing.T) {
-	if testing.Short() {
-		t.Skip("chaos: three Caddy processes and a redis-server for 90 s")
-	}
+	skipIfShort(t, "chaos: three Caddy processes and a redis-server for 90 s")
 	for _, tc := range []struct {
 		name       string
 		appendOnly bool

@@ -92,6 +92,7 @@ func (f faultFigures) String() string {
 // fault clears: 1.2 × 2^(n-1) s after n failed attempts (or Retry-After if
 // longer), plus recoverySlack.
 func TestFaultMatrix(t *testing.T) {
+	skipIfShort(t, "six token endpoint faults, each held through a token lifetime (about 40 s)")
 	cases := []faultCase{
 		{"500", fakerestream.Fault500, 0},
 		{"hang", fakerestream.FaultHang, 0},
@@ -417,6 +418,7 @@ func tail(path string, n int) string {
 // once the old token has expired, 503 reauth_required with a message that
 // says to re-authorize.
 func TestFaultRotateThenHang(t *testing.T) {
+	skipIfShort(t, "waits past a 4-second token's expiry")
 	fake := newFake(t, fakerestream.Options{AccessTTL: faultTTL, Logf: func(string, ...any) {}})
 	site := startFaultSite(t, fake)
 	url, logFile, useUntil, refreshAt := site.url, site.logFile, site.useUntil, site.refreshAt

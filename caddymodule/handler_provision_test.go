@@ -91,6 +91,7 @@ func checkCommands(cfgPath string) map[string][]string {
 }
 
 func TestValidateBadCaddyfileLine(t *testing.T) {
+	skipIfShort(t, "runs the caddy binary twelve times")
 	for _, tc := range []struct {
 		name, line, reason string
 	}{
@@ -147,6 +148,7 @@ func TestValidateNeverCallsTokenEndpoint(t *testing.T) {
 }
 
 func TestValidateProvisionErrors(t *testing.T) {
+	skipIfShort(t, "runs the caddy binary twenty times")
 	fake := fakerestream.New(fakerestream.Options{Logf: t.Logf})
 	t.Cleanup(fake.Close)
 	upstream := strings.TrimPrefix(fake.URL(), "http://")

@@ -129,6 +129,7 @@ func TestUpstream401And403PassThrough(t *testing.T) {
 // JSON body that names the account and cause and holds no secret; recovery
 // once the endpoint is back. A dead chain answers reauth_required.
 func TestUnavailable503(t *testing.T) {
+	skipIfShort(t, "waits for a 2-second token to expire")
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	seed := fake.Seed()
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: seed, Extra: "refresh_ahead 1s"}
@@ -188,6 +189,7 @@ func TestDeadSeedAnswersReauthRequired(t *testing.T) {
 // A restart with the original Caddyfile after rotations must not resend the
 // spent seed; a never-seen seed starts a new chain.
 func TestRestartStaleSeedAndNewSeed(t *testing.T) {
+	skipIfShort(t, "waits for three rotations of 2-second tokens")
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
@@ -251,6 +253,7 @@ func TestRestartStaleSeedAndNewSeed(t *testing.T) {
 // Eight workers for ten seconds with 2-second tokens: every response 200,
 // no invalid_grant at the fake.
 func TestRotationUnderLoad(t *testing.T) {
+	skipIfShort(t, "10 s of load on 2-second tokens")
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 50 * time.Millisecond, Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "refresh_ahead 1s"}
 	runInProcess(t, cfg.Caddyfile())
@@ -276,6 +279,7 @@ func TestRotationUnderLoad(t *testing.T) {
 // {file.*} placeholders, as the README recommends: Caddy itself prints the
 // whole config (literals included) in its DEBUG "adjusted config" line.
 func TestNoSecretsInLogs(t *testing.T) {
+	skipIfShort(t, "waits through rotations, a replay and an outage of 2-second tokens")
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, ClientSecret: "cs_literal_secret_9f8e7d", Logf: func(string, ...any) {}})
 	dir := t.TempDir()
 	serverLog, accessLog := filepath.Join(dir, "server.log"), filepath.Join(dir, "access.log")
@@ -406,6 +410,7 @@ func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
 // forces. The client gets 503 with Retry-After, not the upstream's 401;
 // once the endpoint works again, 200.
 func TestItem13RejectedAndFailedRefreshAnswers503(t *testing.T) {
+	skipIfShort(t, "waits through the token endpoint's backoff (about 3 s)")
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
 	site := runWarmedUp(t, cfg)

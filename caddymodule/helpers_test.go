@@ -143,12 +143,18 @@ func runInProcess(t *testing.T, caddyfileText string) {
 	})
 }
 
+// loadInProcess loads a Caddyfile into this process's Caddy, replacing the
+// running config. The old config's servers close their idle connections,
+// and a client that picks one of those from its pool before it sees the
+// close gets EOF: the test clients drop theirs instead.
 func loadInProcess(t *testing.T, caddyfileText string) {
 	t.Helper()
 	cfgJSON := adapt(t, caddyfileText)
 	if err := caddy.Load(cfgJSON, true); err != nil {
 		t.Fatalf("loading config: %v", err)
 	}
+	client.CloseIdleConnections()
+	http.DefaultClient.CloseIdleConnections()
 }
 
 func adapt(t testing.TB, caddyfileText string) []byte {
@@ -225,6 +231,15 @@ func loadFor(t *testing.T, urls []string, workers int, d time.Duration) (ok, fai
 	}
 	wg.Wait()
 	return okCount.Load(), failedCount.Load()
+}
+
+// skipIfShort skips a wall-clock test (real waits, processes, seconds of
+// load) under -short, the inner loop; .ci/run runs everything.
+func skipIfShort(t *testing.T, why string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("wall-clock: " + why)
+	}
 }
 
 // waitFor polls cond until it holds or the deadline passes. It is for

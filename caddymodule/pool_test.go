@@ -65,6 +65,7 @@ func refreshers(t *testing.T) int {
 // owner and a 60 s TTL) and the old source is polling for it, the admin
 // /load must still return within timeout + 2 s.
 func TestItem12ReloadWithForeignLeaseIsQuick(t *testing.T) {
+	skipIfShort(t, "waits out token call timeouts around a reload (about 5 s)")
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
@@ -136,6 +137,7 @@ func TestItem12ReloadWithForeignLeaseIsQuick(t *testing.T) {
 // are counted after the fake closes those connections, and the number left
 // open is reported.
 func TestReloadUnderLoad(t *testing.T) {
+	skipIfShort(t, "20 reloads under load (about 8 s)")
 	const (
 		reloads = 20
 		workers = 8

@@ -90,6 +90,7 @@ func TestRedisProvisionErrors(t *testing.T) {
 // A real Caddy serves through Redis against the fake, refreshing 2-second
 // tokens several times; the chain lives in Redis only.
 func TestRedisServesThroughCaddy(t *testing.T) {
+	skipIfShort(t, "waits for rotations of 2-second tokens")
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
@@ -148,6 +149,7 @@ func TestRedisClientSharedAcrossReloads(t *testing.T) {
 // the record is imported once, nothing is lost, and the storage copy is
 // marked so an instance left on Caddy storage never sends its token.
 func TestRedisImportsFromCaddyStorage(t *testing.T) {
+	skipIfShort(t, "waits for rotations of 2-second tokens")
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
@@ -195,6 +197,7 @@ func TestRedisImportsFromCaddyStorage(t *testing.T) {
 // Redis loses its data under a running Caddy: the record comes back from
 // the instance's memory and the chain goes on, with no invalid_grant.
 func TestRedisFlushUnderCaddy(t *testing.T) {
+	skipIfShort(t, "waits for rotations across a Redis flush (about 10 s)")
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
@@ -221,9 +224,7 @@ func TestRedisFlushUnderCaddy(t *testing.T) {
 // The Redis password, given by placeholder, appears in no log line, error,
 // status or HTTP answer, whether it is wrong (errors galore) or right.
 func TestRedisCredentialsNeverShown(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the caddy binary")
-	}
+	skipIfShort(t, "builds and runs the caddy binary")
 	const right, wrong = "right-redis-pw-5e1d", "wrong-redis-pw-8c2a"
 	srv := redistest.Start(t, redistest.Options{Password: right})
 	for _, pw := range []string{wrong, right} {

@@ -234,6 +234,7 @@ func raiseFileLimit(t *testing.T, n uint64) {
 // bodies, keeping all of them would cost less heap than streaming them, and
 // the heap could not tell a capped sidecar from an uncapped one.
 func TestReplayTotalSlowBodies(t *testing.T) {
+	skipIfShort(t, "1,000 stalled uploads (about 4 s)")
 	const (
 		conns  = 1000
 		size   = 256 << 10

@@ -30,9 +30,7 @@ import (
 
 func faultsBin(t *testing.T) string {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("builds and runs Caddy processes")
-	}
+	skipIfShort(t, "builds and runs Caddy processes")
 	bin, err := caddyFaultsBinary()
 	if err != nil {
 		t.Fatal(err)
@@ -442,9 +440,7 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 // tokens: no failed request and no invalid_grant; once more with the record
 // encrypted at rest, where the storage must never hold a token in the clear.
 func TestTwoProcessesShareStorage(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts two Caddy processes")
-	}
+	skipIfShort(t, "starts two Caddy processes")
 	t.Run("plain", func(t *testing.T) { twoProcesses(t, "") })
 	t.Run("encrypted", func(t *testing.T) {
 		t.Setenv("RESTREAM_TEST_ENCRYPTION_KEY", base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{7}, 32)))

@@ -426,6 +426,7 @@ func (p *tpProbe) halt() {
 // client_id's quota and the limiter refuses the sidecar's refresh: the
 // failure the limit prevents.
 func TestTokenProxyFloodSparesSidecarRefresh(t *testing.T) {
+	skipIfShort(t, "floods the proxy for seconds")
 	const (
 		devices      = 300
 		clientLimit  = 6

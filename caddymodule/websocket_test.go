@@ -248,6 +248,7 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 // connection gets the current token. A client that is dropped by the real
 // service at expiry reconnects and so gets the current token.
 func TestWebsocketRotationOpenAndNewConnections(t *testing.T) {
+	skipIfShort(t, "waits for rotations of 2-second tokens")
 	site, addr := startWSSite(t, fakerestream.Options{AccessTTL: 2 * time.Second}, "refresh_ahead 1s")
 	ctx := wsTestCtx(t)
 	u := "ws://" + addr + "/chat/ws"
