@@ -407,17 +407,17 @@ func (d *chaosDriver) killInstance(in *chaosInstance) error {
 	p.Kill()
 	moment.release()
 	d.kills++
-	np := startProcess(d.t, in.cfg.Caddyfile())
-	d.journal.add("driver: restarted instance %d as pid %d", in.idx, np.PID())
-	err := waitAnswer(in.url, np)
+	restarted := startProcess(d.t, in.cfg.Caddyfile())
+	d.journal.add("driver: restarted instance %d as pid %d", in.idx, restarted.PID())
+	err := waitAnswer(in.url, restarted)
 	d.journal.add("driver: instance %d answers", in.idx)
 	in.mu.Lock()
-	in.proc = np
-	in.all = append(in.all, np)
+	in.proc = restarted
+	in.all = append(in.all, restarted)
 	in.down[len(in.down)-1].until = time.Now()
 	in.mu.Unlock()
 	if err != nil {
-		return fmt.Errorf("restarting instance %d: %v\n%s", in.idx, err, np.Output())
+		return fmt.Errorf("restarting instance %d: %v\n%s", in.idx, err, restarted.Output())
 	}
 	return nil
 }

@@ -171,7 +171,7 @@ func TestItem18HolderKilledMidRefresh(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pa := a.start(t, bin)
+	procA := a.start(t, bin)
 	if got := timedGet(t, a.url()); got.status != http.StatusOK {
 		t.Fatalf("A warm-up: %s", got)
 	}
@@ -193,7 +193,7 @@ func TestItem18HolderKilledMidRefresh(t *testing.T) {
 	if held.Owner == "" || held.Mark == "" || held.MarkedBy != held.Owner {
 		t.Fatalf("A's lease does not mark the token it is sending: %+v", held)
 	}
-	killProcess(t, pa)
+	killProcess(t, procA)
 	killed := time.Now()
 	waitFor(t, 5*time.Second, "the fake to drop the dead call", func() bool { return fake.Stats().Hanging == 0 })
 	callsAtKill := fake.Stats().RefreshCalls

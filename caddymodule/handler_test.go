@@ -57,10 +57,10 @@ func TestQueryParamReplaced(t *testing.T) {
 		t.Fatalf("status %d %s", status, body)
 	}
 	e := decodeEcho(t, body)
-	if !fake.ValidAccessToken(e.AccessTokenQ) || e.Authorization != "Bearer "+e.AccessTokenQ {
-		t.Fatalf("upstream saw accessToken %.8q… and Authorization %.15q…", e.AccessTokenQ, e.Authorization)
+	if !fake.ValidAccessToken(e.AccessTokenQuery) || e.Authorization != "Bearer "+e.AccessTokenQuery {
+		t.Fatalf("upstream saw accessToken %.8q… and Authorization %.15q…", e.AccessTokenQuery, e.Authorization)
 	}
-	if want := "b=2&a=x%20y&accessToken=" + e.AccessTokenQ; e.Query != want {
+	if want := "b=2&a=x%20y&accessToken=" + e.AccessTokenQuery; e.Query != want {
 		t.Fatalf("query %q, want %q", e.Query, want)
 	}
 }
@@ -463,9 +463,9 @@ func TestQueryParamTokenNotInDebugLogs(t *testing.T) {
 		t.Fatalf("plain GET: %d %s", status, body)
 	}
 	e := decodeEcho(t, body)
-	if !fake.ValidAccessToken(e.AccessTokenQ) || e.Authorization != "Bearer "+e.AccessTokenQ || e.Query != "a=1&accessToken="+e.AccessTokenQ {
+	if !fake.ValidAccessToken(e.AccessTokenQuery) || e.Authorization != "Bearer "+e.AccessTokenQuery || e.Query != "a=1&accessToken="+e.AccessTokenQuery {
 		t.Fatalf("plain GET: upstream saw accessToken %.9q…, Authorization %.16q…, %d accessToken parameter(s)",
-			e.AccessTokenQ, e.Authorization, strings.Count(e.Query, "accessToken="))
+			e.AccessTokenQuery, e.Authorization, strings.Count(e.Query, "accessToken="))
 	}
 
 	// (2) A websocket upgrade: the fake accepts the handshake only with a
@@ -473,7 +473,7 @@ func TestQueryParamTokenNotInDebugLogs(t *testing.T) {
 	ctx := wsTestCtx(t)
 	c, id := wsDial(t, ctx, "ws://"+addr+"/ws?x=1&accessToken="+bogus)
 	wsEcho(t, ctx, c, "through the sidecar")
-	if got := wsTokenOf(t, ws, id); got != e.AccessTokenQ {
+	if got := wsTokenOf(t, ws, id); got != e.AccessTokenQuery {
 		t.Fatalf("the websocket upstream saw %.9q…, want the sidecar's token", got)
 	}
 	if err := c.Close(websocket.StatusNormalClosure, ""); err != nil {

@@ -171,13 +171,13 @@ func adapt(t testing.TB, caddyfileText string) []byte {
 
 // echo is what the fake's API echoes back.
 type echo struct {
-	Method        string `json:"method"`
-	Path          string `json:"path"`
-	Query         string `json:"query"`
-	BodySHA256    string `json:"body_sha256"`
-	BodyLen       int    `json:"body_len"`
-	Authorization string `json:"authorization"`
-	AccessTokenQ  string `json:"access_token_query"`
+	Method           string `json:"method"`
+	Path             string `json:"path"`
+	Query            string `json:"query"`
+	BodySHA256       string `json:"body_sha256"`
+	BodyLen          int    `json:"body_len"`
+	Authorization    string `json:"authorization"`
+	AccessTokenQuery string `json:"access_token_query"`
 }
 
 var client = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
@@ -186,7 +186,9 @@ var client = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
 // every load restarts the admin server, closing kept-alive connections.
 var noKeepAlive = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 
-func do(t testing.TB, method, url string, body []byte, hdr map[string]string) (int, []byte, http.Header) {
+// do sends a request with the test client; a transport error fails the
+// test and returns status 0.
+func do(t testing.TB, method, url string, body []byte, hdr map[string]string) (status int, respBody []byte, header http.Header) {
 	t.Helper()
 	var rd io.Reader
 	if body != nil {
@@ -355,7 +357,7 @@ func newFake(t *testing.T, opts fakerestream.Options) *fakerestream.Server {
 }
 
 // get is a GET that reports transport errors instead of failing the test.
-func get(cl *http.Client, url string) (int, []byte, error) {
+func get(cl *http.Client, url string) (status int, body []byte, err error) {
 	resp, err := cl.Get(url)
 	if err != nil {
 		return 0, nil, err
@@ -479,10 +481,9 @@ func (c procSite) health(t *testing.T) (int, string) {
 }
 
 // forceRefresh asks the admin API for a refresh and returns its answer.
-func (c procSite) forceRefresh(t *testing.T) (int, accountStatus, string) {
+func (c procSite) forceRefresh(t *testing.T) (status int, st accountStatus, raw string) {
 	t.Helper()
 	status, body, _ := do(t, http.MethodPost, c.admin()+"/restream_auth/default/refresh", nil, nil)
-	var st accountStatus
 	_ = json.Unmarshal(body, &st)
 	return status, st, strings.TrimSpace(string(body))
 }

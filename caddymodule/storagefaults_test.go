@@ -120,7 +120,7 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	pair := startFaultPair(t, fake)
-	a, b, pa := pair.a, pair.b, pair.procA
+	a, b, procA := pair.a, pair.b, pair.procA
 	root, control, journal := pair.root, pair.control, pair.journal
 	before := fake.Stats()
 
@@ -169,7 +169,7 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 			t.Fatalf("stored generation %d while every write fails", g)
 		}
 	}
-	fails := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionFail, pa.PID())
+	fails := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionFail, procA.PID())
 	if fails < 2 {
 		t.Errorf("%d failed writes of token.json by A, want the first and at least one retry", fails)
 	}
@@ -208,7 +208,7 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 func TestItem03SlowWriteKeepsLease(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	pair := startFaultPair(t, fake)
-	a, b, pa := pair.a, pair.b, pair.procA
+	a, b, procA := pair.a, pair.b, pair.procA
 	root, control, journal := pair.root, pair.control, pair.journal
 	before := fake.Stats()
 	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/token.json",
@@ -270,7 +270,7 @@ func TestItem03SlowWriteKeepsLease(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, pa.PID())
+	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, procA.PID())
 	waitFor(t, 10*time.Second, "B to adopt the stored pair", func() bool { return timedGet(t, b.url()).status == http.StatusOK })
 	end := fake.Stats()
 	t.Logf("item 3: pair stored %s after the token call (old lease TTL 12 s) after %d slow writes by A; B: %d answers, %d of them 503 temporarily_unavailable; fake: token calls %d, invalid_grant %d",
@@ -388,7 +388,7 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	root, control, journal := faultFiles(t)
 	a := newProcSite(t, fake, root, fake.Seed(), "timeout 2s").withFaults(control, journal)
-	pa := a.start(t, bin)
+	procA := a.start(t, bin)
 	if got := timedGet(t, a.url()); got.status != http.StatusOK {
 		t.Fatalf("warm-up: %s", got)
 	}
@@ -413,7 +413,7 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 			t.Fatalf("a token call while the lease could not be read")
 		}
 	}
-	fails := injected(t, journal, faultstorage.OpLoad, "/lease.json", faultstorage.ActionFail, pa.PID())
+	fails := injected(t, journal, faultstorage.OpLoad, "/lease.json", faultstorage.ActionFail, procA.PID())
 	st := a.status(t)
 	if fails == 0 || st.State != "backoff" || !strings.Contains(st.LastError, "lease.json") {
 		t.Errorf("after %d failed reads of lease.json: status %+v", fails, st)

@@ -26,15 +26,15 @@ import (
 // Tests of what restream_token_proxy relays from upstream: never the client
 // secret, however the endpoint echoes it, and never a redirect.
 
-// tpEchoSecret has what an endpoint's echo needs: characters that JSON and
+// echoedSecret has what an endpoint's echo needs: characters that JSON and
 // URL encodings change.
-const tpEchoSecret = `cs_T0p/s3cr3t+&="é x<y>`
+const echoedSecret = `cs_T0p/s3cr3t+&="é x<y>`
 
-// tpNewEcho is a token endpoint that echoes the request it got (headers,
+// newEchoUpstream is a token endpoint that echoes the request it got (headers,
 // raw form, the decoded Basic secret, in several encodings) in its answer:
 // 401 invalid_client for /oauth/token?, 200 with a token for a form with
 // code=ok, 429 for code=slow; it also echoes the secret in headers.
-func tpNewEcho(t *testing.T) *httptest.Server {
+func newEchoUpstream(t *testing.T) *httptest.Server {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		raw, _ := io.ReadAll(r.Body)
@@ -87,8 +87,8 @@ func tpNewEcho(t *testing.T) *httptest.Server {
 // URL-encoded, or inside the Basic credentials, it is redacted; the answer
 // stays JSON with its status, and the log says so without the secret.
 func TestTokenProxyRedactsEchoedSecret(t *testing.T) {
-	echo := tpNewEcho(t)
-	t.Setenv("TP_ECHO_SECRET", tpEchoSecret)
+	echo := newEchoUpstream(t)
+	t.Setenv("TP_ECHO_SECRET", echoedSecret)
 	logFile := filepath.Join(t.TempDir(), "server.log")
 	basic, body := testproc.Port(t), testproc.Port(t)
 	site := func(port int, auth string) string {
@@ -102,21 +102,21 @@ http://127.0.0.1:%d {
 		redirect_uris %s
 	}
 }
-`, port, echo.URL, auth, tpRedirectURI)
+`, port, echo.URL, auth, deviceRedirectURI)
 	}
 	runInProcess(t, fmt.Sprintf("{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n\tlog {\n\t\toutput file %s\n\t\tlevel DEBUG\n\t}\n}\n", logFile)+
 		site(basic, "basic")+site(body, "body"))
 
-	basicCred := base64.StdEncoding.EncodeToString([]byte("test-client:" + tpEchoSecret))
-	forms := []string{tpEchoSecret, url.QueryEscape(tpEchoSecret), url.PathEscape(tpEchoSecret), basicCred, strings.TrimRight(basicCred, "=")}
+	basicCred := base64.StdEncoding.EncodeToString([]byte("test-client:" + echoedSecret))
+	forms := []string{echoedSecret, url.QueryEscape(echoedSecret), url.PathEscape(echoedSecret), basicCred, strings.TrimRight(basicCred, "=")}
 	for _, port := range []int{basic, body} {
 		for _, tc := range []struct {
 			code   string
 			status int
 		}{{"bad", http.StatusUnauthorized}, {"ok", http.StatusOK}, {"slow", http.StatusTooManyRequests}, {"slow-basic", http.StatusTooManyRequests}} {
 			t.Run(fmt.Sprintf("%d/%s", port, tc.code), func(t *testing.T) {
-				status, b, hdr := tpPost(t, "http://127.0.0.1:"+itoa(port)+"/token", url.Values{"grant_type": {"authorization_code"},
-					"code": {tc.code}, "redirect_uri": {tpRedirectURI}}, nil)
+				status, b, hdr := postForm(t, "http://127.0.0.1:"+itoa(port)+"/token", url.Values{"grant_type": {"authorization_code"},
+					"code": {tc.code}, "redirect_uri": {deviceRedirectURI}}, nil)
 				if status != tc.status {
 					t.Fatalf("status %d, want %d: %s", status, tc.status, b)
 				}
@@ -176,15 +176,15 @@ http://127.0.0.1:%d {
 	mustContainNone(t, "logs", string(logs), forms...)
 }
 
-// tpTrap is a server that must never be called: it counts what reaches it.
-type tpTrap struct {
+// redirectTrap is a server that must never be called: it counts what reaches it.
+type redirectTrap struct {
 	srv   *httptest.Server
 	mu    sync.Mutex
 	calls []string
 }
 
-func tpNewTrap(t *testing.T) *tpTrap {
-	trap := &tpTrap{}
+func newRedirectTrap(t *testing.T) *redirectTrap {
+	trap := &redirectTrap{}
 	trap.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		trap.mu.Lock()
@@ -197,7 +197,7 @@ func tpNewTrap(t *testing.T) *tpTrap {
 	return trap
 }
 
-func (trap *tpTrap) count() int {
+func (trap *redirectTrap) count() int {
 	trap.mu.Lock()
 	defer trap.mu.Unlock()
 	return len(trap.calls)
@@ -207,7 +207,7 @@ func (trap *tpTrap) count() int {
 // gets a 502 that says so, the log names the failure, and the redirect
 // target receives nothing.
 func TestTokenProxyRefusesRedirects(t *testing.T) {
-	trap := tpNewTrap(t)
+	trap := newRedirectTrap(t)
 	var status int
 	var mu sync.Mutex
 	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -255,8 +255,8 @@ http://127.0.0.1:%d {
 					{"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {"rt_device"}}},
 					{"/revoke", url.Values{"token": {"rt_device"}}},
 				} {
-					got, b, hdr := tpPost(t, base+call.path, call.form, nil)
-					code, desc := tpOAuthError(t, b, hdr)
+					got, b, hdr := postForm(t, base+call.path, call.form, nil)
+					code, desc := oauthError(t, b, hdr)
 					if got != http.StatusBadGateway || code != "server_error" || !strings.Contains(desc, "redirect") || !strings.Contains(desc, itoa(st)) {
 						t.Errorf("%d on %s: device got %d: %s", st, call.path, got, b)
 					}
@@ -284,27 +284,27 @@ http://127.0.0.1:%d {
 // no answer, or an unusable one, is the proxy's own 502 (504 on timeout).
 func TestTokenProxyUpstreamDown(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{})
-	rec := tpNewRecorder(t, fake)
-	site := tpSiteFor(t, rec, fake)
-	short := tpSiteFor(t, rec, fake, "timeout 500ms")
-	closed := tpSite{Port: testproc.Port(t), Lines: []string{
+	rec := newUpstreamRecorder(t, fake)
+	site := proxySiteFor(t, rec, fake)
+	short := proxySiteFor(t, rec, fake, "timeout 500ms")
+	closed := proxySite{Port: testproc.Port(t), Lines: []string{
 		"client_id test-client",
 		"client_secret test-secret",
 		fmt.Sprintf("token_url http://127.0.0.1:%d/oauth/token", testproc.Port(t)),
 		fmt.Sprintf("revoke_url http://127.0.0.1:%d/oauth/revoke", testproc.Port(t)),
 	}}
-	runInProcess(t, tpCaddyfile(nil, site, short, closed))
+	runInProcess(t, proxyCaddyfile(nil, site, short, closed))
 	_, refresh := fake.SeedPair()
 	refreshForm := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
 
 	t.Run("SetDown 503 relayed", func(t *testing.T) {
 		fake.SetDown(http.StatusServiceUnavailable)
 		defer fake.SetDown(0)
-		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
+		status, b, hdr := postForm(t, site.base()+"/oauth/token", refreshForm, nil)
 		if status != http.StatusServiceUnavailable {
 			t.Fatalf("status %d, want 503: %s", status, b)
 		}
-		if code, _ := tpOAuthError(t, b, hdr); code != "server_error" || !bytes.Equal(b, rec.last(t).Body) {
+		if code, _ := oauthError(t, b, hdr); code != "server_error" || !bytes.Equal(b, rec.last(t).Body) {
 			t.Errorf("got %q, want the fake's body %q", b, rec.last(t).Body)
 		}
 	})
@@ -312,14 +312,14 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 		fake.SetRetryAfter(7)
 		fake.SetFault(fakerestream.Fault429)
 		defer fake.SetFault(fakerestream.FaultNone)
-		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
+		status, b, hdr := postForm(t, site.base()+"/oauth/token", refreshForm, nil)
 		if status != http.StatusTooManyRequests || hdr.Get("Retry-After") != "7" || !bytes.Equal(b, rec.last(t).Body) {
 			t.Errorf("status %d, Retry-After %q: %s", status, hdr.Get("Retry-After"), b)
 		}
 	})
 	for _, tc := range []struct {
 		name     string
-		site     tpSite
+		site     proxySite
 		fault    fakerestream.Fault
 		url      string
 		status   int
@@ -342,11 +342,11 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 				form = url.Values{"token": {refresh}}
 			}
 			start := time.Now()
-			status, b, hdr := tpPost(t, tc.site.base()+tc.url, form, nil)
+			status, b, hdr := postForm(t, tc.site.base()+tc.url, form, nil)
 			if status != tc.status {
 				t.Fatalf("status %d, want %d: %s", status, tc.status, b)
 			}
-			code, desc := tpOAuthError(t, b, hdr)
+			code, desc := oauthError(t, b, hdr)
 			if code != tc.code || !strings.Contains(desc, tc.descPart) {
 				t.Errorf("got %s, want %q with %q", b, tc.code, tc.descPart)
 			}
@@ -357,7 +357,7 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 		})
 	}
 	// Nothing above rotated: the seed still works.
-	if status, b, _ := tpPost(t, site.base()+"/oauth/token", refreshForm, nil); status != http.StatusOK {
+	if status, b, _ := postForm(t, site.base()+"/oauth/token", refreshForm, nil); status != http.StatusOK {
 		t.Errorf("after the outages: status %d: %s", status, b)
 	}
 }
@@ -367,13 +367,13 @@ func TestTokenProxyUpstreamDown(t *testing.T) {
 // whose caller went away as lost).
 func TestTokenProxyDetachedFromClient(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
-	site := tpSite{Port: testproc.Port(t), Lines: []string{
+	site := proxySite{Port: testproc.Port(t), Lines: []string{
 		"client_id test-client",
 		"client_secret test-secret",
 		"token_url " + fake.TokenURL(),
 		"timeout 5s",
 	}}
-	runInProcess(t, tpCaddyfile(nil, site))
+	runInProcess(t, proxyCaddyfile(nil, site))
 	_, refresh := fake.SeedPair()
 
 	// The device hangs up once its refresh is in progress at the fake.
@@ -384,7 +384,7 @@ func TestTokenProxyDetachedFromClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req.Header.Set("Content-Type", tpFormType)
+	req.Header.Set("Content-Type", formContentType)
 	answered := make(chan error, 1)
 	go func() {
 		resp, err := http.DefaultClient.Do(req)

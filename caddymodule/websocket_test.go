@@ -206,7 +206,7 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 	if status != http.StatusOK {
 		t.Fatalf("REST: %d %s", status, body)
 	}
-	if e := decodeEcho(t, body); e.Authorization != "Bearer "+tok || e.AccessTokenQ != "" {
+	if e := decodeEcho(t, body); e.Authorization != "Bearer "+tok || e.AccessTokenQuery != "" {
 		t.Fatalf("REST route: Authorization is not the websocket's token, or accessToken was added (%q)", e.Query)
 	}
 
@@ -217,7 +217,7 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 		t.Fatalf("plain request through the query_param route: %d %s", status, body)
 	}
 	e := decodeEcho(t, body)
-	if e.Authorization != "Bearer "+tok || e.AccessTokenQ != tok || e.Path != "/v2/user/profile" ||
+	if e.Authorization != "Bearer "+tok || e.AccessTokenQuery != tok || e.Path != "/v2/user/profile" ||
 		strings.Contains(e.Query, "bogus") || strings.Count(e.Query, "accessToken=") != 1 ||
 		!strings.HasPrefix(e.Query, "a=1&b=2&") {
 		t.Fatalf("plain request through the query_param route arrived as path %q, query with %d accessToken(s), bogus kept: %v",
