@@ -5,11 +5,9 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -22,51 +20,6 @@ import (
 	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
-
-var (
-	loginAlice = fakerestream.User{ID: 4242, Username: "alice", Email: "alice@example.com"}
-	loginBob   = fakerestream.User{ID: 77, Username: "bob"}
-)
-
-// readLogs returns the server log (after Caddy stopped, so it is flushed).
-func (s *loginSite) serverLog() string {
-	s.t.Helper()
-	b, err := os.ReadFile(s.logFile)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	return string(b)
-}
-
-// wantUnchanged checks that storage still holds before (nil: nothing).
-func (s *loginSite) wantUnchanged(what string, before *tokensource.Record) {
-	s.t.Helper()
-	after := s.record()
-	switch {
-	case before == nil && after != nil:
-		s.t.Errorf("%s: a record was stored (generation %d)", what, after.Generation)
-	case before != nil && (after == nil || after.Chain != before.Chain || after.Generation != before.Generation || after.AccessToken != before.AccessToken):
-		s.t.Errorf("%s: the stored record changed", what)
-	}
-}
-
-// adminAccounts reads GET /restream_auth/ on the site's admin endpoint.
-func (s *loginSite) adminAccounts() (string, []map[string]any) {
-	s.t.Helper()
-	resp, err := noKeepAlive.Get(fmt.Sprintf("http://127.0.0.1:%d/restream_auth/", s.adminPort))
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	var out struct {
-		Accounts []map[string]any `json:"accounts"`
-	}
-	if err := json.Unmarshal(raw, &out); err != nil {
-		s.t.Fatalf("admin status %d: %s", resp.StatusCode, raw)
-	}
-	return string(raw), out.Accounts
-}
 
 // Requirement: only operators that Caddy authenticated reach the flow.
 // Without an authentication handler in front, every page answers 403 with
