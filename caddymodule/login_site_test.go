@@ -26,12 +26,12 @@ import (
 // `caddy hash-password --plaintext onboard-pass-7 --bcrypt-cost 4` (a low
 // cost keeps the race-enabled tests fast).
 const (
-	loginUser     = "onboard"
-	loginPassword = "onboard-pass-7"
-	loginHash     = "$2a$04$nESADfBpr9SyWODZCFi6feiPC8D6rT8jNV7dARYBvFLA4Hd27BI8u"
-	loginSecret   = "cs_login_secret_5a4b3c2d"
-	loginSecretEn = "RESTREAM_LOGIN_TEST_CLIENT_SECRET"
-	loginCookie   = "restream_auth_login_default"
+	loginUser      = "onboard"
+	loginPassword  = "onboard-pass-7"
+	loginHash      = "$2a$04$nESADfBpr9SyWODZCFi6feiPC8D6rT8jNV7dARYBvFLA4Hd27BI8u"
+	loginSecret    = "cs_login_secret_5a4b3c2d"
+	loginSecretEnv = "RESTREAM_LOGIN_TEST_CLIENT_SECRET"
+	loginCookie    = "restream_auth_login_default"
 )
 
 // loginSite is a sidecar with the onboarding route under /restream/ (behind
@@ -83,7 +83,7 @@ func (s *loginSite) loginRoute(prefix, redirectURI, extra string) string {
 			%s
 		}
 	}
-`, prefix, auth, loginSecretEn, s.fake.TokenURL(), s.authorize, redirectURI, extra)
+`, prefix, auth, loginSecretEnv, s.fake.TokenURL(), s.authorize, redirectURI, extra)
 }
 
 func (s *loginSite) caddyfile() string {
@@ -126,7 +126,7 @@ http://127.0.0.1:%d {
 		}
 		reverse_proxy %s
 	}
-`, loginSecretEn, s.fake.TokenURL(), s.proxyExtra, s.fake.URL())
+`, loginSecretEnv, s.fake.TokenURL(), s.proxyExtra, s.fake.URL())
 	}
 	b.WriteString("}\n")
 	return b.String()
@@ -157,7 +157,7 @@ func newLoginSite(t *testing.T, proxy bool) *loginSite {
 	t.Cleanup(fake.Close)
 	authz := httptest.NewServer(fake.AuthorizeHandler())
 	t.Cleanup(authz.Close)
-	t.Setenv(loginSecretEn, loginSecret)
+	t.Setenv(loginSecretEnv, loginSecret)
 	dir := t.TempDir()
 	return &loginSite{t: t, port: testproc.Port(t), storageDir: filepath.Join(dir, "storage"), fake: fake,
 		authorize: authz.URL + "/login", proxy: proxy, logFile: filepath.Join(dir, "caddy.log"),
@@ -303,7 +303,7 @@ var (
 	loginBob   = fakerestream.User{ID: 77, Username: "bob"}
 )
 
-// readLogs returns the server log (after Caddy stopped, so it is flushed).
+// serverLog returns the server log (after Caddy stopped, so it is flushed).
 func (s *loginSite) serverLog() string {
 	s.t.Helper()
 	b, err := os.ReadFile(s.logFile)

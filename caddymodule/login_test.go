@@ -334,7 +334,7 @@ func TestLoginWithoutRunningHandlerStoresChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: site.storageDir, Fake: site.fake,
-		Extra: "client_secret {env." + loginSecretEn + "}"}
+		Extra: "client_secret {env." + loginSecretEnv + "}"}
 	loadInProcess(t, cfg.Caddyfile())
 	status, body, _ := do(t, http.MethodGet, "http://127.0.0.1:"+itoa(cfg.Port)+"/v2/user/profile", nil, nil)
 	if status != http.StatusOK || decodeEcho(t, body).Authorization != "Bearer "+rec.AccessToken {
