@@ -246,45 +246,35 @@ func checkRestreamAuthFirst(t *testing.T, cfgJSON []byte) {
 		t.Fatal(err)
 	}
 	var found int
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case map[string]any:
-			if handle, ok := v["handle"].([]any); ok {
-				auth, proxy := -1, -1
-				for i, h := range handle {
-					m, _ := h.(map[string]any)
-					switch m["handler"] {
-					case "restream_auth":
-						found++
-						if auth < 0 {
-							auth = i
-						}
-						for _, k := range []string{"client_secret", "refresh_token"} {
-							if s, _ := m[k].(string); s != "" && !strings.HasPrefix(s, "{") {
-								t.Errorf("restream_auth %s = %q in the adapted config, want an unresolved placeholder", k, s)
-							}
-						}
-					case "reverse_proxy":
-						if proxy < 0 {
-							proxy = i
-						}
+	walkJSON(cfg, func(route map[string]any) {
+		handle, ok := route["handle"].([]any)
+		if !ok {
+			return
+		}
+		auth, proxy := -1, -1
+		for i, h := range handle {
+			m, _ := h.(map[string]any)
+			switch m["handler"] {
+			case "restream_auth":
+				found++
+				if auth < 0 {
+					auth = i
+				}
+				for _, k := range []string{"client_secret", "refresh_token"} {
+					if s, _ := m[k].(string); s != "" && !strings.HasPrefix(s, "{") {
+						t.Errorf("restream_auth %s = %q in the adapted config, want an unresolved placeholder", k, s)
 					}
 				}
-				if auth >= 0 && proxy >= 0 && auth > proxy {
-					t.Errorf("reverse_proxy (handler %d) runs before restream_auth (handler %d)", proxy, auth)
+			case "reverse_proxy":
+				if proxy < 0 {
+					proxy = i
 				}
 			}
-			for _, c := range v {
-				walk(c)
-			}
-		case []any:
-			for _, c := range v {
-				walk(c)
-			}
 		}
-	}
-	walk(cfg)
+		if auth >= 0 && proxy >= 0 && auth > proxy {
+			t.Errorf("reverse_proxy (handler %d) runs before restream_auth (handler %d)", proxy, auth)
+		}
+	})
 	if found == 0 {
 		t.Errorf("no restream_auth handler in the adapted config")
 	}

@@ -141,3 +141,19 @@ func checkCaddyfileErrors[T any, P interface {
 		})
 	}
 }
+
+// walkJSON calls visit for every object in a decoded JSON value, each
+// before the objects inside it.
+func walkJSON(v any, visit func(map[string]any)) {
+	switch v := v.(type) {
+	case map[string]any:
+		visit(v)
+		for _, c := range v {
+			walkJSON(c, visit)
+		}
+	case []any:
+		for _, c := range v {
+			walkJSON(c, visit)
+		}
+	}
+}

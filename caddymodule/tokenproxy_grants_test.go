@@ -5,8 +5,6 @@ import (
 	"net/url"
 	"strings"
 	"testing"
-
-	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
 
 // Tests of the grants restream_token_proxy lets through: authorization
@@ -19,11 +17,8 @@ const appRedirectURI = "com.example.app:/oauth2redirect"
 // with them for any redirect_uri not listed exactly; the refresh grant
 // needs no list.
 func TestTokenProxyRedirectURIs(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{})
-	rec := newUpstreamRecorder(t, fake)
-	none := proxySiteFor(t, rec, fake)
-	listed := proxySiteFor(t, rec, fake, "redirect_uris "+deviceRedirectURI, "redirect_uris "+appRedirectURI)
-	runInProcess(t, proxyCaddyfile(nil, none, listed))
+	rig := startProxySites(t, nil, []string{"redirect_uris " + deviceRedirectURI, "redirect_uris " + appRedirectURI})
+	fake, rec, none, listed := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 	codeForm := func(code, redirect string) url.Values {
 		return url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirect}}
 	}
@@ -88,11 +83,8 @@ func TestTokenProxyRedirectURIs(t *testing.T) {
 // A device's PKCE code_verifier goes upstream unchanged with the code
 // grant, and only with it.
 func TestTokenProxyForwardsCodeVerifier(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{})
-	rec := newUpstreamRecorder(t, fake)
-	site := proxySiteFor(t, rec, fake, "redirect_uris "+deviceRedirectURI)
-	body := proxySiteFor(t, rec, fake, "redirect_uris "+deviceRedirectURI, "client_auth body")
-	runInProcess(t, proxyCaddyfile(nil, site, body))
+	rig := startProxySites(t, []string{"redirect_uris " + deviceRedirectURI}, []string{"redirect_uris " + deviceRedirectURI, "client_auth body"})
+	fake, rec, site, body := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 	verifier := "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk.~" + strings.Repeat("Z", 83) // 128 characters
 
 	for _, s := range []struct {

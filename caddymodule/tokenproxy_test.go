@@ -153,6 +153,27 @@ func proxySiteFor(t *testing.T, rec *upstreamRecorder, fake *fakerestream.Server
 	}
 }
 
+// proxyRig is token proxy sites running in this process in front of one
+// upstream recorder on the fake.
+type proxyRig struct {
+	fake  *fakerestream.Server
+	rec   *upstreamRecorder
+	sites []proxySite
+}
+
+// startProxySites runs one site per list of extra restream_token_proxy
+// subdirectives (nil for none), with the fake's default credentials.
+func startProxySites(t *testing.T, extra ...[]string) proxyRig {
+	t.Helper()
+	rig := proxyRig{fake: newFake(t, fakerestream.Options{})}
+	rig.rec = newUpstreamRecorder(t, rig.fake)
+	for _, lines := range extra {
+		rig.sites = append(rig.sites, proxySiteFor(t, rig.rec, rig.fake, lines...))
+	}
+	runInProcess(t, proxyCaddyfile(nil, rig.sites...))
+	return rig
+}
+
 const formContentType = "application/x-www-form-urlencoded"
 
 // postForm posts a form; hdr may add or override headers.
@@ -234,10 +255,8 @@ func checkNoStoreHeaders(t *testing.T, hdr http.Header, withBody bool) {
 // works, the old refresh token is then rejected with the fake's own
 // invalid_grant answer, byte for byte, and status 400.
 func TestTokenProxyRefreshRotates(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{})
-	rec := newUpstreamRecorder(t, fake)
-	site := proxySiteFor(t, rec, fake)
-	runInProcess(t, proxyCaddyfile(nil, site))
+	rig := startProxySites(t, nil)
+	fake, rec, site := rig.fake, rig.rec, rig.sites[0]
 	access0, refresh0 := fake.SeedPair()
 
 	// Fields other than the grant's (scope, junk) are not forwarded.
@@ -300,11 +319,8 @@ func TestTokenProxyRefreshRotates(t *testing.T) {
 // An authorization code is redeemed through the proxy, with Basic and with
 // body client authentication; a second use of the code is invalid_grant.
 func TestTokenProxyAuthorizationCode(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{})
-	rec := newUpstreamRecorder(t, fake)
-	basic := proxySiteFor(t, rec, fake, "redirect_uris "+deviceRedirectURI)
-	body := proxySiteFor(t, rec, fake, "client_auth body", "redirect_uris "+deviceRedirectURI)
-	runInProcess(t, proxyCaddyfile(nil, basic, body))
+	rig := startProxySites(t, []string{"redirect_uris " + deviceRedirectURI}, []string{"client_auth body", "redirect_uris " + deviceRedirectURI})
+	fake, rec, basic, body := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 
 	for _, tc := range []struct {
 		name string
@@ -345,11 +361,8 @@ func TestTokenProxyAuthorizationCode(t *testing.T) {
 // Whatever client credentials a device sends (a wrong secret as form fields,
 // as Basic, or both) are dropped; the configured ones are used.
 func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{})
-	rec := newUpstreamRecorder(t, fake)
-	basic := proxySiteFor(t, rec, fake)
-	body := proxySiteFor(t, rec, fake, "client_auth body")
-	runInProcess(t, proxyCaddyfile(nil, basic, body))
+	rig := startProxySites(t, nil, []string{"client_auth body"})
+	fake, rec, basic, body := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 
 	for _, site := range []struct {
 		name string
@@ -390,10 +403,8 @@ func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
 // Every refusal is answered by the proxy itself, as an OAuth JSON error, and
 // nothing reaches upstream.
 func TestTokenProxyRefusals(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{})
-	rec := newUpstreamRecorder(t, fake)
-	site := proxySiteFor(t, rec, fake, "redirect_uris "+deviceRedirectURI)
-	runInProcess(t, proxyCaddyfile(nil, site))
+	rig := startProxySites(t, []string{"redirect_uris " + deviceRedirectURI})
+	fake, rec, site := rig.fake, rig.rec, rig.sites[0]
 	_, refresh := fake.SeedPair()
 	tokenURL, revokeURL := site.base()+"/oauth/token", site.base()+"/oauth/revoke"
 	form := func(kv ...string) []byte {
@@ -497,11 +508,8 @@ func TestTokenProxyRefusals(t *testing.T) {
 // POST …/revoke forwards the token with the client credentials; the revoked
 // pair stops working at the fake.
 func TestTokenProxyRevoke(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{})
-	rec := newUpstreamRecorder(t, fake)
-	site := proxySiteFor(t, rec, fake)
-	body := proxySiteFor(t, rec, fake, "client_auth body")
-	runInProcess(t, proxyCaddyfile(nil, site, body))
+	rig := startProxySites(t, nil, []string{"client_auth body"})
+	fake, rec, site, body := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 
 	for _, tc := range []struct {
 		name string

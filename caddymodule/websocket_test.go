@@ -13,6 +13,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
@@ -341,26 +342,14 @@ func TestWebsocketExampleRoutesShareSettings(t *testing.T) {
 	}
 	var handlers []map[string]any
 	dials := map[string]bool{}
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case map[string]any:
-			if v["handler"] == "restream_auth" {
-				handlers = append(handlers, v)
-			}
-			if d, ok := v["dial"].(string); ok {
-				dials[d] = true
-			}
-			for _, x := range v {
-				walk(x)
-			}
-		case []any:
-			for _, x := range v {
-				walk(x)
-			}
+	caddymodule.WalkJSON(cfg, func(m map[string]any) {
+		if m["handler"] == "restream_auth" {
+			handlers = append(handlers, m)
 		}
-	}
-	walk(cfg)
+		if d, ok := m["dial"].(string); ok {
+			dials[d] = true
+		}
+	})
 	if len(handlers) != 3 {
 		t.Fatalf("found %d restream_auth handlers, want 3 (REST, chat, streaming)", len(handlers))
 	}
