@@ -24,11 +24,6 @@ func (w *discardWriter) Header() http.Header         { return w.h }
 func (w *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
 func (w *discardWriter) WriteHeader(int)             {}
 
-var okNext = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-	w.WriteHeader(http.StatusOK)
-	return nil
-})
-
 // constantHeader is the baseline: what a handler that sets a fixed
 // Authorization header costs (the floor restream_auth cannot beat).
 type constantHeader struct{ value string }

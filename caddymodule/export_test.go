@@ -6,3 +6,6 @@ func SourcesInPool() int {
 	sources.Range(func(_, _ any) bool { n++; return true })
 	return n
 }
+
+// WalkJSON is walkJSON, for the external tests.
+var WalkJSON = walkJSON

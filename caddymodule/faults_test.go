@@ -19,6 +19,7 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
@@ -91,6 +92,7 @@ func (f faultFigures) String() string {
 // fault clears: 1.2 × 2^(n-1) s after n failed attempts (or Retry-After if
 // longer), plus recoverySlack.
 func TestFaultMatrix(t *testing.T) {
+	skipIfShort(t, "six token endpoint faults, each held through a token lifetime (about 40 s)")
 	cases := []faultCase{
 		{"500", fakerestream.Fault500, 0},
 		{"hang", fakerestream.FaultHang, 0},
@@ -115,18 +117,8 @@ func runFaultCase(t *testing.T, fc faultCase) faultFigures {
 	if fc.retryAfter > 0 {
 		fake.SetRetryAfter(fc.retryAfter)
 	}
-	dir := t.TempDir()
-	logFile := filepath.Join(dir, "caddy.log")
-	cfg := siteConfig{
-		Port: freePort(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
-		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
-	}
-	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
-	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
-		t.Fatalf("warm-up: %d %s", status, body)
-	}
-	useUntil, refreshAt := tokenTimes(t, cfg.StorageDir)
+	site := startFaultSite(t, fake)
+	url, logFile, useUntil, refreshAt := site.url, site.logFile, site.useUntil, site.refreshAt
 	fig := faultFigures{name: fc.name}
 
 	sleepUntil(refreshAt.Add(-faultLead))
@@ -207,6 +199,33 @@ func runFaultCase(t *testing.T, fc faultCase) faultFigures {
 	return fig
 }
 
+// faultSite is a sidecar in this process in front of the fake, with the
+// fault matrix's timing (faultAhead, faultTimeout) and its log in a file.
+type faultSite struct {
+	url, logFile string
+	// useUntil and refreshAt are those of the pair the warm-up got: see
+	// tokenTimes.
+	useUntil, refreshAt time.Time
+}
+
+// startFaultSite starts the site and sends one request, which must be
+// answered 200.
+func startFaultSite(t *testing.T, fake *fakerestream.Server) faultSite {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := siteConfig{
+		Port: testproc.Port(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: filepath.Join(dir, "caddy.log"),
+		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
+	}
+	runInProcess(t, cfg.Caddyfile())
+	site := faultSite{url: cfg.profileURL(), logFile: cfg.LogFile}
+	if status, body, _ := do(t, http.MethodGet, site.url, nil, nil); status != http.StatusOK {
+		t.Fatalf("warm-up: %d %s", status, body)
+	}
+	site.useUntil, site.refreshAt = tokenTimes(t, cfg.StorageDir)
+	return site
+}
+
 // tokenTimes reads the stored pair and returns when restream_auth stops
 // using its access token and when it renews it (tokensource's own rules:
 // a margin of a tenth of the lifetime, at most 5 s; renewal refresh_ahead
@@ -266,12 +285,6 @@ func maxPendingBackoff(n int64) time.Duration {
 
 func backoffStep(i int) time.Duration {
 	return min(time.Duration(float64(minBackoff)*math.Pow(2, float64(i-1))), maxBackoff)
-}
-
-func sleepUntil(at time.Time) {
-	if d := time.Until(at); d > 0 {
-		time.Sleep(d)
-	}
 }
 
 // tally counts answers; ok counts the wanted ones.
@@ -405,19 +418,10 @@ func tail(path string, n int) string {
 // once the old token has expired, 503 reauth_required with a message that
 // says to re-authorize.
 func TestFaultRotateThenHang(t *testing.T) {
+	skipIfShort(t, "waits past a 4-second token's expiry")
 	fake := newFake(t, fakerestream.Options{AccessTTL: faultTTL, Logf: func(string, ...any) {}})
-	dir := t.TempDir()
-	logFile := filepath.Join(dir, "caddy.log")
-	cfg := siteConfig{
-		Port: freePort(t), StorageDir: filepath.Join(dir, "storage"), Fake: fake, Seed: fake.Seed(), LogFile: logFile,
-		Extra: fmt.Sprintf("refresh_ahead %s\ntimeout %s", faultAhead, faultTimeout),
-	}
-	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
-	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
-		t.Fatalf("warm-up: %d %s", status, body)
-	}
-	useUntil, refreshAt := tokenTimes(t, cfg.StorageDir)
+	site := startFaultSite(t, fake)
+	url, logFile, useUntil, refreshAt := site.url, site.logFile, site.useUntil, site.refreshAt
 	sleepUntil(refreshAt.Add(-faultLead))
 	fake.SetFault(fakerestream.FaultRotateThenHang)
 	waitFor(t, 5*time.Second, "the proactive refresh to rotate and hang", func() bool { return fake.Stats().RefreshOK == 2 })

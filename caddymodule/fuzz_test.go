@@ -1,8 +1,6 @@
 package caddymodule
 
 import (
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -32,50 +30,6 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 			if err != nil && !strings.Contains(err.Error(), "Testfile:") {
 				t.Fatalf("%T: error without a line: %v", u, err)
 			}
-		}
-	})
-}
-
-// FuzzTokenProxyForm: any device request gets a well-formed answer from the
-// token proxy's request parsing, and no client credential is ever passed on.
-func FuzzTokenProxyForm(f *testing.F) {
-	for _, seed := range []string{
-		"grant_type=refresh_token&refresh_token=rt_1",
-		"grant_type=authorization_code&code=c&redirect_uri=https%3A%2F%2Fx",
-		"grant_type=authorization_code&code=c&redirect_uri=https%3A%2F%2Fapp.example%2Fcb&code_verifier=" + strings.Repeat("v", 43),
-		"grant_type=authorization_code&code=c&redirect_uri=https%3A%2F%2Fapp.example%2Fcb%2F",
-		"grant_type=refresh_token&refresh_token=rt_1&client_secret=evil&client_id=evil",
-		"grant_type=password&username=a", "grant_type=refresh_token&grant_type=refresh_token", "%zz", "",
-		"token=t&token_type_hint=refresh_token",
-	} {
-		f.Add(seed, "application/x-www-form-urlencoded", false)
-	}
-	p := &TokenProxy{TokenURL: "https://token.example/oauth/token", RevokeURL: "https://token.example/oauth/revoke",
-		RedirectURIs: []string{"https://app.example/cb"}}
-	f.Fuzz(func(t *testing.T, body, contentType string, revoke bool) {
-		r := httptest.NewRequest(http.MethodPost, "/oauth/token", strings.NewReader(body))
-		r.Header.Set("Content-Type", contentType)
-		w := httptest.NewRecorder()
-		accepted, ref := p.parseRequest(w, r, revoke)
-		call, target, form := accepted.name, accepted.target, accepted.form
-		if ref != nil {
-			if ref.status < 400 || ref.status > 499 || ref.code == "" {
-				t.Fatalf("refusal %+v", ref)
-			}
-			return
-		}
-		if call == "" || target == "" {
-			t.Fatal("accepted without a call or target")
-		}
-		for k := range form {
-			switch k {
-			case "grant_type", "refresh_token", "code", "redirect_uri", "code_verifier", "token", "token_type_hint":
-			default:
-				t.Fatalf("forwarded field %q", k)
-			}
-		}
-		if form.Get("grant_type") == "authorization_code" && form.Get("redirect_uri") != "https://app.example/cb" {
-			t.Fatalf("code grant forwarded for redirect_uri %q", form.Get("redirect_uri"))
 		}
 	})
 }

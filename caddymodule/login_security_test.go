@@ -5,11 +5,9 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -19,53 +17,9 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
-
-var (
-	loginAlice = fakerestream.User{ID: 4242, Username: "alice", Email: "alice@example.com"}
-	loginBob   = fakerestream.User{ID: 77, Username: "bob"}
-)
-
-// readLogs returns the server log (after Caddy stopped, so it is flushed).
-func (s *loginSite) serverLog() string {
-	s.t.Helper()
-	b, err := os.ReadFile(s.logFile)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	return string(b)
-}
-
-// wantUnchanged checks that storage still holds before (nil: nothing).
-func (s *loginSite) wantUnchanged(what string, before *tokensource.Record) {
-	s.t.Helper()
-	after := s.record()
-	switch {
-	case before == nil && after != nil:
-		s.t.Errorf("%s: a record was stored (generation %d)", what, after.Generation)
-	case before != nil && (after == nil || after.Chain != before.Chain || after.Generation != before.Generation || after.AccessToken != before.AccessToken):
-		s.t.Errorf("%s: the stored record changed", what)
-	}
-}
-
-// adminAccounts reads GET /restream_auth/ on the site's admin endpoint.
-func (s *loginSite) adminAccounts() (string, []map[string]any) {
-	s.t.Helper()
-	resp, err := noKeepAlive.Get(fmt.Sprintf("http://127.0.0.1:%d/restream_auth/", s.adminPort))
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	var out struct {
-		Accounts []map[string]any `json:"accounts"`
-	}
-	if err := json.Unmarshal(raw, &out); err != nil {
-		s.t.Fatalf("admin status %d: %s", resp.StatusCode, raw)
-	}
-	return string(raw), out.Accounts
-}
 
 // Requirement: only operators that Caddy authenticated reach the flow.
 // Without an authentication handler in front, every page answers 403 with
@@ -150,7 +104,7 @@ func TestLoginRequiresAuthentication(t *testing.T) {
 // scope, outage, not JSON, too large, a redirect) installs nothing either.
 func TestLoginPinsExpectedUser(t *testing.T) {
 	site := newLoginSite(t, true)
-	site.adminPort = freePort(t)
+	site.adminPort = testproc.Port(t)
 	site.loginExtra = "expected_user_id 4242"
 	runInProcess(t, site.caddyfile())
 	b := newLoginBrowser(t, site)
@@ -322,19 +276,7 @@ func TestLoginProfileUnreadableWithoutPin(t *testing.T) {
 func TestLoginStateSingleUseAndBound(t *testing.T) {
 	site := newLoginSite(t, true)
 	other := site.base() + "/other/callback"
-	site.extraSite = fmt.Sprintf(`	handle /other/* {
-		basic_auth {
-			%s %s
-		}
-		restream_auth_login {
-			client_id test-client
-			client_secret {env.%s}
-			token_url %s
-			authorize_url %s
-			redirect_uri %s
-		}
-	}
-`, loginUser, loginHash, loginSecretEn, site.fake.TokenURL(), site.authorize, other)
+	site.extraSite = site.loginRoute("/other/", other, "")
 	runInProcess(t, site.caddyfile())
 	cbBase := site.redirectURI()
 	u, _ := url.Parse(cbBase)
@@ -464,7 +406,7 @@ func TestLoginHostCookieOverHTTPS(t *testing.T) {
 // button to connect or re-authorize; every value is escaped.
 func TestLoginStatusPage(t *testing.T) {
 	site := newLoginSite(t, true)
-	site.adminPort = freePort(t)
+	site.adminPort = testproc.Port(t)
 	runInProcess(t, site.caddyfile())
 	b := newLoginBrowser(t, site)
 	p := b.get(site.base() + "/restream/")

@@ -1,7 +1,6 @@
 package caddymodule_test
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"regexp"
@@ -10,13 +9,14 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Metrics, the admin status API and the health handler, through real Caddy:
 // series exist from provisioning, events move them, nothing shows a token.
 func TestMetricsStatusAndHealth(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	port, adminPort := freePort(t), freePort(t)
+	port, adminPort := testproc.Port(t), testproc.Port(t)
 	seed := fake.Seed()
 	caddyfileText := fmt.Sprintf(`{
 	admin 127.0.0.1:%d
@@ -151,36 +151,6 @@ http://127.0.0.1:%d {
 	t.Logf("status: %s", statusBody)
 }
 
-type accountStatus struct {
-	Account          string `json:"account"`
-	State            string `json:"state"`
-	Generation       uint64 `json:"generation"`
-	AccessExpiresAt  string `json:"access_expires_at"`
-	RefreshExpiresAt string `json:"refresh_expires_at"`
-	Persisted        bool   `json:"persisted"`
-	LastRefreshAt    string `json:"last_refresh_at"`
-	LastResult       string `json:"last_result"`
-	LastError        string `json:"last_error"`
-	NextRefreshAt    string `json:"next_refresh_at"`
-}
-
-func adminStatus(t *testing.T, admin string) map[string]accountStatus {
-	t.Helper()
-	status, body, _ := do(t, http.MethodGet, admin+"/restream_auth/", nil, nil)
-	if status != http.StatusOK {
-		t.Fatalf("admin status: %d %s", status, body)
-	}
-	var out struct{ Accounts []accountStatus }
-	if err := json.Unmarshal(body, &out); err != nil {
-		t.Fatalf("admin status JSON: %v: %s", err, body)
-	}
-	m := make(map[string]accountStatus)
-	for _, a := range out.Accounts {
-		m[a.Account] = a
-	}
-	return m
-}
-
 func metricsText(t *testing.T, admin string) string {
 	t.Helper()
 	status, body, _ := do(t, http.MethodGet, admin+"/metrics", nil, nil)
@@ -207,7 +177,7 @@ func TestNoSecretsInAdminConfig(t *testing.T) {
 	seed := fake.Seed()
 	t.Setenv("RESTREAM_TEST_SECRET", "cs_admin_config_secret")
 	t.Setenv("RESTREAM_TEST_SEED", seed)
-	port, adminPort := freePort(t), freePort(t)
+	port, adminPort := testproc.Port(t), testproc.Port(t)
 	caddyfileText := fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	storage file_system %s

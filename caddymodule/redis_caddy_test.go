@@ -13,12 +13,12 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/certmagic"
 
 	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
 )
@@ -62,91 +62,6 @@ func serveWhile(t *testing.T, url string, timeout time.Duration, what string, co
 	}
 }
 
-func TestRedisGlobalOptionAdapt(t *testing.T) {
-	const secret = "adapt-secret-pw-9f2"
-	t.Setenv("RESTREAM_TEST_REDIS_PW", secret)
-	cfgJSON := adapt(t, `{
-	admin off
-	restream_auth {
-		redis        redis://app:{env.RESTREAM_TEST_REDIS_PW}@10.0.0.5:6380/3
-		key_prefix   sidecar/
-		min_replicas 2
-	}
-}
-:8080 {
-	restream_auth {
-		client_id a
-		client_secret b
-	}
-	reverse_proxy 127.0.0.1:9
-}
-`)
-	if strings.Contains(string(cfgJSON), secret) {
-		t.Fatalf("adapt resolved the password placeholder:\n%s", cfgJSON)
-	}
-	var cfg struct {
-		Apps struct {
-			RestreamAuth struct {
-				Redis caddymodule.RedisConfig `json:"redis"`
-			} `json:"restream_auth"`
-		} `json:"apps"`
-	}
-	if err := json.Unmarshal(cfgJSON, &cfg); err != nil {
-		t.Fatal(err)
-	}
-	want := caddymodule.RedisConfig{URL: "redis://app:{env.RESTREAM_TEST_REDIS_PW}@10.0.0.5:6380/3", KeyPrefix: "sidecar/", MinReplicas: 2}
-	if got := cfg.Apps.RestreamAuth.Redis; got != want {
-		t.Fatalf("restream_auth app %+v, want %+v", got, want)
-	}
-}
-
-func TestRedisGlobalOptionErrors(t *testing.T) {
-	const literal = "literal-secret-pw-77a"
-	for _, tc := range []struct {
-		name, block, reason string
-		line                int
-	}{
-		{"unknown subdirective", "redis redis://127.0.0.1:6379\nfrobnicate on", "unknown subdirective \"frobnicate\"", 5},
-		{"no url", "key_prefix x/", "redis <url> is required", 5},
-		{"url without value", "redis", "redis: expected one value", 4},
-		{"two urls", "redis redis://a:1 redis://b:2", "expected one value, got more", 4},
-		{"bad scheme", "redis http://127.0.0.1:6379", "scheme must be redis or rediss", 4},
-		{"bad scheme with placeholder", "redis http://:{env.X}@127.0.0.1:6379", "scheme must be redis or rediss", 4},
-		{"bad port, literal password", "redis redis://user:" + literal + "@127.0.0.1:notaport/0", "not a valid URL", 4},
-		{"bad database, literal password", "redis redis://user:" + literal + "@127.0.0.1:6379/zero", "invalid database number", 4},
-		{"no host", "redis redis://:" + literal + "@/0", "no host", 4},
-		{"negative min_replicas", "redis redis://127.0.0.1:6379\nmin_replicas -1", "want a whole number, 0 or more", 5},
-		{"word min_replicas", "redis redis://127.0.0.1:6379\nmin_replicas two", "want a whole number, 0 or more", 5},
-		{"braces in key_prefix", "redis redis://127.0.0.1:6379\nkey_prefix a{b}/", "without spaces, control characters or braces", 5},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			text := "{\n\tadmin off\n\trestream_auth {\n" + indentLines(tc.block, "\t\t") + "\n\t}\n}\n:8080 {\n\trespond ok\n}\n"
-			_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(text), map[string]any{"filename": "Caddyfile"})
-			if err == nil {
-				t.Fatalf("adapt accepted:\n%s", text)
-			}
-			at := "Caddyfile:" + strconv.Itoa(tc.line)
-			if !strings.Contains(err.Error(), tc.reason) || !strings.Contains(err.Error(), at) {
-				t.Fatalf("error %q lacks %q or %q", err, tc.reason, at)
-			}
-			mustContainNone(t, "the error", err.Error(), literal)
-		})
-	}
-	// Given twice.
-	text := "{\n\trestream_auth {\n\t\tredis redis://a:1\n\t}\n\trestream_auth {\n\t\tredis redis://b:2\n\t}\n}\n:8080 {\n\trespond ok\n}\n"
-	if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(text), nil); err == nil || !strings.Contains(err.Error(), "given twice") {
-		t.Fatalf("a second restream_auth block: %v", err)
-	}
-}
-
-func indentLines(block, prefix string) string {
-	lines := strings.Split(block, "\n")
-	for i := range lines {
-		lines[i] = prefix + lines[i]
-	}
-	return strings.Join(lines, "\n")
-}
-
 // Provisioning resolves the placeholders: errors name the placeholder or
 // the reason, never a password, and nothing contacts Redis.
 func TestRedisProvisionErrors(t *testing.T) {
@@ -175,12 +90,13 @@ func TestRedisProvisionErrors(t *testing.T) {
 // A real Caddy serves through Redis against the fake, refreshing 2-second
 // tokens several times; the chain lives in Redis only.
 func TestRedisServesThroughCaddy(t *testing.T) {
+	skipIfShort(t, "waits for rotations of 2-second tokens")
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
-	cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	serveWhile(t, url, 20*time.Second, "generation 4 in Redis", func() bool { return redisGeneration(srv, "default") >= 4 })
 	if st := fake.Stats(); st.InvalidGrant != 0 || st.RefreshOK < 4 {
 		t.Fatalf("fake: %d invalid_grant, %d rotations", st.InvalidGrant, st.RefreshOK)
@@ -195,8 +111,8 @@ func TestRedisServesThroughCaddy(t *testing.T) {
 func TestRedisClientSharedAcrossReloads(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	url := cfg.profileURL()
 
 	inProcessMu.Lock()
 	defer inProcessMu.Unlock()
@@ -233,12 +149,13 @@ func TestRedisClientSharedAcrossReloads(t *testing.T) {
 // the record is imported once, nothing is lost, and the storage copy is
 // marked so an instance left on Caddy storage never sends its token.
 func TestRedisImportsFromCaddyStorage(t *testing.T) {
+	skipIfShort(t, "waits for rotations of 2-second tokens")
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
 	storageDir := t.TempDir()
 	st := &certmagic.FileStorage{Path: storageDir}
-	cfg := siteConfig{Port: freePort(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed()}
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: fake.Seed()}
+	url := cfg.profileURL()
 
 	inProcessMu.Lock()
 	defer inProcessMu.Unlock()
@@ -280,11 +197,12 @@ func TestRedisImportsFromCaddyStorage(t *testing.T) {
 // Redis loses its data under a running Caddy: the record comes back from
 // the instance's memory and the chain goes on, with no invalid_grant.
 func TestRedisFlushUnderCaddy(t *testing.T) {
+	skipIfShort(t, "waits for rotations across a Redis flush (about 10 s)")
 	srv := redistest.Start(t, redistest.Options{})
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/profile"
+	url := cfg.profileURL()
 	serveWhile(t, url, 15*time.Second, "generation 2", func() bool { return redisGeneration(srv, "default") >= 2 })
 	for _, lose := range []func(){
 		func() { srv.MustDo("FLUSHALL") },
@@ -306,9 +224,7 @@ func TestRedisFlushUnderCaddy(t *testing.T) {
 // The Redis password, given by placeholder, appears in no log line, error,
 // status or HTTP answer, whether it is wrong (errors galore) or right.
 func TestRedisCredentialsNeverShown(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the caddy binary")
-	}
+	skipIfShort(t, "builds and runs the caddy binary")
 	const right, wrong = "right-redis-pw-5e1d", "wrong-redis-pw-8c2a"
 	srv := redistest.Start(t, redistest.Options{Password: right})
 	for _, pw := range []string{wrong, right} {
@@ -316,7 +232,7 @@ func TestRedisCredentialsNeverShown(t *testing.T) {
 			t.Setenv("RESTREAM_TEST_REDIS_PW", pw)
 			fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 			dir := t.TempDir()
-			cfg := siteConfig{Port: freePort(t), AdminPort: freePort(t), StorageDir: dir, Fake: fake, Seed: fake.Seed(),
+			cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: dir, Fake: fake, Seed: fake.Seed(),
 				LogFile: filepath.Join(dir, "caddy.log"),
 				Global:  redisGlobal("redis://:{env.RESTREAM_TEST_REDIS_PW}@" + srv.Addr() + "/0")}
 			p := startProcess(t, cfg.Caddyfile())
@@ -346,7 +262,9 @@ func TestRedisCredentialsNeverShown(t *testing.T) {
 					t.Errorf("the admin config does not show the URL as written: %s", b)
 				}
 			}
-			p.stop(t)
+			if _, err := p.Stop(os.Interrupt, 10*time.Second); err != nil {
+				t.Error(err)
+			}
 			logs, _ := os.ReadFile(cfg.LogFile)
 			if pw == wrong && !strings.Contains(string(logs), "WRONGPASS") {
 				t.Errorf("the log does not show Redis refusing the password:\n%s", logs)
@@ -375,7 +293,7 @@ func TestRedisValidateNeverConnects(t *testing.T) {
 		return 0
 	}
 	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
-	cfg := siteConfig{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Global: redisGlobal(srv.URL())}
 	var c caddy.Config
 	if err := json.Unmarshal(adapt(t, cfg.Caddyfile()), &c); err != nil {
 		t.Fatal(err)

@@ -113,6 +113,9 @@ func readCreated(t *testing.T, path string) (time.Time, error) {
 // file, so a "created" stamp from a host whose clock runs an hour ahead
 // (which would never look old) is broken all the same.
 func TestGuardBreaksStuckLock(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: waits past the lock guard's bound (about 1 s)")
+	}
 	const name = "restream_auth/main/lock"
 	g, logs := newTestGuard(t, 200*time.Millisecond, 600*time.Millisecond)
 	path := lockPath(g, name)
@@ -154,6 +157,9 @@ func TestGuardBreaksStuckLock(t *testing.T) {
 }
 
 func TestGuardKeepsFreshLock(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: waits past the lock guard's probe interval (about 1 s)")
+	}
 	const name = "restream_auth/main/lock"
 	g, logs := newTestGuard(t, 200*time.Millisecond, 5*time.Second)
 	path := lockPath(g, name)

@@ -1,13 +1,13 @@
 package caddymodule_test
 
 import (
+	"bytes"
 	"context"
-	"encoding/json"
+	"encoding/base64"
 	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,6 +18,7 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/faultstorage"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
@@ -27,90 +28,9 @@ import (
 // file_system and fails, delays or hangs chosen operations as a control
 // file says (internal/faultstorage).
 
-// procSite is the Caddyfile of one sidecar process: an admin endpoint, a
-// health route, and file_system storage at Root, or the fault storage over
-// the same root when Control is set.
-type procSite struct {
-	Port, AdminPort int
-	Root            string
-	Control         string
-	Journal         string
-	Fake            *fakerestream.Server
-	Seed            string
-	Extra           string // more restream_auth subdirectives
-}
-
-func newProcSite(t *testing.T, fake *fakerestream.Server, root, seed, extra string) procSite {
-	return procSite{Port: freePort(t), AdminPort: freePort(t), Root: root, Fake: fake, Seed: seed, Extra: extra}
-}
-
-// withFaults makes the site use the fault storage with control and journal.
-func (c procSite) withFaults(control, journal string) procSite {
-	c.Control, c.Journal = control, journal
-	return c
-}
-
-func (c procSite) Caddyfile() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "{\n\tadmin 127.0.0.1:%d\n\tauto_https off\n\tpersist_config off\n", c.AdminPort)
-	if c.Control != "" {
-		fmt.Fprintf(&b, "\tstorage restream_test_faults {\n\t\troot %s\n\t\tcontrol %s\n\t\tjournal %s\n\t}\n", c.Root, c.Control, c.Journal)
-	} else {
-		fmt.Fprintf(&b, "\tstorage file_system %s\n", c.Root)
-	}
-	fmt.Fprintf(&b, "}\n\nhttp://127.0.0.1:%d {\n\thandle /healthz {\n\t\trestream_auth_health\n\t}\n\thandle {\n", c.Port)
-	b.WriteString("\t\trestream_auth {\n\t\t\tclient_id test-client\n\t\t\tclient_secret test-secret\n")
-	if c.Seed != "" {
-		fmt.Fprintf(&b, "\t\t\trefresh_token %s\n", c.Seed)
-	}
-	fmt.Fprintf(&b, "\t\t\ttoken_url %s\n", c.Fake.TokenURL())
-	for line := range strings.SplitSeq(c.Extra, "\n") {
-		if line = strings.TrimSpace(line); line != "" {
-			b.WriteString("\t\t\t" + line + "\n")
-		}
-	}
-	fmt.Fprintf(&b, "\t\t}\n\t\treverse_proxy %s\n\t}\n}\n", c.Fake.URL())
-	return b.String()
-}
-
-func (c procSite) url() string   { return fmt.Sprintf("http://127.0.0.1:%d/v2/user/profile", c.Port) }
-func (c procSite) admin() string { return fmt.Sprintf("http://127.0.0.1:%d", c.AdminPort) }
-
-// start runs the site with bin and waits until it answers.
-func (c procSite) start(t *testing.T, bin string) *caddyProc {
-	t.Helper()
-	p := startProcessBin(t, bin, c.Caddyfile())
-	waitReady(t, c.url(), p)
-	return p
-}
-
-func (c procSite) status(t *testing.T) accountStatus { return adminStatus(t, c.admin())["default"] }
-
-// health returns the health route's status code and state.
-func (c procSite) health(t *testing.T) (int, string) {
-	t.Helper()
-	status, body, _ := do(t, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/healthz", c.Port), nil, nil)
-	var h struct {
-		State string `json:"state"`
-	}
-	_ = json.Unmarshal(body, &h)
-	return status, h.State
-}
-
-// forceRefresh asks the admin API for a refresh and returns its answer.
-func (c procSite) forceRefresh(t *testing.T) (int, accountStatus, string) {
-	t.Helper()
-	status, body, _ := do(t, http.MethodPost, c.admin()+"/restream_auth/default/refresh", nil, nil)
-	var st accountStatus
-	_ = json.Unmarshal(body, &st)
-	return status, st, strings.TrimSpace(string(body))
-}
-
 func faultsBin(t *testing.T) string {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("builds and runs Caddy processes")
-	}
+	skipIfShort(t, "builds and runs Caddy processes")
 	bin, err := caddyFaultsBinary()
 	if err != nil {
 		t.Fatal(err)
@@ -118,88 +38,41 @@ func faultsBin(t *testing.T) string {
 	return bin
 }
 
+// faultPair is two sidecar processes, A and B, on the fault storage over
+// one root, with its control file and journal. A started and answered
+// first, so A exchanged the seed; B adopted A's pair.
+type faultPair struct {
+	a, b                   procSite
+	procA                  *testproc.Process
+	root, control, journal string
+}
+
+// startFaultPair starts A, then B (timeout 2s each), and waits until each
+// has answered a request with 200.
+func startFaultPair(t *testing.T, fake *fakerestream.Server) faultPair {
+	t.Helper()
+	bin := faultsBin(t)
+	var p faultPair
+	p.root, p.control, p.journal = faultFiles(t)
+	seed := fake.Seed()
+	p.a = newProcSite(t, fake, p.root, seed, "timeout 2s").withFaults(p.control, p.journal)
+	p.b = newProcSite(t, fake, p.root, seed, "timeout 2s").withFaults(p.control, p.journal)
+	p.procA = p.a.start(t, bin)
+	if got := timedGet(t, p.a.url()); got.status != http.StatusOK {
+		t.Fatalf("A warm-up: %s", got)
+	}
+	p.b.start(t, bin)
+	if got := timedGet(t, p.b.url()); got.status != http.StatusOK {
+		t.Fatalf("B warm-up: %s", got)
+	}
+	return p
+}
+
 // faultFiles returns a storage root, a control file and a journal in a
 // fresh directory.
 func faultFiles(t *testing.T) (root, control, journal string) {
 	dir := t.TempDir()
 	return filepath.Join(dir, "storage"), filepath.Join(dir, "faults.json"), filepath.Join(dir, "faults.jsonl")
-}
-
-// leaseFile is lease.json as tokensource writes it.
-type leaseFile struct {
-	Owner     string    `json:"owner"`
-	Nonce     string    `json:"nonce,omitempty"`
-	Seq       uint64    `json:"seq,omitempty"`
-	TTLMillis int64     `json:"ttl_ms,omitempty"`
-	Mark      string    `json:"mark,omitempty"`
-	MarkedBy  string    `json:"marked_by,omitempty"`
-	ExpiresAt time.Time `json:"expires_at,omitzero"`
-}
-
-// readLease reads root's lease.json; the zero leaseFile if there is none.
-func readLease(t *testing.T, root string) (leaseFile, []byte) {
-	t.Helper()
-	path := filepath.Join(root, filepath.FromSlash(tokensource.LeaseKey("default")))
-	var l leaseFile
-	for range 50 { // a file being replaced may read empty for a moment
-		b, err := os.ReadFile(path)
-		if os.IsNotExist(err) {
-			return l, nil
-		}
-		if err == nil && json.Unmarshal(b, &l) == nil {
-			return l, b
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatalf("%s stays unreadable", path)
-	return l, nil
-}
-
-// plantLease writes lease.json as another instance would: under the
-// account's storage lock, and only while no instance holds the lease (so no
-// token call is in flight). It returns what it wrote, and when.
-func plantLease(t *testing.T, root string, l leaseFile) ([]byte, time.Time) {
-	t.Helper()
-	return writeLease(t, root, l, true)
-}
-
-// releasePlanted releases a planted lease, as its holder would.
-func releasePlanted(t *testing.T, root string) {
-	t.Helper()
-	writeLease(t, root, leaseFile{}, false)
-}
-
-func writeLease(t *testing.T, root string, l leaseFile, onlyIfFree bool) ([]byte, time.Time) {
-	t.Helper()
-	st := &certmagic.FileStorage{Path: root}
-	ctx := context.Background()
-	name := tokensource.KeyPrefix("default") + "/lease"
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("no moment with the storage lock free and the lease released in 30 s")
-		}
-		// One attempt at the lock: certmagic waits a second between
-		// attempts unless the context has ended.
-		done, cancel := context.WithCancel(ctx)
-		cancel()
-		if st.Lock(done, name) != nil {
-			continue
-		}
-		if cur, _ := readLease(t, root); cur.Owner == "" || !onlyIfFree {
-			break
-		}
-		_ = st.Unlock(ctx, name)
-	}
-	defer func() { _ = st.Unlock(ctx, name) }()
-	if l.ExpiresAt.IsZero() && l.Owner != "" {
-		l.ExpiresAt = time.Now().Add(time.Duration(l.TTLMillis) * time.Millisecond)
-	}
-	b, _ := json.Marshal(l)
-	at := time.Now()
-	if err := st.Store(ctx, tokensource.LeaseKey("default"), b); err != nil {
-		t.Fatal(err)
-	}
-	return b, at
 }
 
 func storedGeneration(t *testing.T, root string) uint64 {
@@ -236,35 +109,6 @@ func injected(t *testing.T, journal, op, suffix, action string, pid int) int {
 	return n
 }
 
-// timedGet is one GET and how long it took.
-type timedAnswer struct {
-	status int
-	body   []byte
-	hdr    http.Header
-	took   time.Duration
-}
-
-func timedGet(t *testing.T, url string) timedAnswer {
-	t.Helper()
-	start := time.Now()
-	status, body, hdr := do(t, http.MethodGet, url, nil, nil)
-	return timedAnswer{status, body, hdr, time.Since(start)}
-}
-
-func (a timedAnswer) key() string { return answerKey(a.status, a.body) }
-
-// is503 reports a 503 with the error code and a Retry-After in seconds.
-func (a timedAnswer) is503(code string) bool {
-	ra, err := strconv.Atoi(a.hdr.Get("Retry-After"))
-	return a.status == http.StatusServiceUnavailable && strings.Contains(string(a.body), `"error":"`+code+`"`) && err == nil && ra >= 1
-}
-
-func (a timedAnswer) String() string {
-	return fmt.Sprintf("%d %s (Retry-After %q, %s)", a.status, strings.TrimSpace(string(a.body)), a.hdr.Get("Retry-After"), a.took.Round(time.Millisecond))
-}
-
-func quiet(string, ...any) {}
-
 // Item 1: the new pair cannot be written (every store of token.json fails).
 // The instance that refreshed serves the pair from memory and keeps the
 // lease while it retries the write (status, health and admin say
@@ -273,21 +117,11 @@ func quiet(string, ...any) {}
 // Retry-After meanwhile); once writes work again the pair reaches storage,
 // the lease is released and the second process adopts the pair.
 func TestItem01FailedWriteKeepsLease(t *testing.T) {
-	bin := faultsBin(t)
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
-	root, control, journal := faultFiles(t)
-	seed := fake.Seed()
-	a := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	b := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	pa := a.start(t, bin)
-	if got := timedGet(t, a.url()); got.status != http.StatusOK {
-		t.Fatalf("A warm-up: %s", got)
-	}
-	b.start(t, bin)
-	if got := timedGet(t, b.url()); got.status != http.StatusOK {
-		t.Fatalf("B warm-up: %s", got)
-	}
+	pair := startFaultPair(t, fake)
+	a, b, procA := pair.a, pair.b, pair.procA
+	root, control, journal := pair.root, pair.control, pair.journal
 	before := fake.Stats()
 
 	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/token.json", Action: faultstorage.ActionFail}); err != nil {
@@ -335,7 +169,7 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 			t.Fatalf("stored generation %d while every write fails", g)
 		}
 	}
-	fails := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionFail, pa.cmd.Process.Pid)
+	fails := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionFail, procA.PID())
 	if fails < 2 {
 		t.Errorf("%d failed writes of token.json by A, want the first and at least one retry", fails)
 	}
@@ -372,20 +206,10 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 // (timeout + 10 s); the refresher keeps and renews its lease throughout, so
 // the second process never takes it and never sends the spent token.
 func TestItem03SlowWriteKeepsLease(t *testing.T) {
-	bin := faultsBin(t)
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
-	root, control, journal := faultFiles(t)
-	seed := fake.Seed()
-	a := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	b := newProcSite(t, fake, root, seed, "timeout 2s").withFaults(control, journal)
-	pa := a.start(t, bin)
-	if got := timedGet(t, a.url()); got.status != http.StatusOK {
-		t.Fatalf("A warm-up: %s", got)
-	}
-	b.start(t, bin)
-	if got := timedGet(t, b.url()); got.status != http.StatusOK {
-		t.Fatalf("B warm-up: %s", got)
-	}
+	pair := startFaultPair(t, fake)
+	a, b, procA := pair.a, pair.b, pair.procA
+	root, control, journal := pair.root, pair.control, pair.journal
 	before := fake.Stats()
 	if err := faultstorage.SetRules(control, faultstorage.Rule{Op: faultstorage.OpStore, KeySuffix: "/token.json",
 		Action: faultstorage.ActionDelay, Delay: faultstorage.Duration(13 * time.Second), Count: 2}); err != nil {
@@ -446,7 +270,7 @@ func TestItem03SlowWriteKeepsLease(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, pa.cmd.Process.Pid)
+	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, procA.PID())
 	waitFor(t, 10*time.Second, "B to adopt the stored pair", func() bool { return timedGet(t, b.url()).status == http.StatusOK })
 	end := fake.Stats()
 	t.Logf("item 3: pair stored %s after the token call (old lease TTL 12 s) after %d slow writes by A; B: %d answers, %d of them 503 temporarily_unavailable; fake: token calls %d, invalid_grant %d",
@@ -564,7 +388,7 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	root, control, journal := faultFiles(t)
 	a := newProcSite(t, fake, root, fake.Seed(), "timeout 2s").withFaults(control, journal)
-	pa := a.start(t, bin)
+	procA := a.start(t, bin)
 	if got := timedGet(t, a.url()); got.status != http.StatusOK {
 		t.Fatalf("warm-up: %s", got)
 	}
@@ -589,7 +413,7 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 			t.Fatalf("a token call while the lease could not be read")
 		}
 	}
-	fails := injected(t, journal, faultstorage.OpLoad, "/lease.json", faultstorage.ActionFail, pa.cmd.Process.Pid)
+	fails := injected(t, journal, faultstorage.OpLoad, "/lease.json", faultstorage.ActionFail, procA.PID())
 	st := a.status(t)
 	if fails == 0 || st.State != "backoff" || !strings.Contains(st.LastError, "lease.json") {
 		t.Errorf("after %d failed reads of lease.json: status %+v", fails, st)
@@ -609,5 +433,51 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 	}
 	if end.RefreshCalls != before.RefreshCalls+1 || end.InvalidGrant != 0 {
 		t.Errorf("fake: token calls %d (want 1), invalid_grant %d", end.RefreshCalls-before.RefreshCalls, end.InvalidGrant)
+	}
+}
+
+// Two Caddy processes share one storage directory under load with 2-second
+// tokens: no failed request and no invalid_grant; once more with the record
+// encrypted at rest, where the storage must never hold a token in the clear.
+func TestTwoProcessesShareStorage(t *testing.T) {
+	skipIfShort(t, "starts two Caddy processes")
+	t.Run("plain", func(t *testing.T) { twoProcesses(t, "") })
+	t.Run("encrypted", func(t *testing.T) {
+		t.Setenv("RESTREAM_TEST_ENCRYPTION_KEY", base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{7}, 32)))
+		twoProcesses(t, "encryption_key {env.RESTREAM_TEST_ENCRYPTION_KEY}")
+	})
+}
+
+func twoProcesses(t *testing.T, extra string) {
+	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 100 * time.Millisecond, LatencyJitter: 200 * time.Millisecond, Logf: func(string, ...any) {}})
+	storageDir := t.TempDir()
+	seed := fake.Seed()
+	var urls []string
+	for range 2 {
+		cfg := siteConfig{Port: testproc.Port(t), StorageDir: storageDir, Fake: fake, Seed: seed, Extra: "refresh_ahead 1s\n" + extra}
+		p := startProcess(t, cfg.Caddyfile())
+		u := cfg.profileURL()
+		waitReady(t, u, p)
+		urls = append(urls, u)
+	}
+	ok, failed := loadFor(t, urls, 8, 10*time.Second)
+	st := fake.Stats()
+	t.Logf("two processes: ok=%d failed=%d; fake: refreshes=%d invalid_grant=%d max concurrent refreshes=%d upstream 401s=%d",
+		ok, failed, st.RefreshCalls, st.InvalidGrant, st.MaxConcurrentRefresh, st.API401)
+	if failed != 0 || st.InvalidGrant != 0 || st.MaxConcurrentRefresh != 1 {
+		t.Fatalf("want 0 failures, 0 invalid_grant, 1 concurrent refresh at most")
+	}
+	if st.RefreshCalls < 5 {
+		t.Fatalf("only %d refreshes in 10 s of 2 s tokens", st.RefreshCalls)
+	}
+	raw, err := os.ReadFile(filepath.Join(storageDir, "restream_auth", "default", "token.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if extra != "" {
+		if !bytes.Contains(raw, []byte(`"aes-256-gcm"`)) {
+			t.Fatalf("record not encrypted: %.80s", raw)
+		}
+		mustContainNone(t, "encrypted record", string(raw), fake.IssuedTokens()...)
 	}
 }

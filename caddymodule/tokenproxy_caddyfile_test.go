@@ -1,11 +1,7 @@
 package caddymodule
 
 import (
-	"context"
 	"encoding/json"
-	"fmt"
-	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -13,17 +9,10 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"go.uber.org/zap/zapcore"
-
-	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
 func TestTokenProxyCaddyfile(t *testing.T) {
-	for _, tc := range []struct {
-		name, input string
-		want        TokenProxy
-	}{
+	checkCaddyfileCases(t, []caddyfileCase[TokenProxy]{
 		{
 			name: "every subdirective",
 			input: `restream_token_proxy {
@@ -72,17 +61,7 @@ func TestTokenProxyCaddyfile(t *testing.T) {
 			input: "restream_token_proxy {\n\tclient_id id\n\tclient_secret secret\n\ttoken_url http://localhost:9/t\n}",
 			want:  TokenProxy{ClientID: "id", ClientSecret: "secret", TokenURL: "http://localhost:9/t"},
 		},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var got TokenProxy
-			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
-				t.Fatalf("unexpected error: %v", err)
-			}
-			if !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("got\n%+v\nwant\n%+v", got, tc.want)
-			}
-		})
-	}
+	})
 }
 
 func TestTokenProxyCaddyfileErrors(t *testing.T) {
@@ -90,11 +69,7 @@ func TestTokenProxyCaddyfileErrors(t *testing.T) {
 	block := func(lines ...string) string {
 		return "restream_token_proxy {\n\tclient_id id\n\tclient_secret secret\n\t" + strings.Join(lines, "\n\t") + "\n}"
 	}
-	for _, tc := range []struct {
-		name, input string
-		reason      string // substring of the error
-		line        int
-	}{
+	checkCaddyfileErrors[TokenProxy](t, []caddyfileErrorCase{
 		{"unknown subdirective", block("refresh_token rt"), `unknown subdirective "refresh_token"`, 4},
 		{"unknown subdirective without value", block("timeout 1s", "replay_401"), `unknown subdirective "replay_401"`, 5},
 		{"missing value", block("timeout 1s", "token_url"), "token_url: expected one value", 5},
@@ -134,22 +109,7 @@ func TestTokenProxyCaddyfileErrors(t *testing.T) {
 		{"redirect_uris listed twice", block("redirect_uris https://a.example/cb", "redirect_uris https://b.example/cb https://a.example/cb"), `redirect_uris "https://a.example/cb" is listed twice`, 5},
 		{"redirect_uris block", block("redirect_uris {", "}"), "redirect_uris: expected at least one URI", 4},
 		{"redirect_uris then a block", block("redirect_uris https://a.example/cb {", "}"), `unknown subdirective "{"`, 4},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var p TokenProxy
-			err := p.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-			if err == nil {
-				t.Fatalf("no error for\n%s", tc.input)
-			}
-			msg := err.Error()
-			if !strings.Contains(msg, tc.reason) {
-				t.Errorf("error %q does not give the reason %q", msg, tc.reason)
-			}
-			if at := fmt.Sprintf(", at Testfile:%d", tc.line); !strings.HasSuffix(msg, at) {
-				t.Errorf("error %q does not end with the line %q", msg, at)
-			}
-		})
-	}
+	})
 }
 
 // The directive works outside route blocks, before reverse_proxy, with or
@@ -255,108 +215,5 @@ func TestTokenProxyCaddyfileAdapt(t *testing.T) {
 	}
 	if found != 2 {
 		t.Fatalf("servers %+v", cfg.Apps.HTTP.Servers)
-	}
-}
-
-// Provision resolves placeholders into unexported fields, applies defaults,
-// and checks what JSON configs (which skip the Caddyfile checks) can get wrong.
-func TestTokenProxyProvision(t *testing.T) {
-	const secret = "provisioned-secret-4f3e2d"
-	t.Setenv("TP_PROV_ID", "  prov-client\n")
-	secretFile := filepath.Join(t.TempDir(), "secret")
-	if err := os.WriteFile(secretFile, []byte(secret+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	defer cancel()
-
-	p := &TokenProxy{ClientID: "{env.TP_PROV_ID}", ClientSecret: "{file." + secretFile + "}", ClientAuth: "body"}
-	if err := p.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
-	defer p.Cleanup()
-	if p.clientID != "prov-client" || p.clientSecret != secret {
-		t.Errorf("resolved %q / %q", p.clientID, p.clientSecret)
-	}
-	if p.ClientSecret != "{file."+secretFile+"}" {
-		t.Errorf("the exported field changed to %q", p.ClientSecret)
-	}
-	if p.TokenURL != DefaultTokenURL || p.RevokeURL != DefaultRevokeURL || time.Duration(p.Timeout) != 10*time.Second || p.style != tokensource.AuthBody ||
-		p.MaxConcurrent != 16 || cap(p.slots) != 16 {
-		t.Errorf("defaults not applied: %+v", p)
-	}
-	enc := zapcore.NewMapObjectEncoder()
-	if err := p.MarshalLogObject(enc); err != nil {
-		t.Fatal(err)
-	}
-	logged := fmt.Sprint(enc.Fields)
-	if strings.Contains(logged, secret) || strings.Contains(logged, "prov-client") {
-		t.Errorf("MarshalLogObject logs credentials: %s", logged)
-	}
-	if enc.Fields["client_auth"] != "body" || enc.Fields["token_url"] != DefaultTokenURL {
-		t.Errorf("MarshalLogObject fields %v", enc.Fields)
-	}
-
-	for _, tc := range []struct {
-		name   string
-		p      TokenProxy
-		reason string
-	}{
-		{"unset env secret", TokenProxy{ClientID: "id", ClientSecret: "{env.TP_PROV_UNSET_XYZ}"}, "client_secret: evaluated placeholder {env.TP_PROV_UNSET_XYZ} is empty"},
-		{"missing file", TokenProxy{ClientID: "id", ClientSecret: "{file./nonexistent/tp-secret}"}, "client_secret"},
-		{"no client_id", TokenProxy{ClientSecret: "s"}, "client_id and client_secret are required"},
-		{"http token_url", TokenProxy{ClientID: "id", ClientSecret: "s", TokenURL: "http://api.restream.io/oauth/token"}, "plain http is allowed only for loopback"},
-		{"http revoke_url", TokenProxy{ClientID: "id", ClientSecret: "s", RevokeURL: "http://api.restream.io/oauth/revoke"}, "revoke_url"},
-		{"bad mode", TokenProxy{ClientID: "id", ClientSecret: "s", ClientAuth: "header"}, "want basic or body"},
-		{"negative timeout", TokenProxy{ClientID: "id", ClientSecret: "s", Timeout: caddy.Duration(-time.Second)}, "timeout must not be negative"},
-		{"negative max_concurrent", TokenProxy{ClientID: "id", ClientSecret: "s", MaxConcurrent: -1}, "max_concurrent must be positive (got -1)"},
-		{"relative redirect URI", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"/cb"}}, `redirect_uris "/cb": not an absolute URI`},
-		{"redirect URI with a fragment", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb#f"}}, "must not contain a fragment"},
-		{"redirect URI twice", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb", "https://a.example/cb"}}, "listed twice"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			p := tc.p
-			err := p.Provision(ctx)
-			if err == nil || !strings.Contains(err.Error(), tc.reason) {
-				t.Fatalf("error %v, want one with %q", err, tc.reason)
-			}
-			if strings.Contains(err.Error(), secret) {
-				t.Errorf("error shows a secret: %v", err)
-			}
-		})
-	}
-}
-
-func TestTokenProxyUsableAnswer(t *testing.T) {
-	for _, tc := range []struct {
-		call   string
-		status int
-		body   string
-		want   bool
-	}{
-		{"refresh_token", 200, `{"access_token":"at","refresh_token":"rt"}`, true},
-		{"refresh_token", 200, `{"accessToken":"at"}`, true},
-		{"refresh_token", 200, `{"token_type":"Bearer"}`, false},
-		{"refresh_token", 200, `{"access_token":""}`, false},
-		{"refresh_token", 200, `{"access_token":42}`, false},
-		{"refresh_token", 200, ``, false},
-		{"refresh_token", 200, `[1,2]`, false},
-		{"refresh_token", 200, `null`, false},
-		{"authorization_code", 400, `{"error":"invalid_grant"}`, true},
-		{"authorization_code", 400, `{"error":{"name":"invalid_grant","message":"x"}}`, true},
-		{"refresh_token", 503, `{"error":"server_error"}`, true},
-		{"refresh_token", 502, `<html>bad gateway</html>`, false},
-		{"refresh_token", 302, `{"error":"x"}`, false},
-		{"refresh_token", 400, ``, false},
-		{"revoke", 200, ``, true},
-		{"revoke", 204, "  \n", true},
-		{"revoke", 200, `{}`, true},
-		{"revoke", 200, `ok`, false},
-		{"revoke", 503, ``, false},
-		{"revoke", 401, `{"error":"invalid_client"}`, true},
-	} {
-		if got := usableAnswer(tc.call, tc.status, []byte(tc.body)); got != tc.want {
-			t.Errorf("usableAnswer(%s, %d, %q) = %v, want %v", tc.call, tc.status, tc.body, got, tc.want)
-		}
 	}
 }

@@ -17,15 +17,16 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Tests of restream_token_proxy's max_concurrent: calls beyond it are
 // answered 429 locally, so a flood of devices cannot spend the client_id's
 // rate limit at Restream that the sidecar's own refreshes need.
 
-// tpPassOn forwards a call (its body already read into raw) to target and
+// passOn forwards a call (its body already read into raw) to target and
 // relays the answer, as the recorder does.
-func tpPassOn(w http.ResponseWriter, r *http.Request, hc *http.Client, target string, raw []byte) (int, []byte) {
+func passOn(w http.ResponseWriter, r *http.Request, hc *http.Client, target string, raw []byte) (int, []byte) {
 	req, _ := http.NewRequestWithContext(r.Context(), r.Method, target, bytes.NewReader(raw))
 	for _, k := range []string{"Content-Type", "Authorization", "Accept"} {
 		if v := r.Header.Get(k); v != "" {
@@ -46,9 +47,9 @@ func tpPassOn(w http.ResponseWriter, r *http.Request, hc *http.Client, target st
 	return resp.StatusCode, body
 }
 
-// tpGate holds every call until opened, then passes it on to next. Each
+// holdingGate holds every call until opened, then passes it on to next. Each
 // call reports its arrival on arrived.
-type tpGate struct {
+type holdingGate struct {
 	srv      *httptest.Server
 	arrived  chan struct{}
 	release  chan struct{}
@@ -56,9 +57,9 @@ type tpGate struct {
 	calls    atomic.Int64
 }
 
-func tpNewGate(t *testing.T, next string) *tpGate {
+func newHoldingGate(t *testing.T, next string) *holdingGate {
 	t.Helper()
-	g := &tpGate{arrived: make(chan struct{}, 1024), release: make(chan struct{})}
+	g := &holdingGate{arrived: make(chan struct{}, 1024), release: make(chan struct{})}
 	hc := &http.Client{Timeout: time.Minute}
 	g.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		g.calls.Add(1)
@@ -69,7 +70,7 @@ func tpNewGate(t *testing.T, next string) *tpGate {
 		case <-r.Context().Done():
 			return
 		}
-		tpPassOn(w, r, hc, next+r.URL.Path, raw)
+		passOn(w, r, hc, next+r.URL.Path, raw)
 	}))
 	t.Cleanup(func() {
 		g.open()
@@ -78,10 +79,10 @@ func tpNewGate(t *testing.T, next string) *tpGate {
 	return g
 }
 
-func (g *tpGate) open() { g.openOnce.Do(func() { close(g.release) }) }
+func (g *holdingGate) open() { g.openOnce.Do(func() { close(g.release) }) }
 
 // wait returns once n more calls have arrived.
-func (g *tpGate) wait(t *testing.T, n int) {
+func (g *holdingGate) wait(t *testing.T, n int) {
 	t.Helper()
 	timeout := time.After(30 * time.Second)
 	for i := range n {
@@ -93,8 +94,8 @@ func (g *tpGate) wait(t *testing.T, n int) {
 	}
 }
 
-// tpMetric reads one unlabelled metric from the site's `metrics` handler.
-func tpMetric(t *testing.T, base, name string) float64 {
+// scrapeMetric reads one unlabelled metric from the site's `metrics` handler.
+func scrapeMetric(t *testing.T, base, name string) float64 {
 	t.Helper()
 	status, body, _ := do(t, http.MethodGet, base+"/metrics", nil, nil)
 	if status != http.StatusOK {
@@ -115,8 +116,8 @@ func tpMetric(t *testing.T, base, name string) float64 {
 }
 
 const (
-	tpThrottledMetric = "caddy_restream_auth_token_proxy_throttled_total"
-	tpInFlightMetric  = "caddy_restream_auth_token_proxy_in_flight"
+	throttledMetric = "caddy_restream_auth_token_proxy_throttled_total"
+	inFlightMetric  = "caddy_restream_auth_token_proxy_in_flight"
 )
 
 // With max_concurrent calls held upstream, further device calls (token and
@@ -132,18 +133,18 @@ func TestTokenProxyMaxConcurrent(t *testing.T) {
 		{"default", nil, 16},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			fake := tpNewFake(t, fakerestream.Options{})
-			rec := tpNewRecorder(t, fake)
-			gate := tpNewGate(t, rec.srv.URL)
-			site := tpSite{Port: freePort(t), Lines: append([]string{
+			fake := newFake(t, fakerestream.Options{})
+			rec := newUpstreamRecorder(t, fake)
+			gate := newHoldingGate(t, rec.srv.URL)
+			site := proxySite{Port: testproc.Port(t), Lines: append([]string{
 				"client_id test-client",
 				"client_secret test-secret",
 				"token_url " + gate.srv.URL + "/oauth/token",
 				"revoke_url " + gate.srv.URL + "/oauth/revoke",
-				"redirect_uris " + tpRedirectURI,
+				"redirect_uris " + deviceRedirectURI,
 			}, tc.lines...), Extra: []string{"metrics /metrics"}}
-			runInProcess(t, tpCaddyfile(nil, site))
-			throttled0 := tpMetric(t, site.base(), tpThrottledMetric)
+			runInProcess(t, proxyCaddyfile(nil, site))
+			throttled0 := scrapeMetric(t, site.base(), throttledMetric)
 
 			type answer struct {
 				status int
@@ -153,33 +154,33 @@ func TestTokenProxyMaxConcurrent(t *testing.T) {
 			for range tc.limit {
 				_, refresh := fake.SeedPair()
 				go func() {
-					st, b, _ := tpPost(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, nil)
+					st, b, _ := postForm(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, nil)
 					answers <- answer{st, b}
 				}()
 			}
 			gate.wait(t, tc.limit)
-			if got := tpMetric(t, site.base(), tpInFlightMetric); got != float64(tc.limit) {
+			if got := scrapeMetric(t, site.base(), inFlightMetric); got != float64(tc.limit) {
 				t.Errorf("in-flight metric %v, want %d", got, tc.limit)
 			}
 
 			access, refresh := fake.SeedPair()
-			code := fake.IssueCode(tpRedirectURI)
+			code := fake.IssueCode(deviceRedirectURI)
 			for _, call := range []struct {
 				path string
 				form url.Values
 			}{
 				{"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}},
-				{"/oauth/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}},
+				{"/oauth/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {deviceRedirectURI}}},
 				{"/oauth/revoke", url.Values{"token": {access}}},
 			} {
-				status, body, hdr := tpPost(t, site.base()+call.path, call.form, nil)
+				status, body, hdr := postForm(t, site.base()+call.path, call.form, nil)
 				if status != http.StatusTooManyRequests {
 					t.Fatalf("%s beyond max_concurrent: status %d, want 429: %s", call.path, status, body)
 				}
 				if ra := hdr.Get("Retry-After"); ra != "1" {
 					t.Errorf("Retry-After %q, want 1", ra)
 				}
-				errCode, desc := tpOAuthError(t, body, hdr)
+				errCode, desc := oauthError(t, body, hdr)
 				if errCode != "temporarily_unavailable" || !strings.Contains(desc, "max_concurrent") || !strings.Contains(desc, strconv.Itoa(tc.limit)) {
 					t.Errorf("429 body %s", body)
 				}
@@ -187,7 +188,7 @@ func TestTokenProxyMaxConcurrent(t *testing.T) {
 			if n := gate.calls.Load(); n != int64(tc.limit) {
 				t.Errorf("%d calls reached the upstream, want %d", n, tc.limit)
 			}
-			if got := tpMetric(t, site.base(), tpThrottledMetric) - throttled0; got != 3 {
+			if got := scrapeMetric(t, site.base(), throttledMetric) - throttled0; got != 3 {
 				t.Errorf("throttled metric grew by %v, want 3", got)
 			}
 
@@ -199,13 +200,13 @@ func TestTokenProxyMaxConcurrent(t *testing.T) {
 			}
 			// The slots are free again: the refused calls now go through
 			// (none of them was spent upstream).
-			if st, b, _ := tpPost(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, nil); st != http.StatusOK {
+			if st, b, _ := postForm(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, nil); st != http.StatusOK {
 				t.Errorf("after the held calls ended: status %d: %s", st, b)
 			}
-			if st, b, _ := tpPost(t, site.base()+"/oauth/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}, nil); st != http.StatusOK {
+			if st, b, _ := postForm(t, site.base()+"/oauth/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {deviceRedirectURI}}, nil); st != http.StatusOK {
 				t.Errorf("the refused code, redeemed later: status %d: %s", st, b)
 			}
-			if got := tpMetric(t, site.base(), tpInFlightMetric); got != 0 {
+			if got := scrapeMetric(t, site.base(), inFlightMetric); got != 0 {
 				t.Errorf("in-flight metric %v after every call ended", got)
 			}
 			if st := fake.Stats(); st.RefreshOK != int64(tc.limit)+1 || st.CodeCalls != 1 || st.InvalidGrant != 0 {
@@ -215,14 +216,14 @@ func TestTokenProxyMaxConcurrent(t *testing.T) {
 	}
 }
 
-// tpDevicePrefix marks the flood's refresh tokens, so the limiter can tell
+// floodDevicePrefix marks the flood's refresh tokens, so the limiter can tell
 // device calls from the sidecar's own.
-const tpDevicePrefix = "device-flood-"
+const floodDevicePrefix = "device-flood-"
 
-// tpLimiter sits in front of the fake's token endpoint and models a
+// rateLimiter sits in front of the fake's token endpoint and models a
 // per-client_id limit at Restream: a client_id with limit calls in
 // progress gets 429 for the next one.
-type tpLimiter struct {
+type rateLimiter struct {
 	srv   *httptest.Server
 	limit int
 
@@ -233,9 +234,9 @@ type tpLimiter struct {
 	sidecarForwarded, sidecarOK, sidecarLimit int
 }
 
-func tpNewLimiter(t *testing.T, fake *fakerestream.Server, limit int) *tpLimiter {
+func newRateLimiter(t *testing.T, fake *fakerestream.Server, limit int) *rateLimiter {
 	t.Helper()
-	l := &tpLimiter{limit: limit, inFlight: map[string]int{}}
+	l := &rateLimiter{limit: limit, inFlight: map[string]int{}}
 	upstream := strings.TrimSuffix(fake.TokenURL(), "/oauth/token")
 	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	l.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -245,7 +246,7 @@ func tpNewLimiter(t *testing.T, fake *fakerestream.Server, limit int) *tpLimiter
 		if !ok {
 			id = form.Get("client_id")
 		}
-		device := strings.HasPrefix(form.Get("refresh_token"), tpDevicePrefix)
+		device := strings.HasPrefix(form.Get("refresh_token"), floodDevicePrefix)
 
 		l.mu.Lock()
 		if l.inFlight[id] >= l.limit {
@@ -271,7 +272,7 @@ func tpNewLimiter(t *testing.T, fake *fakerestream.Server, limit int) *tpLimiter
 		// The call ends here for the limit before its answer leaves, so the
 		// caller cannot start another one that still finds it counted.
 		rw := httptest.NewRecorder()
-		status, _ := tpPassOn(rw, r, hc, upstream+r.URL.Path, raw)
+		status, _ := passOn(rw, r, hc, upstream+r.URL.Path, raw)
 		l.mu.Lock()
 		l.inFlight[id]--
 		if device {
@@ -294,22 +295,22 @@ func tpNewLimiter(t *testing.T, fake *fakerestream.Server, limit int) *tpLimiter
 	return l
 }
 
-type tpLimiterStats struct {
+type rateLimiterStats struct {
 	MaxDeviceInFlight, DeviceForwarded, DeviceLimited int
 	SidecarForwarded, SidecarOK, SidecarLimited       int
 }
 
-func (l *tpLimiter) stats() tpLimiterStats {
+func (l *rateLimiter) stats() rateLimiterStats {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return tpLimiterStats{l.maxDeviceInFlight, l.deviceForwarded, l.deviceLimited, l.sidecarForwarded, l.sidecarOK, l.sidecarLimit}
+	return rateLimiterStats{l.maxDeviceInFlight, l.deviceForwarded, l.deviceLimited, l.sidecarForwarded, l.sidecarOK, l.sidecarLimit}
 }
 
-// tpFlood is a crowd of devices refreshing through the proxy as fast as
+// deviceFlood is a crowd of devices refreshing through the proxy as fast as
 // they can, with refresh tokens the fake never issued (every forwarded call
 // is answered invalid_grant, and still counts against the limit). A device
 // answered 429 tries again 100 ms later.
-type tpFlood struct {
+type deviceFlood struct {
 	local429, relayed429, forwarded, other atomic.Int64
 	stop                                   chan struct{}
 	stopOnce                               sync.Once
@@ -317,10 +318,10 @@ type tpFlood struct {
 	hc                                     *http.Client
 }
 
-func tpStartFlood(t *testing.T, tokenURL string, devices int) *tpFlood {
+func startDeviceFlood(t *testing.T, tokenURL string, devices int) *deviceFlood {
 	t.Helper()
 	tr := &http.Transport{MaxIdleConnsPerHost: devices}
-	f := &tpFlood{stop: make(chan struct{}), hc: &http.Client{Timeout: time.Minute, Transport: tr}}
+	f := &deviceFlood{stop: make(chan struct{}), hc: &http.Client{Timeout: time.Minute, Transport: tr}}
 	t.Cleanup(func() {
 		f.halt()
 		tr.CloseIdleConnections()
@@ -335,8 +336,8 @@ func tpStartFlood(t *testing.T, tokenURL string, devices int) *tpFlood {
 					return
 				default:
 				}
-				body := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {fmt.Sprintf("%s%d-%d", tpDevicePrefix, i, n)}}.Encode()
-				resp, err := f.hc.Post(tokenURL, tpFormType, strings.NewReader(body))
+				body := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {fmt.Sprintf("%s%d-%d", floodDevicePrefix, i, n)}}.Encode()
+				resp, err := f.hc.Post(tokenURL, formContentType, strings.NewReader(body))
 				if err != nil {
 					t.Errorf("device %d: %v", i, err)
 					return
@@ -371,21 +372,21 @@ func tpStartFlood(t *testing.T, tokenURL string, devices int) *tpFlood {
 }
 
 // halt stops the flood and waits for every device.
-func (f *tpFlood) halt() {
+func (f *deviceFlood) halt() {
 	f.stopOnce.Do(func() { close(f.stop) })
 	f.wg.Wait()
 }
 
-// tpProbe calls the API through the sidecar every 50 ms until halted.
-type tpProbe struct {
+// sidecarProbe calls the API through the sidecar every 50 ms until halted.
+type sidecarProbe struct {
 	ok, bad  atomic.Int64
 	stop     chan struct{}
 	stopOnce sync.Once
 	done     chan struct{}
 }
 
-func tpStartProbe(t *testing.T, apiURL string) *tpProbe {
-	p := &tpProbe{stop: make(chan struct{}), done: make(chan struct{})}
+func startSidecarProbe(t *testing.T, apiURL string) *sidecarProbe {
+	p := &sidecarProbe{stop: make(chan struct{}), done: make(chan struct{})}
 	t.Cleanup(p.halt)
 	go func() {
 		defer close(p.done)
@@ -408,7 +409,7 @@ func tpStartProbe(t *testing.T, apiURL string) *tpProbe {
 	return p
 }
 
-func (p *tpProbe) halt() {
+func (p *sidecarProbe) halt() {
 	p.stopOnce.Do(func() { close(p.stop) })
 	<-p.done
 }
@@ -425,23 +426,24 @@ func (p *tpProbe) halt() {
 // client_id's quota and the limiter refuses the sidecar's refresh: the
 // failure the limit prevents.
 func TestTokenProxyFloodSparesSidecarRefresh(t *testing.T) {
+	skipIfShort(t, "floods the proxy for seconds")
 	const (
 		devices      = 300
 		clientLimit  = 6
 		refreshesDue = 3
 	)
 	type setup struct {
-		lim        *tpLimiter
-		flood      *tpFlood
-		probe      *tpProbe
+		lim        *rateLimiter
+		flood      *deviceFlood
+		probe      *sidecarProbe
 		generation func() uint64 // the sidecar's, from restream_auth_health
 		g0         uint64        // before the flood
 		throttled  func() float64
 	}
 	run := func(t *testing.T, maxConcurrent int) setup {
-		fake := tpNewFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 150 * time.Millisecond, Logf: func(string, ...any) {}})
-		lim := tpNewLimiter(t, fake, clientLimit)
-		apiPort, devPort := freePort(t), freePort(t)
+		fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 150 * time.Millisecond, Logf: func(string, ...any) {}})
+		lim := newRateLimiter(t, fake, clientLimit)
+		apiPort, devPort := testproc.Port(t), testproc.Port(t)
 		runInProcess(t, fmt.Sprintf(`{
 	admin off
 	storage file_system %s
@@ -484,15 +486,15 @@ http://127.0.0.1:%d {
 		if st, b, _ := do(t, http.MethodGet, api+"/v2/user/profile", nil, nil); st != http.StatusOK {
 			t.Fatalf("sidecar before the flood: status %d: %s", st, b)
 		}
-		throttled0 := tpMetric(t, dev, tpThrottledMetric)
+		throttled0 := scrapeMetric(t, dev, throttledMetric)
 		g0 := generation()
 		return setup{
 			lim:        lim,
-			flood:      tpStartFlood(t, dev+"/oauth/token", devices),
-			probe:      tpStartProbe(t, api+"/v2/user/profile"),
+			flood:      startDeviceFlood(t, dev+"/oauth/token", devices),
+			probe:      startSidecarProbe(t, api+"/v2/user/profile"),
 			generation: generation,
 			g0:         g0,
-			throttled:  func() float64 { return tpMetric(t, dev, tpThrottledMetric) - throttled0 },
+			throttled:  func() float64 { return scrapeMetric(t, dev, throttledMetric) - throttled0 },
 		}
 	}
 

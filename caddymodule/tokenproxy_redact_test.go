@@ -12,9 +12,9 @@ import (
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 )
 
-// tpEchoForms are the ways an endpoint echoing its request could show the
+// echoForms are the ways an endpoint echoing its request could show the
 // secret: every one must be redacted.
-func tpEchoForms(id, secret string) map[string]string {
+func echoForms(id, secret string) map[string]string {
 	jsonEsc := func(s string) string {
 		b, _ := json.Marshal(s)
 		return string(b[1 : len(b)-1])
@@ -24,10 +24,10 @@ func tpEchoForms(id, secret string) map[string]string {
 	for _, r := range secret {
 		if r > 0xffff {
 			hi, lo := utf16.EncodeRune(r)
-			uEsc.WriteString(`\u` + strings.ToUpper(tpHex4(hi)) + `\u` + strings.ToUpper(tpHex4(lo)))
+			uEsc.WriteString(`\u` + strings.ToUpper(hex4(hi)) + `\u` + strings.ToUpper(hex4(lo)))
 			continue
 		}
-		uEsc.WriteString(`\u` + strings.ToUpper(tpHex4(r)))
+		uEsc.WriteString(`\u` + strings.ToUpper(hex4(r)))
 	}
 	return map[string]string{
 		"raw":                  secret,
@@ -35,7 +35,7 @@ func tpEchoForms(id, secret string) map[string]string {
 		"json all \\u":         uEsc.String(),
 		"query escaped":        url.QueryEscape(secret),
 		"path escaped":         url.PathEscape(secret),
-		"lower-case percent":   tpLowerPercent(url.QueryEscape(secret)),
+		"lower-case percent":   lowerPercentEscapes(url.QueryEscape(secret)),
 		"query escaped, json":  jsonEsc(url.QueryEscape(secret)),
 		"basic":                basic,
 		"basic header":         "Basic " + basic,
@@ -48,23 +48,23 @@ func tpEchoForms(id, secret string) map[string]string {
 	}
 }
 
-func tpHex4(r rune) string {
+func hex4(r rune) string {
 	const digits = "0123456789abcdef"
 	return string([]byte{digits[r>>12&15], digits[r>>8&15], digits[r>>4&15], digits[r&15]})
 }
 
-// tpLowerPercent lower-cases the hex digits of %XX escapes.
-func tpLowerPercent(s string) string {
+// lowerPercentEscapes lower-cases the hex digits of %XX escapes.
+func lowerPercentEscapes(s string) string {
 	b := []byte(s)
 	for i := 0; i+2 < len(b); i++ {
 		if b[i] == '%' {
-			b[i+1], b[i+2] = tpLowerHex(b[i+1]), tpLowerHex(b[i+2])
+			b[i+1], b[i+2] = lowerHexDigit(b[i+1]), lowerHexDigit(b[i+2])
 		}
 	}
 	return string(b)
 }
 
-func tpLowerHex(c byte) byte {
+func lowerHexDigit(c byte) byte {
 	if 'A' <= c && c <= 'F' {
 		return c + 'a' - 'A'
 	}
@@ -79,7 +79,7 @@ func TestSecretRedactorEchoForms(t *testing.T) {
 		"päss wörd 😀 %41",
 	} {
 		r := tokensource.NewRedactor("app-client", secret)
-		for name, form := range tpEchoForms("app-client", secret) {
+		for name, form := range echoForms("app-client", secret) {
 			body := `{"error":"invalid_client","error_description":"got ` + form + ` from you","n":1}`
 			got, n := r.Redact([]byte(body), true)
 			if n == 0 || strings.Contains(string(got), form) {
@@ -150,7 +150,7 @@ func FuzzSecretRedactor(f *testing.F) {
 		if n == 0 && string(got) != body {
 			t.Fatalf("no echo found but the text changed: %q -> %q", body, got)
 		}
-		forms := tpEchoForms("id", secret)
+		forms := echoForms("id", secret)
 		for _, name := range []string{"raw", "query escaped", "path escaped", "lower-case percent", "basic unpadded"} {
 			if form := forms[name]; strings.Contains(string(got), form) {
 				t.Fatalf("plain text: %s form %q survives in %q (from %q)", name, form, got, body)
@@ -169,7 +169,7 @@ func FuzzSecretRedactor(f *testing.F) {
 		}
 		var v any
 		_ = json.Unmarshal(got, &v)
-		for _, s := range tpJSONStrings(v, nil) {
+		for _, s := range jsonStrings(v, nil) {
 			unescaped, err := url.QueryUnescape(s)
 			if err != nil {
 				unescaped = ""
@@ -184,18 +184,18 @@ func FuzzSecretRedactor(f *testing.F) {
 	})
 }
 
-// tpJSONStrings lists the strings of a decoded JSON value, keys included.
-func tpJSONStrings(v any, acc []string) []string {
+// jsonStrings lists the strings of a decoded JSON value, keys included.
+func jsonStrings(v any, acc []string) []string {
 	switch v := v.(type) {
 	case string:
 		acc = append(acc, v)
 	case []any:
 		for _, x := range v {
-			acc = tpJSONStrings(x, acc)
+			acc = jsonStrings(x, acc)
 		}
 	case map[string]any:
 		for k, x := range v {
-			acc = tpJSONStrings(x, append(acc, k))
+			acc = jsonStrings(x, append(acc, k))
 		}
 	}
 	return acc

@@ -2,11 +2,11 @@ package caddymodule_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -21,26 +21,17 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Tests of restream_token_proxy: real Caddy (in process) in front of the
-// strict fake, usually through tpRecorder, a pass-through that keeps what
+// strict fake, usually through upstreamRecorder, a pass-through that keeps what
 // the proxy sent upstream and the exact bytes upstream answered.
 
-const tpRedirectURI = "https://device.example/callback"
+const deviceRedirectURI = "https://device.example/callback"
 
-func tpNewFake(t *testing.T, opts fakerestream.Options) *fakerestream.Server {
-	t.Helper()
-	if opts.Logf == nil {
-		opts.Logf = t.Logf
-	}
-	f := fakerestream.New(opts)
-	t.Cleanup(f.Close)
-	return f
-}
-
-// tpCall is one call that went through the recorder.
-type tpCall struct {
+// upstreamCall is one call that went through the recorder.
+type upstreamCall struct {
 	Path          string
 	ContentType   string
 	Form          url.Values
@@ -49,23 +40,23 @@ type tpCall struct {
 	Body          []byte // exactly as upstream sent it
 }
 
-// tpRecorder forwards /oauth/token and /oauth/revoke to the fake's token
+// upstreamRecorder forwards /oauth/token and /oauth/revoke to the fake's token
 // listener and records each call.
-type tpRecorder struct {
+type upstreamRecorder struct {
 	srv   *httptest.Server
 	mu    sync.Mutex
-	calls []tpCall
+	calls []upstreamCall
 }
 
-func tpNewRecorder(t *testing.T, fake *fakerestream.Server) *tpRecorder {
+func newUpstreamRecorder(t *testing.T, fake *fakerestream.Server) *upstreamRecorder {
 	t.Helper()
 	upstream := strings.TrimSuffix(fake.TokenURL(), "/oauth/token")
-	rec := &tpRecorder{}
+	rec := &upstreamRecorder{}
 	hc := &http.Client{Timeout: time.Minute}
 	rec.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		raw, _ := io.ReadAll(r.Body)
 		form, _ := url.ParseQuery(string(raw))
-		call := tpCall{Path: r.URL.Path, ContentType: r.Header.Get("Content-Type"), Form: form, Authorization: r.Header.Get("Authorization")}
+		call := upstreamCall{Path: r.URL.Path, ContentType: r.Header.Get("Content-Type"), Form: form, Authorization: r.Header.Get("Authorization")}
 		req, _ := http.NewRequestWithContext(r.Context(), r.Method, upstream+r.URL.Path, bytes.NewReader(raw))
 		for _, k := range []string{"Content-Type", "Authorization", "Accept"} {
 			if v := r.Header.Get(k); v != "" {
@@ -93,16 +84,16 @@ func tpNewRecorder(t *testing.T, fake *fakerestream.Server) *tpRecorder {
 	return rec
 }
 
-func (rec *tpRecorder) tokenURL() string  { return rec.srv.URL + "/oauth/token" }
-func (rec *tpRecorder) revokeURL() string { return rec.srv.URL + "/oauth/revoke" }
+func (rec *upstreamRecorder) tokenURL() string  { return rec.srv.URL + "/oauth/token" }
+func (rec *upstreamRecorder) revokeURL() string { return rec.srv.URL + "/oauth/revoke" }
 
-func (rec *tpRecorder) count() int {
+func (rec *upstreamRecorder) count() int {
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
 	return len(rec.calls)
 }
 
-func (rec *tpRecorder) last(t *testing.T) tpCall {
+func (rec *upstreamRecorder) last(t *testing.T) upstreamCall {
 	t.Helper()
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
@@ -112,19 +103,19 @@ func (rec *tpRecorder) last(t *testing.T) tpCall {
 	return rec.calls[len(rec.calls)-1]
 }
 
-// tpSite is one site of a test Caddyfile: restream_token_proxy on /oauth/*
+// proxySite is one site of a test Caddyfile: restream_token_proxy on /oauth/*
 // next to a reverse_proxy to the fake's API, outside any route block, so the
 // directive order is exercised.
-type tpSite struct {
-	Port      int
-	Lines     []string // restream_token_proxy subdirectives
-	APIUpstrm string   // reverse_proxy target for everything else, if set
-	Extra     []string // more directives of the site
+type proxySite struct {
+	Port        int
+	Lines       []string // restream_token_proxy subdirectives
+	APIUpstream string   // reverse_proxy target for everything else, if set
+	Extra       []string // more directives of the site
 }
 
-func (s tpSite) base() string { return "http://127.0.0.1:" + itoa(s.Port) }
+func (s proxySite) base() string { return "http://127.0.0.1:" + itoa(s.Port) }
 
-func tpCaddyfile(global []string, sites ...tpSite) string {
+func proxyCaddyfile(global []string, sites ...proxySite) string {
 	var b strings.Builder
 	b.WriteString("{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n")
 	for _, g := range global {
@@ -140,46 +131,84 @@ func tpCaddyfile(global []string, sites ...tpSite) string {
 		for _, l := range s.Extra {
 			b.WriteString("\t" + l + "\n")
 		}
-		if s.APIUpstrm != "" {
-			fmt.Fprintf(&b, "\treverse_proxy %s\n", s.APIUpstrm)
+		if s.APIUpstream != "" {
+			fmt.Fprintf(&b, "\treverse_proxy %s\n", s.APIUpstream)
 		}
 		b.WriteString("}\n")
 	}
 	return b.String()
 }
 
-// tpSiteFor is a site proxying to rec with the fake's default credentials.
-func tpSiteFor(t *testing.T, rec *tpRecorder, fake *fakerestream.Server, extra ...string) tpSite {
-	return tpSite{
-		Port: freePort(t),
+// proxySiteFor is a site proxying to rec with the fake's default credentials.
+func proxySiteFor(t *testing.T, rec *upstreamRecorder, fake *fakerestream.Server, extra ...string) proxySite {
+	return proxySite{
+		Port: testproc.Port(t),
 		Lines: append([]string{
 			"client_id test-client",
 			"client_secret test-secret",
 			"token_url " + rec.tokenURL(),
 			"revoke_url " + rec.revokeURL(),
 		}, extra...),
-		APIUpstrm: fake.URL(),
+		APIUpstream: fake.URL(),
 	}
 }
 
-const tpFormType = "application/x-www-form-urlencoded"
+// proxyRig is token proxy sites running in this process in front of one
+// upstream recorder on the fake.
+type proxyRig struct {
+	fake  *fakerestream.Server
+	rec   *upstreamRecorder
+	sites []proxySite
+}
 
-// tpPost posts a form; hdr may add or override headers.
-func tpPost(t *testing.T, u string, form url.Values, hdr map[string]string) (int, []byte, http.Header) {
+// startProxySites runs one site per list of extra restream_token_proxy
+// subdirectives (nil for none), with the fake's default credentials.
+func startProxySites(t *testing.T, extra ...[]string) proxyRig {
 	t.Helper()
-	h := map[string]string{"Content-Type": tpFormType}
+	rig := proxyRig{fake: newFake(t, fakerestream.Options{})}
+	rig.rec = newUpstreamRecorder(t, rig.fake)
+	for _, lines := range extra {
+		rig.sites = append(rig.sites, proxySiteFor(t, rig.rec, rig.fake, lines...))
+	}
+	runInProcess(t, proxyCaddyfile(nil, rig.sites...))
+	return rig
+}
+
+const formContentType = "application/x-www-form-urlencoded"
+
+// postForm posts a form; hdr may add or override headers.
+func postForm(t *testing.T, u string, form url.Values, hdr map[string]string) (status int, body []byte, header http.Header) {
+	t.Helper()
+	h := map[string]string{"Content-Type": formContentType}
 	for k, v := range hdr {
 		h[k] = v
 	}
 	return do(t, http.MethodPost, u, []byte(form.Encode()), h)
 }
 
-func tpBasic(id, secret string) string {
+func basicCredentials(id, secret string) string {
 	return "Basic " + base64.StdEncoding.EncodeToString([]byte(id+":"+secret))
 }
 
-// tpTokens decodes a token answer.
-func tpTokens(t *testing.T, body []byte) (access, refresh string) {
+// wantForwarded checks a call that reached the upstream: the device's
+// fields in want, and the configured client credentials, as Basic or, with
+// client_auth body, as form fields.
+func wantForwarded(t *testing.T, up upstreamCall, want url.Values, bodyAuth bool) {
+	t.Helper()
+	want = maps.Clone(want)
+	wantAuthorization := basicCredentials("test-client", "test-secret")
+	if bodyAuth {
+		want.Set("client_id", "test-client")
+		want.Set("client_secret", "test-secret")
+		wantAuthorization = ""
+	}
+	if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthorization {
+		t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthorization)
+	}
+}
+
+// tokenPair decodes a token answer.
+func tokenPair(t *testing.T, body []byte) (access, refresh string) {
 	t.Helper()
 	var v struct {
 		AccessToken  string `json:"access_token"`
@@ -191,11 +220,11 @@ func tpTokens(t *testing.T, body []byte) (access, refresh string) {
 	return v.AccessToken, v.RefreshToken
 }
 
-// tpOAuthError decodes an OAuth error answer and checks the headers every
+// oauthError decodes an OAuth error answer and checks the headers every
 // answer of the proxy carries.
-func tpOAuthError(t *testing.T, body []byte, hdr http.Header) (code, desc string) {
+func oauthError(t *testing.T, body []byte, hdr http.Header) (code, desc string) {
 	t.Helper()
-	tpCheckHeaders(t, hdr, true)
+	checkNoStoreHeaders(t, hdr, true)
 	var v struct {
 		Error            string `json:"error"`
 		ErrorDescription string `json:"error_description"`
@@ -206,7 +235,7 @@ func tpOAuthError(t *testing.T, body []byte, hdr http.Header) (code, desc string
 	return v.Error, v.ErrorDescription
 }
 
-func tpCheckHeaders(t *testing.T, hdr http.Header, withBody bool) {
+func checkNoStoreHeaders(t *testing.T, hdr http.Header, withBody bool) {
 	t.Helper()
 	if hdr == nil {
 		t.Fatal("no answer")
@@ -226,20 +255,18 @@ func tpCheckHeaders(t *testing.T, hdr http.Header, withBody bool) {
 // works, the old refresh token is then rejected with the fake's own
 // invalid_grant answer, byte for byte, and status 400.
 func TestTokenProxyRefreshRotates(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
-	rec := tpNewRecorder(t, fake)
-	site := tpSiteFor(t, rec, fake)
-	runInProcess(t, tpCaddyfile(nil, site))
+	rig := startProxySites(t, nil)
+	fake, rec, site := rig.fake, rig.rec, rig.sites[0]
 	access0, refresh0 := fake.SeedPair()
 
 	// Fields other than the grant's (scope, junk) are not forwarded.
-	status, body, hdr := tpPost(t, site.base()+"/oauth/token", url.Values{
+	status, body, hdr := postForm(t, site.base()+"/oauth/token", url.Values{
 		"grant_type": {"refresh_token"}, "refresh_token": {refresh0}, "scope": {"everything"}, "foo": {"bar"},
 	}, nil)
 	if status != http.StatusOK {
 		t.Fatalf("refresh: status %d: %s", status, body)
 	}
-	tpCheckHeaders(t, hdr, true)
+	checkNoStoreHeaders(t, hdr, true)
 	up := rec.last(t)
 	if !bytes.Equal(body, up.Body) {
 		t.Errorf("relayed body differs from upstream's:\n got %q\nwant %q", body, up.Body)
@@ -247,10 +274,10 @@ func TestTokenProxyRefreshRotates(t *testing.T) {
 	if want := (url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}); !reflect.DeepEqual(up.Form, want) {
 		t.Errorf("upstream got form %v, want %v", up.Form, want)
 	}
-	if up.Authorization != tpBasic("test-client", "test-secret") || up.ContentType != tpFormType {
+	if up.Authorization != basicCredentials("test-client", "test-secret") || up.ContentType != formContentType {
 		t.Errorf("upstream got Authorization %q, Content-Type %q", up.Authorization, up.ContentType)
 	}
-	access1, refresh1 := tpTokens(t, body)
+	access1, refresh1 := tokenPair(t, body)
 	if access1 == access0 || refresh1 == refresh0 {
 		t.Fatal("the pair did not rotate")
 	}
@@ -265,11 +292,11 @@ func TestTokenProxyRefreshRotates(t *testing.T) {
 	}
 
 	// The old refresh token: invalid_grant, relayed unchanged.
-	status, body, hdr = tpPost(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}, nil)
+	status, body, hdr = postForm(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}, nil)
 	if status != http.StatusBadRequest {
 		t.Fatalf("old refresh token: status %d, want 400: %s", status, body)
 	}
-	if code, _ := tpOAuthError(t, body, hdr); code != "invalid_grant" {
+	if code, _ := oauthError(t, body, hdr); code != "invalid_grant" {
 		t.Errorf("old refresh token: error %q, want invalid_grant", code)
 	}
 	if up := rec.last(t); up.Status != http.StatusBadRequest || !bytes.Equal(body, up.Body) {
@@ -277,11 +304,11 @@ func TestTokenProxyRefreshRotates(t *testing.T) {
 	}
 
 	// The chain goes on with the new refresh token.
-	status, body, _ = tpPost(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil)
+	status, body, _ = postForm(t, site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil)
 	if status != http.StatusOK {
 		t.Fatalf("second refresh: status %d: %s", status, body)
 	}
-	if access2, _ := tpTokens(t, body); !fake.ValidAccessToken(access2) || fake.ValidAccessToken(access1) {
+	if access2, _ := tokenPair(t, body); !fake.ValidAccessToken(access2) || fake.ValidAccessToken(access1) {
 		t.Error("second rotation: the new access token is not the only valid one")
 	}
 	if st := fake.Stats(); st.RefreshOK != 2 || st.InvalidGrant != 1 || st.InvalidClient != 0 {
@@ -292,48 +319,36 @@ func TestTokenProxyRefreshRotates(t *testing.T) {
 // An authorization code is redeemed through the proxy, with Basic and with
 // body client authentication; a second use of the code is invalid_grant.
 func TestTokenProxyAuthorizationCode(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
-	rec := tpNewRecorder(t, fake)
-	basic := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI)
-	body := tpSiteFor(t, rec, fake, "client_auth body", "redirect_uris "+tpRedirectURI)
-	runInProcess(t, tpCaddyfile(nil, basic, body))
+	rig := startProxySites(t, []string{"redirect_uris " + deviceRedirectURI}, []string{"client_auth body", "redirect_uris " + deviceRedirectURI})
+	fake, rec, basic, body := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 
 	for _, tc := range []struct {
 		name string
-		site tpSite
+		site proxySite
 		mode string
 	}{{"basic", basic, "basic"}, {"body", body, "body"}} {
 		t.Run(tc.name, func(t *testing.T) {
-			code := fake.IssueCode(tpRedirectURI)
-			form := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}
-			status, b, hdr := tpPost(t, tc.site.base()+"/oauth/token", form, nil)
+			code := fake.IssueCode(deviceRedirectURI)
+			form := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {deviceRedirectURI}}
+			status, b, hdr := postForm(t, tc.site.base()+"/oauth/token", form, nil)
 			if status != http.StatusOK {
 				t.Fatalf("status %d: %s", status, b)
 			}
-			tpCheckHeaders(t, hdr, true)
+			checkNoStoreHeaders(t, hdr, true)
 			up := rec.last(t)
 			if !bytes.Equal(b, up.Body) {
 				t.Errorf("relayed body differs from upstream's")
 			}
-			if access, _ := tpTokens(t, b); !fake.ValidAccessToken(access) {
+			if access, _ := tokenPair(t, b); !fake.ValidAccessToken(access) {
 				t.Error("the issued access token is not valid at the fake")
 			}
-			want := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}
-			wantAuthz := tpBasic("test-client", "test-secret")
-			if tc.mode == "body" {
-				want.Set("client_id", "test-client")
-				want.Set("client_secret", "test-secret")
-				wantAuthz = ""
-			}
-			if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
-				t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
-			}
+			wantForwarded(t, up, url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {deviceRedirectURI}}, tc.mode == "body")
 
-			status, b, hdr = tpPost(t, tc.site.base()+"/oauth/token", form, nil)
+			status, b, hdr = postForm(t, tc.site.base()+"/oauth/token", form, nil)
 			if status != http.StatusBadRequest {
 				t.Fatalf("reused code: status %d, want 400: %s", status, b)
 			}
-			if code, _ := tpOAuthError(t, b, hdr); code != "invalid_grant" || !bytes.Equal(b, rec.last(t).Body) {
+			if code, _ := oauthError(t, b, hdr); code != "invalid_grant" || !bytes.Equal(b, rec.last(t).Body) {
 				t.Errorf("reused code: got %s, want the fake's invalid_grant unchanged", b)
 			}
 		})
@@ -346,15 +361,12 @@ func TestTokenProxyAuthorizationCode(t *testing.T) {
 // Whatever client credentials a device sends (a wrong secret as form fields,
 // as Basic, or both) are dropped; the configured ones are used.
 func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
-	rec := tpNewRecorder(t, fake)
-	basic := tpSiteFor(t, rec, fake)
-	body := tpSiteFor(t, rec, fake, "client_auth body")
-	runInProcess(t, tpCaddyfile(nil, basic, body))
+	rig := startProxySites(t, nil, []string{"client_auth body"})
+	fake, rec, basic, body := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 
 	for _, site := range []struct {
 		name string
-		tpSite
+		proxySite
 	}{{"basic", basic}, {"body", body}} {
 		for _, dev := range []struct {
 			name      string
@@ -362,8 +374,8 @@ func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
 			authorize string
 		}{
 			{"form fields", url.Values{"client_id": {"evil-client"}, "client_secret": {"wrong-secret"}}, ""},
-			{"basic", nil, tpBasic("evil-client", "wrong-secret")},
-			{"both", url.Values{"client_secret": {"wrong-secret"}}, tpBasic("test-client", "wrong-secret")},
+			{"basic", nil, basicCredentials("evil-client", "wrong-secret")},
+			{"both", url.Values{"client_secret": {"wrong-secret"}}, basicCredentials("test-client", "wrong-secret")},
 		} {
 			t.Run(site.name+"/"+dev.name, func(t *testing.T) {
 				_, refresh := fake.SeedPair()
@@ -375,21 +387,11 @@ func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
 				if dev.authorize != "" {
 					hdr = map[string]string{"Authorization": dev.authorize}
 				}
-				status, b, _ := tpPost(t, site.base()+"/oauth/token", form, hdr)
+				status, b, _ := postForm(t, site.base()+"/oauth/token", form, hdr)
 				if status != http.StatusOK {
 					t.Fatalf("status %d: %s", status, b)
 				}
-				up := rec.last(t)
-				want := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
-				wantAuthz := tpBasic("test-client", "test-secret")
-				if site.name == "body" {
-					want.Set("client_id", "test-client")
-					want.Set("client_secret", "test-secret")
-					wantAuthz = ""
-				}
-				if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
-					t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
-				}
+				wantForwarded(t, rec.last(t), url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, site.name == "body")
 			})
 		}
 	}
@@ -401,10 +403,8 @@ func TestTokenProxyIgnoresDeviceCredentials(t *testing.T) {
 // Every refusal is answered by the proxy itself, as an OAuth JSON error, and
 // nothing reaches upstream.
 func TestTokenProxyRefusals(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
-	rec := tpNewRecorder(t, fake)
-	site := tpSiteFor(t, rec, fake, "redirect_uris "+tpRedirectURI)
-	runInProcess(t, tpCaddyfile(nil, site))
+	rig := startProxySites(t, []string{"redirect_uris " + deviceRedirectURI})
+	fake, rec, site := rig.fake, rig.rec, rig.sites[0]
 	_, refresh := fake.SeedPair()
 	tokenURL, revokeURL := site.base()+"/oauth/token", site.base()+"/oauth/revoke"
 	form := func(kv ...string) []byte {
@@ -414,7 +414,7 @@ func TestTokenProxyRefusals(t *testing.T) {
 		}
 		return []byte(v.Encode())
 	}
-	formHdr := map[string]string{"Content-Type": tpFormType}
+	formHdr := map[string]string{"Content-Type": formContentType}
 	// The padding goes last, after the grant's fields.
 	padded := func(size int) []byte {
 		b := []byte("grant_type=refresh_token&refresh_token=" + refresh + "&pad=")
@@ -443,12 +443,12 @@ func TestTokenProxyRefusals(t *testing.T) {
 		{"no refresh_token", http.MethodPost, tokenURL, form("grant_type", "refresh_token"), formHdr, false, 400, "invalid_request", "refresh_token"},
 		{"empty refresh_token", http.MethodPost, tokenURL, form("grant_type", "refresh_token", "refresh_token", ""), formHdr, false, 400, "invalid_request", "refresh_token"},
 		{"repeated refresh_token", http.MethodPost, tokenURL, form("grant_type", "refresh_token", "refresh_token", refresh, "refresh_token", "rt_other"), formHdr, false, 400, "invalid_request", "repeated"},
-		{"no code", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "redirect_uri", tpRedirectURI), formHdr, false, 400, "invalid_request", "code"},
+		{"no code", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "redirect_uri", deviceRedirectURI), formHdr, false, 400, "invalid_request", "code"},
 		{"no redirect_uri", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c"), formHdr, false, 400, "invalid_request", "redirect_uri"},
 		{"unlisted redirect_uri", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", "https://evil.example/callback"), formHdr, false, 400, "invalid_request", "redirect_uris"},
-		{"short code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", tpRedirectURI, "code_verifier", "abc"), formHdr, false, 400, "invalid_request", "RFC 7636"},
-		{"empty code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", tpRedirectURI, "code_verifier", ""), formHdr, false, 400, "invalid_request", "code_verifier"},
-		{"repeated code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", tpRedirectURI,
+		{"short code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", deviceRedirectURI, "code_verifier", "abc"), formHdr, false, 400, "invalid_request", "RFC 7636"},
+		{"empty code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", deviceRedirectURI, "code_verifier", ""), formHdr, false, 400, "invalid_request", "code_verifier"},
+		{"repeated code_verifier", http.MethodPost, tokenURL, form("grant_type", "authorization_code", "code", "c", "redirect_uri", deviceRedirectURI,
 			"code_verifier", strings.Repeat("v", 43), "code_verifier", strings.Repeat("w", 43)), formHdr, false, 400, "invalid_request", "repeated"},
 		{"malformed form", http.MethodPost, tokenURL, []byte("grant_type=refresh_token&refresh_token=%zz"), formHdr, false, 400, "invalid_request", "malformed"},
 		{"body over 64 KiB", http.MethodPost, tokenURL, big, formHdr, false, 413, "invalid_request", "64 KiB"},
@@ -481,7 +481,7 @@ func TestTokenProxyRefusals(t *testing.T) {
 			if resp.StatusCode != tc.status {
 				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, b)
 			}
-			code, desc := tpOAuthError(t, b, resp.Header)
+			code, desc := oauthError(t, b, resp.Header)
 			if code != tc.code || !strings.Contains(desc, tc.descPart) {
 				t.Errorf("got %s, want error %q with %q in the description", b, tc.code, tc.descPart)
 			}
@@ -508,15 +508,12 @@ func TestTokenProxyRefusals(t *testing.T) {
 // POST …/revoke forwards the token with the client credentials; the revoked
 // pair stops working at the fake.
 func TestTokenProxyRevoke(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
-	rec := tpNewRecorder(t, fake)
-	site := tpSiteFor(t, rec, fake)
-	body := tpSiteFor(t, rec, fake, "client_auth body")
-	runInProcess(t, tpCaddyfile(nil, site, body))
+	rig := startProxySites(t, nil, []string{"client_auth body"})
+	fake, rec, site, body := rig.fake, rig.rec, rig.sites[0], rig.sites[1]
 
 	for _, tc := range []struct {
 		name string
-		site tpSite
+		site proxySite
 		hint string
 	}{{"basic with hint", site, "refresh_token"}, {"body without hint", body, ""}, {"basic access_token hint", site, "access_token"}} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -531,29 +528,21 @@ func TestTokenProxyRevoke(t *testing.T) {
 				form.Set("token_type_hint", tc.hint)
 				want.Set("token_type_hint", tc.hint)
 			}
-			status, b, hdr := tpPost(t, tc.site.base()+"/oauth/revoke", form, map[string]string{"Authorization": tpBasic("evil", "wrong-secret")})
+			status, b, hdr := postForm(t, tc.site.base()+"/oauth/revoke", form, map[string]string{"Authorization": basicCredentials("evil", "wrong-secret")})
 			if status != http.StatusOK {
 				t.Fatalf("revoke: status %d: %s", status, b)
 			}
-			tpCheckHeaders(t, hdr, false)
+			checkNoStoreHeaders(t, hdr, false)
 			up := rec.last(t)
 			if up.Path != "/oauth/revoke" || !bytes.Equal(b, up.Body) {
 				t.Errorf("upstream call %s answered %q, device got %q", up.Path, up.Body, b)
 			}
-			wantAuthz := tpBasic("test-client", "test-secret")
-			if tc.site.Port == body.Port {
-				want.Set("client_id", "test-client")
-				want.Set("client_secret", "test-secret")
-				wantAuthz = ""
-			}
-			if !reflect.DeepEqual(up.Form, want) || up.Authorization != wantAuthz {
-				t.Errorf("upstream got form %v and Authorization %q; want %v and %q", up.Form, up.Authorization, want, wantAuthz)
-			}
+			wantForwarded(t, up, want, tc.site.Port == body.Port)
 			if fake.ValidAccessToken(access) {
 				t.Error("the access token still works after revocation")
 			}
-			status, b, hdr = tpPost(t, tc.site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, nil)
-			if code, _ := tpOAuthError(t, b, hdr); status != http.StatusBadRequest || code != "invalid_grant" {
+			status, b, hdr = postForm(t, tc.site.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}, nil)
+			if code, _ := oauthError(t, b, hdr); status != http.StatusBadRequest || code != "invalid_grant" {
 				t.Errorf("refresh after revocation: status %d: %s", status, b)
 			}
 		})
@@ -563,159 +552,23 @@ func TestTokenProxyRevoke(t *testing.T) {
 	}
 }
 
-// Upstream failures: a JSON error answer (SetDown) is relayed unchanged;
-// no answer, or an unusable one, is the proxy's own 502 (504 on timeout).
-func TestTokenProxyUpstreamDown(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{})
-	rec := tpNewRecorder(t, fake)
-	site := tpSiteFor(t, rec, fake)
-	short := tpSiteFor(t, rec, fake, "timeout 500ms")
-	closed := tpSite{Port: freePort(t), Lines: []string{
-		"client_id test-client",
-		"client_secret test-secret",
-		fmt.Sprintf("token_url http://127.0.0.1:%d/oauth/token", freePort(t)),
-		fmt.Sprintf("revoke_url http://127.0.0.1:%d/oauth/revoke", freePort(t)),
-	}}
-	runInProcess(t, tpCaddyfile(nil, site, short, closed))
-	_, refresh := fake.SeedPair()
-	refreshForm := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
-
-	t.Run("SetDown 503 relayed", func(t *testing.T) {
-		fake.SetDown(http.StatusServiceUnavailable)
-		defer fake.SetDown(0)
-		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
-		if status != http.StatusServiceUnavailable {
-			t.Fatalf("status %d, want 503: %s", status, b)
-		}
-		if code, _ := tpOAuthError(t, b, hdr); code != "server_error" || !bytes.Equal(b, rec.last(t).Body) {
-			t.Errorf("got %q, want the fake's body %q", b, rec.last(t).Body)
-		}
-	})
-	t.Run("429 relayed with Retry-After", func(t *testing.T) {
-		fake.SetRetryAfter(7)
-		fake.SetFault(fakerestream.Fault429)
-		defer fake.SetFault(fakerestream.FaultNone)
-		status, b, hdr := tpPost(t, site.base()+"/oauth/token", refreshForm, nil)
-		if status != http.StatusTooManyRequests || hdr.Get("Retry-After") != "7" || !bytes.Equal(b, rec.last(t).Body) {
-			t.Errorf("status %d, Retry-After %q: %s", status, hdr.Get("Retry-After"), b)
-		}
-	})
-	for _, tc := range []struct {
-		name     string
-		site     tpSite
-		fault    fakerestream.Fault
-		url      string
-		status   int
-		code     string
-		descPart string
-	}{
-		{"closed port", closed, fakerestream.FaultNone, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
-		{"closed port revoke", closed, fakerestream.FaultNone, "/oauth/revoke", 502, "temporarily_unavailable", "unreachable"},
-		{"refused", site, fakerestream.FaultRefuse, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
-		{"HTML 502", site, fakerestream.FaultHTML, "/oauth/token", 502, "server_error", "HTML page"},
-		{"200 garbage", site, fakerestream.FaultGarbage, "/oauth/token", 502, "server_error", "non-JSON"},
-		{"200 over 1 MiB", site, fakerestream.FaultHuge, "/oauth/token", 502, "server_error", "more than 1048576 bytes"},
-		{"hang", short, fakerestream.FaultHang, "/oauth/token", 504, "temporarily_unavailable", "within 500ms"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			fake.SetFault(tc.fault)
-			defer fake.SetFault(fakerestream.FaultNone)
-			form := refreshForm
-			if strings.HasSuffix(tc.url, "revoke") {
-				form = url.Values{"token": {refresh}}
-			}
-			start := time.Now()
-			status, b, hdr := tpPost(t, tc.site.base()+tc.url, form, nil)
-			if status != tc.status {
-				t.Fatalf("status %d, want %d: %s", status, tc.status, b)
-			}
-			code, desc := tpOAuthError(t, b, hdr)
-			if code != tc.code || !strings.Contains(desc, tc.descPart) {
-				t.Errorf("got %s, want %q with %q", b, tc.code, tc.descPart)
-			}
-			if tc.fault == fakerestream.FaultHang && time.Since(start) > 5*time.Second {
-				t.Errorf("the timeout did not bound the call: %s", time.Since(start))
-			}
-			mustContainNone(t, "error answer", string(b), append(fake.IssuedTokens(), "test-secret")...)
-		})
-	}
-	// Nothing above rotated: the seed still works.
-	if status, b, _ := tpPost(t, site.base()+"/oauth/token", refreshForm, nil); status != http.StatusOK {
-		t.Errorf("after the outages: status %d: %s", status, b)
-	}
-}
-
-// A device that hangs up mid-refresh does not cancel the upstream call: the
-// endpoint's rotation completes for the proxy (the fake counts rotations
-// whose caller went away as lost).
-func TestTokenProxyDetachedFromClient(t *testing.T) {
-	fake := tpNewFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
-	site := tpSite{Port: freePort(t), Lines: []string{
-		"client_id test-client",
-		"client_secret test-secret",
-		"token_url " + fake.TokenURL(),
-		"timeout 5s",
-	}}
-	runInProcess(t, tpCaddyfile(nil, site))
-	_, refresh := fake.SeedPair()
-
-	// The device hangs up once its refresh is in progress at the fake.
-	ctx, hangUp := context.WithCancel(context.Background())
-	defer hangUp()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, site.base()+"/oauth/token",
-		strings.NewReader(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}.Encode()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", tpFormType)
-	answered := make(chan error, 1)
-	go func() {
-		resp, err := http.DefaultClient.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			err = fmt.Errorf("the device got an answer (%d) before the fake's latency", resp.StatusCode)
-		} else {
-			err = nil
-		}
-		answered <- err
-	}()
-	waitFor(t, 10*time.Second, "the refresh to reach the fake", func() bool { return fake.Stats().RefreshInFlight == 1 })
-	hangUp()
-	if err := <-answered; err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "the upstream refresh to finish", func() bool {
-		st := fake.Stats()
-		return st.RefreshCalls == 1 && st.RefreshInFlight == 0
-	})
-	if st := fake.Stats(); st.RefreshOK != 1 || st.LostRotations != 0 {
-		t.Errorf("fake stats %+v: want one rotation, completed for a caller still there", st)
-	}
-}
-
 // Secrets from {env.*} placeholders, tokens and codes passing through, and
 // credentials a device sends never reach the logs, even at DEBUG with
 // `servers { trace }` and access logs.
 func TestTokenProxyNoSecretsInLogs(t *testing.T) {
 	const secret = "cs_tokenproxy_secret_5d4c3b"
-	fake := tpNewFake(t, fakerestream.Options{ClientID: "tp-client", ClientSecret: secret, Logf: func(string, ...any) {}})
+	fake := newFake(t, fakerestream.Options{ClientID: "tp-client", ClientSecret: secret, Logf: func(string, ...any) {}})
 	t.Setenv("TP_TEST_CLIENT_ID", "tp-client")
 	t.Setenv("TP_TEST_CLIENT_SECRET", secret)
 	dir := t.TempDir()
 	serverLog, accessLog := filepath.Join(dir, "server.log"), filepath.Join(dir, "access.log")
-	port := freePort(t)
+	port := testproc.Port(t)
 	revokeURL := strings.TrimSuffix(fake.TokenURL(), "/token") + "/revoke"
 	runInProcess(t, fmt.Sprintf(`{
 	admin off
 	auto_https off
 	persist_config off
-	log {
-		output file %s
-		level DEBUG
-	}
-	servers {
-		trace
-	}
+	%s
 }
 
 http://127.0.0.1:%d {
@@ -731,37 +584,37 @@ http://127.0.0.1:%d {
 		redirect_uris %s
 	}
 }
-`, serverLog, port, accessLog, fake.TokenURL(), revokeURL, tpRedirectURI))
+`, debugLogOptions(serverLog), port, accessLog, fake.TokenURL(), revokeURL, deviceRedirectURI))
 	base := "http://127.0.0.1:" + itoa(port)
-	device := map[string]string{"Authorization": tpBasic("device-id", "device-secret-must-not-log")}
-	code := fake.IssueCode(tpRedirectURI)
+	device := map[string]string{"Authorization": basicCredentials("device-id", "device-secret-must-not-log")}
+	code := fake.IssueCode(deviceRedirectURI)
 	_, refresh0 := fake.SeedPair()
 
-	st, b, _ := tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0},
+	st, b, _ := postForm(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0},
 		"client_secret": {"form-secret-must-not-log"}}, device)
 	if st != http.StatusOK {
 		t.Fatalf("refresh: %d %s", st, b)
 	}
-	_, refresh1 := tpTokens(t, b)
-	if st, b, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}, nil); st != http.StatusBadRequest {
+	_, refresh1 := tokenPair(t, b)
+	if st, b, _ = postForm(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh0}}, nil); st != http.StatusBadRequest {
 		t.Fatalf("reuse: %d %s", st, b)
 	}
-	if st, b, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {tpRedirectURI}}, device); st != http.StatusOK {
+	if st, b, _ = postForm(t, base+"/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {deviceRedirectURI}}, device); st != http.StatusOK {
 		t.Fatalf("code: %d %s", st, b)
 	}
-	if st, b, _ = tpPost(t, base+"/revoke", url.Values{"token": {refresh1}}, nil); st != http.StatusOK {
+	if st, b, _ = postForm(t, base+"/revoke", url.Values{"token": {refresh1}}, nil); st != http.StatusOK {
 		t.Fatalf("revoke: %d %s", st, b)
 	}
-	if st, _, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"password"}, "password": {"pw-must-not-log"}}, nil); st != http.StatusBadRequest {
+	if st, _, _ = postForm(t, base+"/token", url.Values{"grant_type": {"password"}, "password": {"pw-must-not-log"}}, nil); st != http.StatusBadRequest {
 		t.Fatalf("password grant: %d", st)
 	}
 	fake.SetDown(http.StatusInternalServerError)
-	if st, _, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil); st != http.StatusInternalServerError {
+	if st, _, _ = postForm(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil); st != http.StatusInternalServerError {
 		t.Fatalf("down: %d", st)
 	}
 	fake.SetDown(0)
 	fake.SetFault(fakerestream.FaultGarbage)
-	if st, _, _ = tpPost(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil); st != http.StatusBadGateway {
+	if st, _, _ = postForm(t, base+"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh1}}, nil); st != http.StatusBadGateway {
 		t.Fatalf("garbage: %d", st)
 	}
 	fake.SetFault(fakerestream.FaultNone)
@@ -769,14 +622,7 @@ http://127.0.0.1:%d {
 	if err := caddy.Stop(); err != nil { // flush logs
 		t.Fatal(err)
 	}
-	logs := ""
-	for _, f := range []string{serverLog, accessLog} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		logs += string(b)
-	}
+	logs := readFiles(t, serverLog, accessLog)
 	for _, want := range []string{`"msg":"token proxy call"`, `"grant_type":"refresh_token"`, `"grant_type":"authorization_code"`,
 		`"grant_type":"revoke"`, `"upstream_status":400`, `"failure":"unusable"`, "refused token proxy request", `"msg":"restream_token_proxy","module":{"token_url"`} {
 		if !strings.Contains(logs, want) {

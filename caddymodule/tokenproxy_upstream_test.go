@@ -1,6 +1,8 @@
 package caddymodule_test
 
 import (
+	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -13,22 +15,26 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // Tests of what restream_token_proxy relays from upstream: never the client
 // secret, however the endpoint echoes it, and never a redirect.
 
-// tpEchoSecret has what an endpoint's echo needs: characters that JSON and
+// echoedSecret has what an endpoint's echo needs: characters that JSON and
 // URL encodings change.
-const tpEchoSecret = `cs_T0p/s3cr3t+&="é x<y>`
+const echoedSecret = `cs_T0p/s3cr3t+&="é x<y>`
 
-// tpNewEcho is a token endpoint that echoes the request it got (headers,
+// newEchoUpstream is a token endpoint that echoes the request it got (headers,
 // raw form, the decoded Basic secret, in several encodings) in its answer:
 // 401 invalid_client for /oauth/token?, 200 with a token for a form with
 // code=ok, 429 for code=slow; it also echoes the secret in headers.
-func tpNewEcho(t *testing.T) *httptest.Server {
+func newEchoUpstream(t *testing.T) *httptest.Server {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		raw, _ := io.ReadAll(r.Body)
@@ -81,10 +87,10 @@ func tpNewEcho(t *testing.T) *httptest.Server {
 // URL-encoded, or inside the Basic credentials, it is redacted; the answer
 // stays JSON with its status, and the log says so without the secret.
 func TestTokenProxyRedactsEchoedSecret(t *testing.T) {
-	echo := tpNewEcho(t)
-	t.Setenv("TP_ECHO_SECRET", tpEchoSecret)
+	echo := newEchoUpstream(t)
+	t.Setenv("TP_ECHO_SECRET", echoedSecret)
 	logFile := filepath.Join(t.TempDir(), "server.log")
-	basic, body := freePort(t), freePort(t)
+	basic, body := testproc.Port(t), testproc.Port(t)
 	site := func(port int, auth string) string {
 		return fmt.Sprintf(`
 http://127.0.0.1:%d {
@@ -96,21 +102,21 @@ http://127.0.0.1:%d {
 		redirect_uris %s
 	}
 }
-`, port, echo.URL, auth, tpRedirectURI)
+`, port, echo.URL, auth, deviceRedirectURI)
 	}
 	runInProcess(t, fmt.Sprintf("{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n\tlog {\n\t\toutput file %s\n\t\tlevel DEBUG\n\t}\n}\n", logFile)+
 		site(basic, "basic")+site(body, "body"))
 
-	basicCred := base64.StdEncoding.EncodeToString([]byte("test-client:" + tpEchoSecret))
-	forms := []string{tpEchoSecret, url.QueryEscape(tpEchoSecret), url.PathEscape(tpEchoSecret), basicCred, strings.TrimRight(basicCred, "=")}
+	basicCred := base64.StdEncoding.EncodeToString([]byte("test-client:" + echoedSecret))
+	forms := []string{echoedSecret, url.QueryEscape(echoedSecret), url.PathEscape(echoedSecret), basicCred, strings.TrimRight(basicCred, "=")}
 	for _, port := range []int{basic, body} {
 		for _, tc := range []struct {
 			code   string
 			status int
 		}{{"bad", http.StatusUnauthorized}, {"ok", http.StatusOK}, {"slow", http.StatusTooManyRequests}, {"slow-basic", http.StatusTooManyRequests}} {
 			t.Run(fmt.Sprintf("%d/%s", port, tc.code), func(t *testing.T) {
-				status, b, hdr := tpPost(t, "http://127.0.0.1:"+itoa(port)+"/token", url.Values{"grant_type": {"authorization_code"},
-					"code": {tc.code}, "redirect_uri": {tpRedirectURI}}, nil)
+				status, b, hdr := postForm(t, "http://127.0.0.1:"+itoa(port)+"/token", url.Values{"grant_type": {"authorization_code"},
+					"code": {tc.code}, "redirect_uri": {deviceRedirectURI}}, nil)
 				if status != tc.status {
 					t.Fatalf("status %d, want %d: %s", status, tc.status, b)
 				}
@@ -170,15 +176,15 @@ http://127.0.0.1:%d {
 	mustContainNone(t, "logs", string(logs), forms...)
 }
 
-// tpTrap is a server that must never be called: it counts what reaches it.
-type tpTrap struct {
+// redirectTrap is a server that must never be called: it counts what reaches it.
+type redirectTrap struct {
 	srv   *httptest.Server
 	mu    sync.Mutex
 	calls []string
 }
 
-func tpNewTrap(t *testing.T) *tpTrap {
-	trap := &tpTrap{}
+func newRedirectTrap(t *testing.T) *redirectTrap {
+	trap := &redirectTrap{}
 	trap.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		trap.mu.Lock()
@@ -191,7 +197,7 @@ func tpNewTrap(t *testing.T) *tpTrap {
 	return trap
 }
 
-func (trap *tpTrap) count() int {
+func (trap *redirectTrap) count() int {
 	trap.mu.Lock()
 	defer trap.mu.Unlock()
 	return len(trap.calls)
@@ -201,7 +207,7 @@ func (trap *tpTrap) count() int {
 // gets a 502 that says so, the log names the failure, and the redirect
 // target receives nothing.
 func TestTokenProxyRefusesRedirects(t *testing.T) {
-	trap := tpNewTrap(t)
+	trap := newRedirectTrap(t)
 	var status int
 	var mu sync.Mutex
 	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -215,7 +221,7 @@ func TestTokenProxyRefusesRedirects(t *testing.T) {
 	}))
 	t.Cleanup(redirector.Close)
 	logFile := filepath.Join(t.TempDir(), "server.log")
-	port := freePort(t)
+	port := testproc.Port(t)
 	for _, auth := range []string{"basic", "body"} {
 		t.Run(auth, func(t *testing.T) {
 			runInProcess(t, fmt.Sprintf(`{
@@ -249,8 +255,8 @@ http://127.0.0.1:%d {
 					{"/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {"rt_device"}}},
 					{"/revoke", url.Values{"token": {"rt_device"}}},
 				} {
-					got, b, hdr := tpPost(t, base+call.path, call.form, nil)
-					code, desc := tpOAuthError(t, b, hdr)
+					got, b, hdr := postForm(t, base+call.path, call.form, nil)
+					code, desc := oauthError(t, b, hdr)
 					if got != http.StatusBadGateway || code != "server_error" || !strings.Contains(desc, "redirect") || !strings.Contains(desc, itoa(st)) {
 						t.Errorf("%d on %s: device got %d: %s", st, call.path, got, b)
 					}
@@ -272,4 +278,134 @@ http://127.0.0.1:%d {
 		t.Errorf("%d log lines name the redirect, want 20", n)
 	}
 	mustContainNone(t, "logs", string(logs), "test-secret", trap.srv.URL)
+}
+
+// Upstream failures: a JSON error answer (SetDown) is relayed unchanged;
+// no answer, or an unusable one, is the proxy's own 502 (504 on timeout).
+func TestTokenProxyUpstreamDown(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{})
+	rec := newUpstreamRecorder(t, fake)
+	site := proxySiteFor(t, rec, fake)
+	short := proxySiteFor(t, rec, fake, "timeout 500ms")
+	closed := proxySite{Port: testproc.Port(t), Lines: []string{
+		"client_id test-client",
+		"client_secret test-secret",
+		fmt.Sprintf("token_url http://127.0.0.1:%d/oauth/token", testproc.Port(t)),
+		fmt.Sprintf("revoke_url http://127.0.0.1:%d/oauth/revoke", testproc.Port(t)),
+	}}
+	runInProcess(t, proxyCaddyfile(nil, site, short, closed))
+	_, refresh := fake.SeedPair()
+	refreshForm := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}
+
+	t.Run("SetDown 503 relayed", func(t *testing.T) {
+		fake.SetDown(http.StatusServiceUnavailable)
+		defer fake.SetDown(0)
+		status, b, hdr := postForm(t, site.base()+"/oauth/token", refreshForm, nil)
+		if status != http.StatusServiceUnavailable {
+			t.Fatalf("status %d, want 503: %s", status, b)
+		}
+		if code, _ := oauthError(t, b, hdr); code != "server_error" || !bytes.Equal(b, rec.last(t).Body) {
+			t.Errorf("got %q, want the fake's body %q", b, rec.last(t).Body)
+		}
+	})
+	t.Run("429 relayed with Retry-After", func(t *testing.T) {
+		fake.SetRetryAfter(7)
+		fake.SetFault(fakerestream.Fault429)
+		defer fake.SetFault(fakerestream.FaultNone)
+		status, b, hdr := postForm(t, site.base()+"/oauth/token", refreshForm, nil)
+		if status != http.StatusTooManyRequests || hdr.Get("Retry-After") != "7" || !bytes.Equal(b, rec.last(t).Body) {
+			t.Errorf("status %d, Retry-After %q: %s", status, hdr.Get("Retry-After"), b)
+		}
+	})
+	for _, tc := range []struct {
+		name     string
+		site     proxySite
+		fault    fakerestream.Fault
+		url      string
+		status   int
+		code     string
+		descPart string
+	}{
+		{"closed port", closed, fakerestream.FaultNone, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
+		{"closed port revoke", closed, fakerestream.FaultNone, "/oauth/revoke", 502, "temporarily_unavailable", "unreachable"},
+		{"refused", site, fakerestream.FaultRefuse, "/oauth/token", 502, "temporarily_unavailable", "unreachable"},
+		{"HTML 502", site, fakerestream.FaultHTML, "/oauth/token", 502, "server_error", "HTML page"},
+		{"200 garbage", site, fakerestream.FaultGarbage, "/oauth/token", 502, "server_error", "non-JSON"},
+		{"200 over 1 MiB", site, fakerestream.FaultHuge, "/oauth/token", 502, "server_error", "more than 1048576 bytes"},
+		{"hang", short, fakerestream.FaultHang, "/oauth/token", 504, "temporarily_unavailable", "within 500ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake.SetFault(tc.fault)
+			defer fake.SetFault(fakerestream.FaultNone)
+			form := refreshForm
+			if strings.HasSuffix(tc.url, "revoke") {
+				form = url.Values{"token": {refresh}}
+			}
+			start := time.Now()
+			status, b, hdr := postForm(t, tc.site.base()+tc.url, form, nil)
+			if status != tc.status {
+				t.Fatalf("status %d, want %d: %s", status, tc.status, b)
+			}
+			code, desc := oauthError(t, b, hdr)
+			if code != tc.code || !strings.Contains(desc, tc.descPart) {
+				t.Errorf("got %s, want %q with %q", b, tc.code, tc.descPart)
+			}
+			if tc.fault == fakerestream.FaultHang && time.Since(start) > 5*time.Second {
+				t.Errorf("the timeout did not bound the call: %s", time.Since(start))
+			}
+			mustContainNone(t, "error answer", string(b), append(fake.IssuedTokens(), "test-secret")...)
+		})
+	}
+	// Nothing above rotated: the seed still works.
+	if status, b, _ := postForm(t, site.base()+"/oauth/token", refreshForm, nil); status != http.StatusOK {
+		t.Errorf("after the outages: status %d: %s", status, b)
+	}
+}
+
+// A device that hangs up mid-refresh does not cancel the upstream call: the
+// endpoint's rotation completes for the proxy (the fake counts rotations
+// whose caller went away as lost).
+func TestTokenProxyDetachedFromClient(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Latency: 800 * time.Millisecond})
+	site := proxySite{Port: testproc.Port(t), Lines: []string{
+		"client_id test-client",
+		"client_secret test-secret",
+		"token_url " + fake.TokenURL(),
+		"timeout 5s",
+	}}
+	runInProcess(t, proxyCaddyfile(nil, site))
+	_, refresh := fake.SeedPair()
+
+	// The device hangs up once its refresh is in progress at the fake.
+	ctx, hangUp := context.WithCancel(context.Background())
+	defer hangUp()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, site.base()+"/oauth/token",
+		strings.NewReader(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}}.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", formContentType)
+	answered := make(chan error, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			err = fmt.Errorf("the device got an answer (%d) before the fake's latency", resp.StatusCode)
+		} else {
+			err = nil
+		}
+		answered <- err
+	}()
+	waitFor(t, 10*time.Second, "the refresh to reach the fake", func() bool { return fake.Stats().RefreshInFlight == 1 })
+	hangUp()
+	if err := <-answered; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the upstream refresh to finish", func() bool {
+		st := fake.Stats()
+		return st.RefreshCalls == 1 && st.RefreshInFlight == 0
+	})
+	if st := fake.Stats(); st.RefreshOK != 1 || st.LostRotations != 0 {
+		t.Errorf("fake stats %+v: want one rotation, completed for a caller still there", st)
+	}
 }

@@ -13,7 +13,9 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // wsSite is a sidecar laid out like caddyfile.example: one restream_auth
@@ -89,7 +91,7 @@ func startWSSite(t *testing.T, opts fakerestream.Options, extra string) (wsSite,
 	t.Cleanup(fake.Close)
 	ws := fakerestream.NewWebsocket(fake)
 	t.Cleanup(ws.Close)
-	site := wsSite{Port: freePort(t), StorageDir: t.TempDir(), Fake: fake, WS: ws, Seed: fake.Seed(), Extra: extra}
+	site := wsSite{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, WS: ws, Seed: fake.Seed(), Extra: extra}
 	runInProcess(t, site.Caddyfile())
 	return site, "127.0.0.1:" + itoa(site.Port)
 }
@@ -205,7 +207,7 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 	if status != http.StatusOK {
 		t.Fatalf("REST: %d %s", status, body)
 	}
-	if e := decodeEcho(t, body); e.Authorization != "Bearer "+tok || e.AccessTokenQ != "" {
+	if e := decodeEcho(t, body); e.Authorization != "Bearer "+tok || e.AccessTokenQuery != "" {
 		t.Fatalf("REST route: Authorization is not the websocket's token, or accessToken was added (%q)", e.Query)
 	}
 
@@ -216,7 +218,7 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 		t.Fatalf("plain request through the query_param route: %d %s", status, body)
 	}
 	e := decodeEcho(t, body)
-	if e.Authorization != "Bearer "+tok || e.AccessTokenQ != tok || e.Path != "/v2/user/profile" ||
+	if e.Authorization != "Bearer "+tok || e.AccessTokenQuery != tok || e.Path != "/v2/user/profile" ||
 		strings.Contains(e.Query, "bogus") || strings.Count(e.Query, "accessToken=") != 1 ||
 		!strings.HasPrefix(e.Query, "a=1&b=2&") {
 		t.Fatalf("plain request through the query_param route arrived as path %q, query with %d accessToken(s), bogus kept: %v",
@@ -247,6 +249,7 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 // connection gets the current token. A client that is dropped by the real
 // service at expiry reconnects and so gets the current token.
 func TestWebsocketRotationOpenAndNewConnections(t *testing.T) {
+	skipIfShort(t, "waits for rotations of 2-second tokens")
 	site, addr := startWSSite(t, fakerestream.Options{AccessTTL: 2 * time.Second}, "refresh_ahead 1s")
 	ctx := wsTestCtx(t)
 	u := "ws://" + addr + "/chat/ws"
@@ -339,26 +342,14 @@ func TestWebsocketExampleRoutesShareSettings(t *testing.T) {
 	}
 	var handlers []map[string]any
 	dials := map[string]bool{}
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case map[string]any:
-			if v["handler"] == "restream_auth" {
-				handlers = append(handlers, v)
-			}
-			if d, ok := v["dial"].(string); ok {
-				dials[d] = true
-			}
-			for _, x := range v {
-				walk(x)
-			}
-		case []any:
-			for _, x := range v {
-				walk(x)
-			}
+	caddymodule.WalkJSON(cfg, func(m map[string]any) {
+		if m["handler"] == "restream_auth" {
+			handlers = append(handlers, m)
 		}
-	}
-	walk(cfg)
+		if d, ok := m["dial"].(string); ok {
+			dials[d] = true
+		}
+	})
 	if len(handlers) != 3 {
 		t.Fatalf("found %d restream_auth handlers, want 3 (REST, chat, streaming)", len(handlers))
 	}

@@ -3,25 +3,19 @@ package caddymodule
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 )
 
 func TestCaddyfileFullBlock(t *testing.T) {
-	for _, tc := range []struct {
-		name, input string
-		want        Handler
-	}{
+	checkCaddyfileCases(t, []caddyfileCase[Handler]{
 		{
 			name: "every subdirective",
 			input: `restream_auth main-acct {
@@ -111,30 +105,16 @@ func TestCaddyfileFullBlock(t *testing.T) {
 }`,
 			want: Handler{ClientID: "id", ClientSecret: "secret", TokenURL: "http://[::1]:9/oauth/token"},
 		},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var got Handler
-			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
-				t.Fatalf("unexpected error: %v", err)
-			}
-			if !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("got\n%+v\nwant\n%+v", got, tc.want)
-			}
-		})
-	}
+	})
 }
 
 func TestCaddyfileErrors(t *testing.T) {
 	// block wraps subdirective lines into a valid block; the first of them
-	// is on line 2.
+	// is on line 4.
 	block := func(lines ...string) string {
 		return "restream_auth {\n\tclient_id id\n\tclient_secret secret\n\t" + strings.Join(lines, "\n\t") + "\n}"
 	}
-	for _, tc := range []struct {
-		name, input string
-		reason      string // substring of the error
-		line        int
-	}{
+	checkCaddyfileErrors[Handler](t, []caddyfileErrorCase{
 		{"unknown subdirective", block("client_idd x"), `unknown subdirective "client_idd"`, 4},
 		{"missing value", block("timeout 1s", "client_id"), "client_id: expected one value", 5},
 		{"missing value before closing brace", block("query_param"), "query_param: expected one value", 4},
@@ -176,22 +156,7 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"bad account name", "restream_auth ../etc {\n\tclient_id id\n\tclient_secret s\n}", `account "../etc": use 1-64 letters`, 1},
 		{"account too long", "restream_auth " + strings.Repeat("a", 65) + " {\n\tclient_id id\n\tclient_secret s\n}", "use 1-64 letters", 1},
 		{"two account args", "restream_auth one two {\n\tclient_id id\n\tclient_secret s\n}", "wrong argument count or unexpected line ending after 'two'", 1},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var h Handler
-			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-			if err == nil {
-				t.Fatalf("no error for\n%s", tc.input)
-			}
-			msg := err.Error()
-			if !strings.Contains(msg, tc.reason) {
-				t.Errorf("error %q does not give the reason %q", msg, tc.reason)
-			}
-			if at := fmt.Sprintf(", at Testfile:%d", tc.line); !strings.HasSuffix(msg, at) {
-				t.Errorf("error %q does not end with the line %q", msg, at)
-			}
-		})
-	}
+	})
 }
 
 func ptr[T any](v T) *T { return &v }
@@ -281,45 +246,35 @@ func checkRestreamAuthFirst(t *testing.T, cfgJSON []byte) {
 		t.Fatal(err)
 	}
 	var found int
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case map[string]any:
-			if handle, ok := v["handle"].([]any); ok {
-				auth, proxy := -1, -1
-				for i, h := range handle {
-					m, _ := h.(map[string]any)
-					switch m["handler"] {
-					case "restream_auth":
-						found++
-						if auth < 0 {
-							auth = i
-						}
-						for _, k := range []string{"client_secret", "refresh_token"} {
-							if s, _ := m[k].(string); s != "" && !strings.HasPrefix(s, "{") {
-								t.Errorf("restream_auth %s = %q in the adapted config, want an unresolved placeholder", k, s)
-							}
-						}
-					case "reverse_proxy":
-						if proxy < 0 {
-							proxy = i
-						}
+	walkJSON(cfg, func(route map[string]any) {
+		handle, ok := route["handle"].([]any)
+		if !ok {
+			return
+		}
+		auth, proxy := -1, -1
+		for i, h := range handle {
+			m, _ := h.(map[string]any)
+			switch m["handler"] {
+			case "restream_auth":
+				found++
+				if auth < 0 {
+					auth = i
+				}
+				for _, k := range []string{"client_secret", "refresh_token"} {
+					if s, _ := m[k].(string); s != "" && !strings.HasPrefix(s, "{") {
+						t.Errorf("restream_auth %s = %q in the adapted config, want an unresolved placeholder", k, s)
 					}
 				}
-				if auth >= 0 && proxy >= 0 && auth > proxy {
-					t.Errorf("reverse_proxy (handler %d) runs before restream_auth (handler %d)", proxy, auth)
+			case "reverse_proxy":
+				if proxy < 0 {
+					proxy = i
 				}
 			}
-			for _, c := range v {
-				walk(c)
-			}
-		case []any:
-			for _, c := range v {
-				walk(c)
-			}
 		}
-	}
-	walk(cfg)
+		if auth >= 0 && proxy >= 0 && auth > proxy {
+			t.Errorf("reverse_proxy (handler %d) runs before restream_auth (handler %d)", proxy, auth)
+		}
+	})
 	if found == 0 {
 		t.Errorf("no restream_auth handler in the adapted config")
 	}

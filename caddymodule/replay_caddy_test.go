@@ -3,15 +3,17 @@ package caddymodule_test
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"hash/crc32"
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -20,27 +22,14 @@ import (
 
 	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
-
-// startLocal starts an httptest server on 127.0.0.1.
-func startLocal(t *testing.T, h http.Handler) *httptest.Server {
-	t.Helper()
-	srv := httptest.NewUnstartedServer(h)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.Listener = l
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return srv
-}
 
 // capSite is a sidecar with restream_auth in front of upstream; each route
 // is a path prefix and its extra restream_auth subdirectives.
 func capSite(t *testing.T, fake *fakerestream.Server, upstream string, routes map[string]string) int {
 	t.Helper()
-	port := freePort(t)
+	port := testproc.Port(t)
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "{\n\tadmin off\n\tstorage file_system %s\n\tauto_https off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n\nhttp://127.0.0.1:%d {\n", t.TempDir(), port)
 	for path, extra := range routes {
@@ -245,6 +234,7 @@ func raiseFileLimit(t *testing.T, n uint64) {
 // bodies, keeping all of them would cost less heap than streaming them, and
 // the heap could not tell a capped sidecar from an uncapped one.
 func TestReplayTotalSlowBodies(t *testing.T) {
+	skipIfShort(t, "1,000 stalled uploads (about 4 s)")
 	const (
 		conns  = 1000
 		size   = 256 << 10
@@ -334,3 +324,79 @@ func TestReplayTotalSlowBodies(t *testing.T) {
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// After the fake revokes every access token, 300 concurrent POSTs with
+// distinct bodies all meet a 401 with the same generation: exactly one refresh,
+// every request replayed with its body intact.
+func TestRevokedTokenConcurrentPostsReplayOnce(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Latency: 100 * time.Millisecond, Logf: func(string, ...any) {}})
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed()}
+	runInProcess(t, cfg.Caddyfile())
+	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel-meta/42"
+	if status, body, _ := do(t, http.MethodGet, url, nil, nil); status != http.StatusOK {
+		t.Fatalf("warm-up: %d %s", status, body)
+	}
+	before := fake.Stats()
+	fake.RevokeAccessTokens()
+
+	const n = 300
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			body := []byte(strings.Repeat(fmt.Sprintf("body-%d;", i), 50+i))
+			status, resp, hdr := do(t, http.MethodPost, url, body, map[string]string{"Content-Type": "text/plain"})
+			if status != http.StatusOK {
+				failed.Add(1)
+				t.Errorf("request %d: status %d: %s", i, status, resp)
+				return
+			}
+			e := decodeEcho(t, resp)
+			sum := sha256.Sum256(body)
+			if e.BodySHA256 != hex.EncodeToString(sum[:]) || e.BodyLen != len(body) || e.Method != http.MethodPost {
+				t.Errorf("request %d: upstream saw %s %d bytes sha %s, want POST %d bytes", i, e.Method, e.BodyLen, e.BodySHA256, len(body))
+			}
+			if cl := hdr.Values("Content-Length"); len(cl) > 1 {
+				t.Errorf("request %d: duplicate Content-Length %v", i, cl)
+			}
+		}()
+	}
+	wg.Wait()
+	after := fake.Stats()
+	t.Logf("%d POSTs: failed=%d; upstream 401s=%d; refreshes=%d; invalid_grant=%d",
+		n, failed.Load(), after.API401-before.API401, after.RefreshCalls-before.RefreshCalls, after.InvalidGrant)
+	if got := after.RefreshCalls - before.RefreshCalls; got != 1 {
+		t.Fatalf("refreshes after revocation = %d, want exactly 1", got)
+	}
+	if after.InvalidGrant != 0 {
+		t.Fatalf("invalid_grant = %d", after.InvalidGrant)
+	}
+}
+
+// A body over max_replay_body is streamed, not buffered: its 401 passes
+// through after one attempt, while a body within the limit is replayed.
+func TestLargeBodyNotReplayed(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
+	var attempts atomic.Int64
+	upstream := startLocal(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		attempts.Add(1)
+		w.Header().Set("X-Body-Len", strconv.FormatInt(n, 10))
+		w.WriteHeader(http.StatusUnauthorized)
+	}))
+	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(),
+		Extra: "max_replay_body 1KiB", Upstream: upstream.URL}
+	runInProcess(t, cfg.Caddyfile())
+	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel/1"
+	for _, tc := range []struct {
+		size, attempts int
+	}{{1024, 2}, {1025, 1}} {
+		attempts.Store(0)
+		status, _, hdr := do(t, http.MethodPatch, url, bytes.Repeat([]byte("x"), tc.size), nil)
+		if status != http.StatusUnauthorized || attempts.Load() != int64(tc.attempts) || hdr.Get("X-Body-Len") != strconv.Itoa(tc.size) {
+			t.Fatalf("%d-byte body: status %d, %d attempts (want %d), upstream read %s bytes", tc.size, status, attempts.Load(), tc.attempts, hdr.Get("X-Body-Len"))
+		}
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
+	"github.com/restream-sidecar/caddy-restream-auth/internal/testproc"
 )
 
 // unsetVar is never set in the environment of the commands run here.
@@ -90,6 +91,7 @@ func checkCommands(cfgPath string) map[string][]string {
 }
 
 func TestValidateBadCaddyfileLine(t *testing.T) {
+	skipIfShort(t, "runs the caddy binary twelve times")
 	for _, tc := range []struct {
 		name, line, reason string
 	}{
@@ -146,6 +148,7 @@ func TestValidateNeverCallsTokenEndpoint(t *testing.T) {
 }
 
 func TestValidateProvisionErrors(t *testing.T) {
+	skipIfShort(t, "runs the caddy binary twenty times")
 	fake := fakerestream.New(fakerestream.Options{Logf: t.Logf})
 	t.Cleanup(fake.Close)
 	upstream := strings.TrimPrefix(fake.URL(), "http://")
@@ -244,7 +247,7 @@ func TestPlaceholderSecretsResolveAtProvision(t *testing.T) {
 	seed := fake.Seed() // each call starts a new chain
 	t.Setenv("RESTREAM_PLACEHOLDER_TEST_SEED", seed)
 
-	port := freePort(t)
+	port := testproc.Port(t)
 	text := fmt.Sprintf(`{
 	admin off
 	storage file_system %s
