@@ -124,6 +124,7 @@ type Login struct {
 	ownPool    pooledSource        // own with its backend (Caddy storage or the app's Redis)
 	app        *App                // this config's restream_auth sources, the ones the callback installs into
 	logger     *zap.Logger
+	strangers  *strangerLog // refused unauthenticated requests, rate-limited at WARN
 	now        func() time.Time
 }
 
@@ -139,6 +140,7 @@ func (Login) CaddyModule() caddy.ModuleInfo {
 // key. It does not contact the token endpoint.
 func (l *Login) Provision(ctx caddy.Context) error {
 	l.logger = ctx.Logger()
+	l.strangers = new(strangerLog)
 	l.now = time.Now
 	style, err := l.resolveSettings()
 	if err != nil {
@@ -310,7 +312,7 @@ func (l *Login) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 	h.Set("Referrer-Policy", "no-referrer")
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
-	if !l.AllowUnauthenticated && loginAuthUser(r) == "" {
+	if !l.AllowUnauthenticated && authenticatedUser(r) == "" {
 		return l.unauthenticated(w, r)
 	}
 	switch loginRoute(r.URL.Path) {
@@ -391,24 +393,6 @@ func (l *Login) cookie(value string, maxAge int) *http.Cookie {
 }
 
 func (e *refusal) Error() string { return e.f.reason }
-
-// loginAuthUser is the user a Caddy authentication handler identified; ""
-// if none did.
-func loginAuthUser(r *http.Request) string {
-	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		return repl.ReplaceAll("{http.auth.user.id}", "")
-	}
-	return ""
-}
-
-func loginRemoteIP(r *http.Request) string {
-	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		if ip := repl.ReplaceAll("{http.vars.client_ip}", ""); ip != "" {
-			return ip
-		}
-	}
-	return r.RemoteAddr
-}
 
 // MarshalLogObject keeps secrets out of logs that print the handler, such as
 // `servers { trace }`, even when they were written as literals.

@@ -75,7 +75,7 @@ func (l *Login) callback(w http.ResponseWriter, r *http.Request) error {
 	}
 	fields := []zap.Field{zap.String("account", l.Account), zap.Uint64("generation", tok.Generation),
 		zap.Time("access_expires_at", tok.Expiry), zap.Bool("served_at_once", live),
-		zap.String("operator", loginAuthUser(r)), zap.String("remote_ip", loginRemoteIP(r))}
+		zap.String("operator", authenticatedUser(r)), zap.String("remote_ip", remoteIP(r))}
 	if user != nil {
 		l.logger.Info("installed a new token chain from the login flow",
 			append(fields, zap.String("restream_user_id", user.ID), zap.String("restream_username", user.Username))...)
@@ -247,7 +247,7 @@ func exchangeFailure(err error, detail string) *callbackFailure {
 
 func (l *Login) fail(w http.ResponseWriter, r *http.Request, f *callbackFailure) error {
 	fields := []zap.Field{zap.String("account", l.Account), zap.String("reason", f.reason),
-		zap.Int("status", f.status), zap.String("operator", loginAuthUser(r)), zap.String("remote_ip", loginRemoteIP(r))}
+		zap.Int("status", f.status), zap.String("operator", authenticatedUser(r)), zap.String("remote_ip", remoteIP(r))}
 	if f.detail != "" {
 		fields = append(fields, zap.String("detail", f.detail))
 	}

@@ -230,8 +230,8 @@ func humanDuration(d time.Duration) string {
 // unauthenticated refuses a request that no Caddy authentication handler
 // identified: the flow decides which Restream account the sidecar acts as.
 func (l *Login) unauthenticated(w http.ResponseWriter, r *http.Request) error {
-	l.logger.Warn("login route refused a request that no authentication handler identified",
-		zap.String("account", l.Account), zap.String("remote_ip", loginRemoteIP(r)))
+	l.strangers.refused(l.logger, "login route refused a request that no authentication handler identified",
+		zap.String("account", l.Account), zap.String("remote_ip", remoteIP(r)))
 	return l.page(w, r, http.StatusForbidden, loginPage{
 		Title: "Sign-in required",
 		Paragraphs: []string{
