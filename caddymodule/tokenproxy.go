@@ -94,6 +94,15 @@ type TokenProxy struct {
 	// secret only to the application's own login flows.
 	RedirectURIs []string `json:"redirect_uris,omitempty"`
 
+	// Serve requests that no Caddy authentication handler identified. By
+	// default the proxy answers only requests for which an authentication
+	// handler before it (basic_auth with a credential per device, or
+	// forward_auth setting {http.auth.user.id}) identified the caller,
+	// because every call it forwards spends the application's credentials
+	// and its rate limit at Restream. Set it only when something in front
+	// of Caddy already admits nothing but your devices. Default: false.
+	AllowUnauthenticated bool `json:"allow_unauthenticated,omitempty"`
+
 	// Resolved secrets stay unexported: `servers { trace }` logs handler structs.
 	clientID, clientSecret string
 
@@ -106,6 +115,8 @@ type TokenProxy struct {
 	busyBody []byte                // the 429 answer's JSON, made once
 	redactor *tokensource.Redactor // the client secret in answers and headers
 	endpoint *tokensource.Endpoint // the token and revocation endpoints
+	// strangers logs refused unauthenticated requests, rate-limited at WARN.
+	strangers *strangerLog
 }
 
 // CaddyModule returns the Caddy module information.
@@ -119,6 +130,7 @@ func (TokenProxy) CaddyModule() caddy.ModuleInfo {
 // Provision resolves placeholders and applies defaults. It contacts nobody.
 func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	p.logger = ctx.Logger()
+	p.strangers = new(strangerLog)
 	client, err := resolveClient(caddy.NewReplacer(), "restream_token_proxy", p.ClientID, p.ClientSecret, &p.TokenURL, p.ClientAuth)
 	if err != nil {
 		return err
@@ -170,6 +182,10 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	// credentials) elsewhere; a 3xx is reported as an unusable answer.
 	p.endpoint = &tokensource.Endpoint{URL: p.TokenURL, ClientID: p.clientID, ClientSecret: p.clientSecret,
 		AuthStyle: p.style, Client: &http.Client{Transport: p.transport}}
+	if p.AllowUnauthenticated {
+		p.logger.Warn("allow_unauthenticated is set: anyone who reaches this route can spend the application's credentials " +
+			"and its rate limit at Restream; make sure something in front of it admits only your devices")
+	}
 	return nil
 }
 
@@ -186,6 +202,13 @@ func (p *TokenProxy) Cleanup() error {
 // It never calls next.
 func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	revoke := path.Base(r.URL.Path) == "revoke"
+	if !p.AllowUnauthenticated && authenticatedUser(r) == "" {
+		tokenProxyMetrics.unauthenticated.Inc()
+		p.strangers.refused(p.logger, "token proxy refused a request that no authentication handler identified",
+			zap.String("remote_ip", remoteIP(r)), zap.Bool("revoke", revoke))
+		writeOAuthBody(w, http.StatusForbidden, unauthenticatedDeviceBody)
+		return nil
+	}
 	call, refusal := p.parseRequest(w, r, revoke)
 	if refusal != nil {
 		p.logger.Debug("refused token proxy request", zap.Int("status", refusal.status), zap.String("error", refusal.code),
@@ -215,6 +238,13 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 	p.forward(w, r, call)
 	return nil
 }
+
+// unauthenticatedDeviceBody answers a request no authentication handler
+// identified; it says how to fix the Caddyfile.
+var unauthenticatedDeviceBody = oauthJSON("unauthorized_client",
+	"restream_token_proxy answers only requests a Caddy authentication handler identified "+
+		"(basic_auth with a credential per device, or forward_auth setting {http.auth.user.id}); "+
+		"set allow_unauthenticated if something in front of Caddy admits only your devices")
 
 // checkDeviceRedirectURI accepts an absolute URI without a fragment (RFC 6749
 // 3.1.2), such as https://app.example/callback or a native app's
@@ -438,6 +468,7 @@ func (p *TokenProxy) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("client_auth", mode)
 	enc.AddDuration("timeout", time.Duration(p.Timeout))
 	enc.AddInt("max_concurrent", p.MaxConcurrent)
+	enc.AddBool("allow_unauthenticated", p.AllowUnauthenticated)
 	return enc.AddArray("redirect_uris", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
 		for _, u := range p.RedirectURIs {
 			a.AppendString(u)

@@ -32,10 +32,12 @@ func parseTokenProxyCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandl
 //	    timeout        <duration>
 //	    max_concurrent <n>
 //	    redirect_uris  <uri...>
+//	    allow_unauthenticated
 //	}
 //
-// redirect_uris takes one or more URIs and may be repeated; the other
-// subdirectives take one value each.
+// redirect_uris takes one or more URIs and may be repeated;
+// allow_unauthenticated takes no value; the other subdirectives take one
+// value each.
 func (p *TokenProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
 	if d.NextArg() {
@@ -70,7 +72,8 @@ var tokenProxyOptions = clientOptions(func(p *TokenProxy) clientConfig {
 		p.MaxConcurrent = n
 		return nil
 	}),
-	"redirect_uris": (*TokenProxy).addRedirectURIs,
+	"redirect_uris":         (*TokenProxy).addRedirectURIs,
+	"allow_unauthenticated": flag(func(p *TokenProxy) { p.AllowUnauthenticated = true }),
 })
 
 // addRedirectURIs reads `redirect_uris <uri...>`.

@@ -464,6 +464,7 @@ http://127.0.0.1:%d {
 
 http://127.0.0.1:%d {
 	restream_token_proxy /oauth/* {
+		allow_unauthenticated
 		client_id test-client
 		client_secret test-secret
 		token_url %s/oauth/token

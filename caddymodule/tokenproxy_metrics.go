@@ -13,6 +13,9 @@ var tokenProxyMetrics = struct {
 	inFlight   prometheus.Gauge
 	throttled  prometheus.Counter
 	redactions prometheus.Counter
+	// unauthenticated counts requests refused because no authentication
+	// handler identified the caller.
+	unauthenticated prometheus.Counter
 }{
 	inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "caddy", Subsystem: "restream_auth", Name: "token_proxy_in_flight",
@@ -26,6 +29,10 @@ var tokenProxyMetrics = struct {
 		Namespace: "caddy", Subsystem: "restream_auth", Name: "token_proxy_secret_redactions_total",
 		Help: "Token endpoint answers that echoed the client secret, which restream_token_proxy redacted before relaying.",
 	}),
+	unauthenticated: prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "restream_auth", Name: "token_proxy_unauthenticated_total",
+		Help: "Device calls restream_token_proxy refused (403) because no Caddy authentication handler identified the caller and allow_unauthenticated is not set.",
+	}),
 }
 
 // registerTokenProxyMetrics registers the collectors with a config's
@@ -34,7 +41,7 @@ func registerTokenProxyMetrics(registry *prometheus.Registry) error {
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{tokenProxyMetrics.inFlight, tokenProxyMetrics.throttled, tokenProxyMetrics.redactions} {
+	for _, c := range []prometheus.Collector{tokenProxyMetrics.inFlight, tokenProxyMetrics.throttled, tokenProxyMetrics.redactions, tokenProxyMetrics.unauthenticated} {
 		if err := registry.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			return err
 		}

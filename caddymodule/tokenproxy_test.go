@@ -111,6 +111,10 @@ type proxySite struct {
 	Lines       []string // restream_token_proxy subdirectives
 	APIUpstream string   // reverse_proxy target for everything else, if set
 	Extra       []string // more directives of the site
+	// Guarded leaves out allow_unauthenticated: the site answers only
+	// callers an authentication handler in Extra identified. Other sites
+	// serve the tests' unauthenticated clients.
+	Guarded bool
 }
 
 func (s proxySite) base() string { return "http://127.0.0.1:" + itoa(s.Port) }
@@ -123,14 +127,18 @@ func proxyCaddyfile(global []string, sites ...proxySite) string {
 	}
 	b.WriteString("}\n")
 	for _, s := range sites {
-		fmt.Fprintf(&b, "\nhttp://127.0.0.1:%d {\n\trestream_token_proxy /oauth/* {\n", s.Port)
-		for _, l := range s.Lines {
-			b.WriteString("\t\t" + l + "\n")
-		}
-		b.WriteString("\t}\n")
+		fmt.Fprintf(&b, "\nhttp://127.0.0.1:%d {\n", s.Port)
 		for _, l := range s.Extra {
 			b.WriteString("\t" + l + "\n")
 		}
+		b.WriteString("\trestream_token_proxy /oauth/* {\n")
+		for _, l := range s.Lines {
+			b.WriteString("\t\t" + l + "\n")
+		}
+		if !s.Guarded {
+			b.WriteString("\t\tallow_unauthenticated\n")
+		}
+		b.WriteString("\t}\n")
 		if s.APIUpstream != "" {
 			fmt.Fprintf(&b, "\treverse_proxy %s\n", s.APIUpstream)
 		}
@@ -576,6 +584,7 @@ http://127.0.0.1:%d {
 		output file %s
 	}
 	restream_token_proxy {
+		allow_unauthenticated
 		client_id {env.TP_TEST_CLIENT_ID}
 		client_secret {env.TP_TEST_CLIENT_SECRET}
 		token_url %s

@@ -95,6 +95,7 @@ func TestTokenProxyRedactsEchoedSecret(t *testing.T) {
 		return fmt.Sprintf(`
 http://127.0.0.1:%d {
 	restream_token_proxy {
+		allow_unauthenticated
 		client_id test-client
 		client_secret {env.TP_ECHO_SECRET}
 		token_url %s/oauth/token
@@ -236,6 +237,7 @@ func TestTokenProxyRefusesRedirects(t *testing.T) {
 
 http://127.0.0.1:%d {
 	restream_token_proxy {
+		allow_unauthenticated
 		client_id test-client
 		client_secret test-secret
 		token_url %s/oauth/token
