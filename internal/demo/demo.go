@@ -168,31 +168,16 @@ func Run(ctx context.Context, opts Options) (Result, error) {
 	defer fake.Close()
 	seed := fake.Seed()
 
-	// The secrets reach Caddy through {file.*} placeholders, so the Caddyfile
-	// printed below is exactly the one used and holds no secret.
-	secretFile := filepath.Join(secretsDir, "client_secret")
-	seedFile := filepath.Join(secretsDir, "refresh_token")
-	if err := os.WriteFile(secretFile, []byte(secret), 0o600); err != nil {
+	secretFile, seedFile, err := writeSecrets(secretsDir, secret, seed)
+	if err != nil {
 		return Result{}, err
 	}
-	if err := os.WriteFile(seedFile, []byte(seed), 0o600); err != nil {
-		return Result{}, err
-	}
-
 	cfgText := Caddyfile(opts.Listen, storageDir, secretFile, seedFile, fake)
 	out.plain("Caddyfile of the sidecar (secrets are read from files by the {file.*} placeholders):\n")
 	out.plain(indent(cfgText, "    "))
 	out.plain("\n")
-
-	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfgText), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		return Result{}, fmt.Errorf("adapting the demo Caddyfile: %w", err)
-	}
-	if err := caddy.Load(cfgJSON, true); err != nil {
-		if isAddrInUse(err) {
-			return Result{}, fmt.Errorf("%w: %s is in use: %v; choose another address with --listen, e.g. --listen 127.0.0.1:18080", ErrListenBusy, opts.Listen, err)
-		}
-		return Result{}, fmt.Errorf("starting Caddy: %w", err)
+	if err := startCaddy(cfgText, opts.Listen); err != nil {
+		return Result{}, err
 	}
 	stopped := false
 	stopCaddy := func() {
@@ -207,12 +192,7 @@ func Run(ctx context.Context, opts Options) (Result, error) {
 	defer stopCaddy()
 
 	base := "http://" + dialAddr(opts.Listen)
-	out.plain(fmt.Sprintf("Fake Restream at %s (access tokens live %s; every refresh rotates the access AND refresh token).\n", fake.URL(), opts.TokenTTL))
-	out.plain(fmt.Sprintf("Sidecar at %s; token chain stored under %s\n", base, storageDir))
-	out.plain(fmt.Sprintf("Try it meanwhile (the fake echoes the headers it received, so this shows a full fake token):\n"+
-		"    curl -s %s%s\n    curl -s -H 'Authorization: Bearer mine' %s%s\n", base, RequestPath, base, RequestPath))
-	out.plain(fmt.Sprintf("Sending GET %s without credentials every %s for %s (every %dth with %q)...\n\n",
-		RequestPath, opts.Interval, opts.Duration, bogusEvery, BogusAuthorization))
+	printIntro(out, opts, fake, base, storageDir)
 
 	d := &driver{
 		opts:       opts,
@@ -235,6 +215,46 @@ func Run(ctx context.Context, opts Options) (Result, error) {
 	res.Fake = fake.Stats()
 	d.summary(res)
 	return res, nil
+}
+
+// writeSecrets writes the client secret and the seed where the Caddyfile's
+// {file.*} placeholders read them, so the Caddyfile printed is exactly the
+// one used and holds no secret.
+func writeSecrets(dir, secret, seed string) (secretFile, seedFile string, err error) {
+	secretFile = filepath.Join(dir, "client_secret")
+	seedFile = filepath.Join(dir, "refresh_token")
+	if err := os.WriteFile(secretFile, []byte(secret), 0o600); err != nil {
+		return "", "", err
+	}
+	if err := os.WriteFile(seedFile, []byte(seed), 0o600); err != nil {
+		return "", "", err
+	}
+	return secretFile, seedFile, nil
+}
+
+// startCaddy adapts the Caddyfile and runs it in this process.
+func startCaddy(cfgText, listen string) error {
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfgText), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		return fmt.Errorf("adapting the demo Caddyfile: %w", err)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		if isAddrInUse(err) {
+			return fmt.Errorf("%w: %s is in use: %v; choose another address with --listen, e.g. --listen 127.0.0.1:18080", ErrListenBusy, listen, err)
+		}
+		return fmt.Errorf("starting Caddy: %w", err)
+	}
+	return nil
+}
+
+// printIntro says what runs where and what the demo is about to do.
+func printIntro(out *printer, opts Options, fake *fakerestream.Server, base, storageDir string) {
+	out.plain(fmt.Sprintf("Fake Restream at %s (access tokens live %s; every refresh rotates the access AND refresh token).\n", fake.URL(), opts.TokenTTL))
+	out.plain(fmt.Sprintf("Sidecar at %s; token chain stored under %s\n", base, storageDir))
+	out.plain(fmt.Sprintf("Try it meanwhile (the fake echoes the headers it received, so this shows a full fake token):\n"+
+		"    curl -s %s%s\n    curl -s -H 'Authorization: Bearer mine' %s%s\n", base, RequestPath, base, RequestPath))
+	out.plain(fmt.Sprintf("Sending GET %s without credentials every %s for %s (every %dth with %q)...\n\n",
+		RequestPath, opts.Interval, opts.Duration, bogusEvery, BogusAuthorization))
 }
 
 // Caddyfile returns the demo sidecar's Caddyfile.
