@@ -153,6 +153,11 @@ func TestValidateProvisionErrors(t *testing.T) {
 	t.Cleanup(fake.Close)
 	upstream := strings.TrimPrefix(fake.URL(), "http://")
 
+	// A seed file someone appended a second token to, and one with a stray
+	// word: sent as is, each would be an invalid_grant at Restream.
+	twoTokens := writeFile(t, filepath.Join(t.TempDir(), "seed"), "rt_first\nrt_second\n")
+	strayWord := writeFile(t, filepath.Join(t.TempDir(), "seed"), "refresh_token: rt_first\n")
+
 	// Caddyfiles that adapt fine but fail at provisioning.
 	for _, tc := range []struct {
 		name, extra, reason string
@@ -161,6 +166,10 @@ func TestValidateProvisionErrors(t *testing.T) {
 			"client_secret: evaluated placeholder {env." + unsetVar + "} is empty"},
 		{"refresh_token from a missing file", "refresh_token {file./nonexistent/restream/seed}",
 			"refresh_token: evaluated placeholder {file./nonexistent/restream/seed} is empty"},
+		{"refresh_token file with two tokens", "refresh_token {file." + twoTokens + "}",
+			"refresh_token holds more than one line: expected one refresh token"},
+		{"refresh_token file with a stray word", "refresh_token {file." + strayWord + "}",
+			"refresh_token contains spaces or control characters"},
 		{"client_id from an unknown placeholder", "client_id {restream.no_such_thing}",
 			"client_id: unrecognized placeholder {restream.no_such_thing}"},
 		{"encryption key not base64", "encryption_key not-base64!",
