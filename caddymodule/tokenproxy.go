@@ -80,11 +80,14 @@ type TokenProxy struct {
 	// it is answered 504. Default: 10s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 
-	// How many device calls this handler forwards upstream at once.
+	// How many device calls of this client_id may be at Restream at once.
 	// Restream limits calls per client_id, and the sidecar's own refreshes
 	// use the same client_id: a flood of devices must not spend that
-	// limit. A call beyond it is answered 429 with Retry-After and not
-	// forwarded. Default: 16.
+	// limit. The count is shared by every restream_token_proxy of the
+	// client_id in the process (other sites, and the old config during a
+	// reload); each handler admits a call only while the shared count is
+	// below its own max_concurrent. A call beyond it is answered 429 with
+	// Retry-After and not forwarded. Default: 16.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
 
 	// The redirect_uri values with which a device may redeem an
@@ -109,9 +112,9 @@ type TokenProxy struct {
 	style     tokensource.AuthStyle
 	transport *http.Transport
 	logger    *zap.Logger
-	// slots holds one token per call in flight upstream; a full channel
-	// means max_concurrent is reached.
-	slots    chan struct{}
+	// inFlight counts the client_id's calls at Restream, shared with every
+	// token proxy handler of the client_id (tokenproxy_limit.go).
+	inFlight *inFlightCalls
 	busyBody []byte                // the 429 answer's JSON, made once
 	redactor *tokensource.Redactor // the client secret in answers and headers
 	endpoint *tokensource.Endpoint // the token and revocation endpoints
@@ -170,9 +173,9 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	if err := registerTokenProxyMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
-	p.slots = make(chan struct{}, p.MaxConcurrent)
+	p.inFlight = loadInFlightCalls(p.clientID)
 	p.busyBody = oauthJSON("temporarily_unavailable", fmt.Sprintf(
-		"%d calls to the token endpoint are already in progress (max_concurrent); retry after %s s",
+		"%d calls of this client_id are already in progress at the token endpoint (max_concurrent); retry after %s s",
 		p.MaxConcurrent, tokenProxyBusyRetryAfter))
 	p.redactor = tokensource.NewRedactor(p.clientID, p.clientSecret)
 	p.transport = http.DefaultTransport.(*http.Transport).Clone()
@@ -193,6 +196,9 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 func (p *TokenProxy) Cleanup() error {
 	if p.transport != nil {
 		p.transport.CloseIdleConnections()
+	}
+	if p.inFlight != nil {
+		_, _ = deviceCallCounters.Delete(p.clientID)
 	}
 	return nil
 }
@@ -219,9 +225,7 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		writeOAuthJSON(w, refusal.status, refusal.code, refusal.desc)
 		return nil
 	}
-	select {
-	case p.slots <- struct{}{}:
-	default:
+	if !p.inFlight.acquire(p.MaxConcurrent) {
 		// Refused before anything goes upstream: the client_id's rate
 		// limit at Restream is shared with the sidecar's own refreshes.
 		tokenProxyMetrics.throttled.Inc()
@@ -233,7 +237,7 @@ func (p *TokenProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 	tokenProxyMetrics.inFlight.Inc()
 	defer func() {
 		tokenProxyMetrics.inFlight.Dec()
-		<-p.slots
+		p.inFlight.release()
 	}()
 	p.forward(w, r, call)
 	return nil

@@ -41,7 +41,7 @@ func TestTokenProxyProvision(t *testing.T) {
 		t.Errorf("the exported field changed to %q", p.ClientSecret)
 	}
 	if p.TokenURL != DefaultTokenURL || p.RevokeURL != DefaultRevokeURL || time.Duration(p.Timeout) != 10*time.Second || p.style != tokensource.AuthBody ||
-		p.MaxConcurrent != 16 || cap(p.slots) != 16 {
+		p.MaxConcurrent != 16 || p.inFlight == nil {
 		t.Errorf("defaults not applied: %+v", p)
 	}
 	enc := zapcore.NewMapObjectEncoder()

@@ -545,3 +545,63 @@ http://127.0.0.1:%d {
 		}
 	})
 }
+
+// max_concurrent limits a client_id's calls at Restream, where the rate
+// limit is: two sites with the same client_id share the count, and so do
+// the old and the new config during a reload (the old config's calls are
+// still in flight); another client_id has its own.
+func TestTokenProxyMaxConcurrentPerClientID(t *testing.T) {
+	fake := newFake(t, fakerestream.Options{})
+	rec := newUpstreamRecorder(t, fake)
+	gate := newHoldingGate(t, rec.srv.URL)
+	site := func(clientID string, extra ...string) proxySite {
+		return proxySite{Port: testproc.Port(t), Lines: append([]string{
+			"client_id " + clientID,
+			"client_secret test-secret",
+			"token_url " + gate.srv.URL + "/oauth/token",
+			"max_concurrent 2",
+		}, extra...)}
+	}
+	first, second, other := site("test-client"), site("test-client"), site("other-client")
+	runInProcess(t, proxyCaddyfile(nil, first, second, other))
+	refresh := func(s proxySite) (int, []byte) {
+		_, rt := fake.SeedPair()
+		status, body, _ := postForm(t, s.base()+"/oauth/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}}, nil)
+		return status, body
+	}
+
+	held := make(chan int, 2)
+	for range 2 {
+		go func() { status, _ := refresh(first); held <- status }()
+	}
+	gate.wait(t, 2)
+	if status, body := refresh(second); status != http.StatusTooManyRequests {
+		t.Fatalf("another site of the same client_id with 2 calls in flight: status %d, want 429: %s", status, body)
+	}
+
+	// A reload while the two calls are held: the new config's handlers
+	// count them too.
+	first.Lines = append(first.Lines, "timeout 20s")
+	loadInProcess(t, proxyCaddyfile(nil, first, second, other))
+	if status, body := refresh(first); status != http.StatusTooManyRequests {
+		t.Fatalf("after a reload, with the old config's 2 calls in flight: status %d, want 429: %s", status, body)
+	}
+	if n := gate.calls.Load(); n != 2 {
+		t.Fatalf("%d calls reached the upstream, want 2", n)
+	}
+
+	// Another client_id has its own count (the fake refuses its credentials;
+	// what matters is that the call was forwarded, not refused here).
+	go func() { _, _ = refresh(other) }()
+	gate.wait(t, 1)
+
+	gate.open()
+	for range 2 {
+		if status := <-held; status != http.StatusOK {
+			t.Errorf("held call: status %d", status)
+		}
+	}
+	if status, body := refresh(second); status != http.StatusOK {
+		t.Fatalf("with the held calls ended: status %d: %s", status, body)
+	}
+}
