@@ -66,26 +66,34 @@ type bodyFit int
 
 const (
 	bodyKept      bodyFit = iota // kept (or there is none): the request can be replayed
-	bodyTooLarge                 // unknown length or over max_replay_body: streamed untouched
+	bodyTooLarge                 // over max_replay_body: streamed (after the part read, for an unknown length)
 	bodyOverTotal                // max_replay_total reached: streamed after the part already read
 )
 
-// readBody keeps a body of known length up to limit, reading and reserving
-// it chunk by chunk as it arrives. When a chunk would take the bytes held by
-// all requests past total, it stops: the request goes on without a replay
-// copy, its body being what was read so far and then the rest.
+// readBody keeps a body of up to limit bytes, reading and reserving it chunk
+// by chunk as it arrives. A body of unknown length (chunked) is read until
+// it ends or passes limit; one that passes it goes on without a replay copy,
+// its body being what was read so far and then the rest (bodyTooLarge), as
+// does one whose next chunk would take the bytes held by all requests past
+// total (bodyOverTotal). A body whose Content-Length is over limit is not
+// read at all.
 func (s *replayState) readBody(r *http.Request, limit, total int64) (bodyFit, error) {
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
 		return bodyKept, nil
 	}
-	if r.ContentLength < 0 || r.ContentLength > limit {
+	if r.ContentLength > limit {
 		return bodyTooLarge, nil
+	}
+	unknownLength := r.ContentLength < 0
+	left := r.ContentLength
+	if unknownLength {
+		left = limit + 1 // one byte more than limit shows the body is too large
 	}
 	kb := new(keptBody)
 	kb.chunks, kb.bufs = kb.inlineChunks[:0], kb.inlineBufs[:0]
 	kb.refs.Store(1) // the request's, dropped by release
 	s.body = kb
-	for left := r.ContentLength; left > 0; {
+	for left > 0 {
 		n := min(left, replayChunk)
 		size := chunkSize(n, total)
 		if !replayBytes.reserve(size, total) {
@@ -94,15 +102,26 @@ func (s *replayState) readBody(r *http.Request, limit, total int64) (bodyFit, er
 		}
 		s.reserved += size
 		buf, pooled := takeChunk(size)
-		chunk := buf[:n]
-		kb.chunks, kb.bufs = append(kb.chunks, chunk), append(kb.bufs, pooled)
-		if _, err := io.ReadFull(r.Body, chunk); err != nil {
+		got, err := io.ReadFull(r.Body, buf[:n])
+		if got > 0 || err == nil {
+			kb.chunks, kb.bufs = append(kb.chunks, buf[:got]), append(kb.bufs, pooled)
+		} else {
+			putChunk(pooled)
+		}
+		if unknownLength && (err == io.EOF || err == io.ErrUnexpectedEOF) {
+			break // the whole body, within limit
+		}
+		if err != nil {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
 			return bodyKept, err
 		}
 		left -= n
+	}
+	if unknownLength && left == 0 {
+		s.spill(r)
+		return bodyTooLarge, nil
 	}
 	_ = r.Body.Close()
 	s.hasBody = true

@@ -376,9 +376,9 @@ func TestRevokedTokenConcurrentPostsReplayOnce(t *testing.T) {
 }
 
 // A body over max_replay_body is streamed, not buffered: its 401 passes
-// through after one attempt, while a body within the limit is replayed.
+// through after one attempt, while a body within the limit is replayed,
+// with or without a Content-Length.
 func TestLargeBodyNotReplayed(t *testing.T) {
-	fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
 	var attempts atomic.Int64
 	upstream := startLocal(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, r.Body)
@@ -386,17 +386,35 @@ func TestLargeBodyNotReplayed(t *testing.T) {
 		w.Header().Set("X-Body-Len", strconv.FormatInt(n, 10))
 		w.WriteHeader(http.StatusUnauthorized)
 	}))
-	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(),
-		Extra: "max_replay_body 1KiB", Upstream: upstream.URL}
-	runInProcess(t, cfg.Caddyfile())
-	url := "http://127.0.0.1:" + itoa(cfg.Port) + "/v2/user/channel/1"
 	for _, tc := range []struct {
 		size, attempts int
-	}{{1024, 2}, {1025, 1}} {
-		attempts.Store(0)
-		status, _, hdr := do(t, http.MethodPatch, url, bytes.Repeat([]byte("x"), tc.size), nil)
-		if status != http.StatusUnauthorized || attempts.Load() != int64(tc.attempts) || hdr.Get("X-Body-Len") != strconv.Itoa(tc.size) {
-			t.Fatalf("%d-byte body: status %d, %d attempts (want %d), upstream read %s bytes", tc.size, status, attempts.Load(), tc.attempts, hdr.Get("X-Body-Len"))
-		}
+		chunked        bool // sent without Content-Length
+	}{{1024, 2, false}, {1025, 1, false}, {1024, 2, true}, {1025, 1, true}} {
+		// A sidecar of its own each: a second 401-forced refresh within
+		// seconds would be refused.
+		t.Run(fmt.Sprintf("%d bytes chunked %v", tc.size, tc.chunked), func(t *testing.T) {
+			fake := newFake(t, fakerestream.Options{Logf: func(string, ...any) {}})
+			cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(),
+				Extra: "max_replay_body 1KiB", Upstream: upstream.URL}
+			runInProcess(t, cfg.Caddyfile())
+			attempts.Store(0)
+			body := io.Reader(bytes.NewReader(bytes.Repeat([]byte("x"), tc.size)))
+			if tc.chunked {
+				body = struct{ io.Reader }{body} // hides the length: the client sends it chunked
+			}
+			req, err := http.NewRequest(http.MethodPatch, "http://127.0.0.1:"+itoa(cfg.Port)+"/v2/user/channel/1", body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized || attempts.Load() != int64(tc.attempts) || resp.Header.Get("X-Body-Len") != strconv.Itoa(tc.size) {
+				t.Fatalf("status %d, %d attempts (want %d), upstream read %s bytes",
+					resp.StatusCode, attempts.Load(), tc.attempts, resp.Header.Get("X-Body-Len"))
+			}
+		})
 	}
 }

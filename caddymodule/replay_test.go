@@ -54,7 +54,9 @@ func TestReplayDecisions(t *testing.T) {
 	for _, tc := range []struct {
 		name         string
 		method       string
-		body         int // request body bytes
+		body         int   // request body bytes
+		chunked      bool  // sent without a Content-Length
+		limit        int64 // max_replay_body, if not maxBody
 		upgrade      bool
 		replayOff    bool
 		answers      []int
@@ -65,6 +67,11 @@ func TestReplayDecisions(t *testing.T) {
 		{name: "GET, 401 then 200", method: http.MethodGet, answers: []int{401, 200}, wantStatus: 200, wantAttempts: 2},
 		{name: "POST at max_replay_body", method: http.MethodPost, body: maxBody, answers: []int{401, 200}, wantStatus: 200, wantAttempts: 2},
 		{name: "POST over max_replay_body", method: http.MethodPost, body: maxBody + 1, answers: []int{401, 200}, wantStatus: 401, wantAttempts: 1},
+		{name: "chunked POST at max_replay_body", method: http.MethodPost, body: maxBody, chunked: true, answers: []int{401, 200}, wantStatus: 200, wantAttempts: 2},
+		{name: "chunked POST over max_replay_body", method: http.MethodPost, body: maxBody + 1, chunked: true, answers: []int{401, 200}, wantStatus: 401, wantAttempts: 1},
+		{name: "empty chunked POST", method: http.MethodPost, chunked: true, answers: []int{401, 200}, wantStatus: 200, wantAttempts: 2},
+		{name: "chunked POST of several chunks", method: http.MethodPost, body: 3*replayChunk + 5, chunked: true, limit: 4 * replayChunk, answers: []int{401, 200}, wantStatus: 200, wantAttempts: 2},
+		{name: "chunked POST over max_replay_body after several chunks", method: http.MethodPost, body: 3*replayChunk + 5, chunked: true, limit: 2*replayChunk + 7, answers: []int{401, 200}, wantStatus: 401, wantAttempts: 1},
 		{name: "401 twice: the second passes through", method: http.MethodPut, body: 10, answers: []int{401, 401}, wantStatus: 401, wantAttempts: 2},
 		{name: "a 401 too large to hold", method: http.MethodGet, answers: []int{401, 200}, answerSize: maxBuffered401 + 1, wantStatus: 401, wantAttempts: 1},
 		{name: "a small 401 body is held", method: http.MethodGet, answers: []int{401, 200}, answerSize: maxBuffered401, wantStatus: 200, wantAttempts: 2},
@@ -77,10 +84,18 @@ func TestReplayDecisions(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			// A handler of its own: a 401 forces a refresh, and a second
 			// one within seconds is refused (tokensource's rate limit).
-			h, _ := newReplayHandler(t, maxBody, 1<<30)
+			limit := int64(maxBody)
+			if tc.limit != 0 {
+				limit = tc.limit
+			}
+			h, _ := newReplayHandler(t, limit, 1<<30)
 			h.replay = !tc.replayOff
 			sent := pattern(tc.body, 'r')
 			r := httptest.NewRequest(tc.method, "http://sidecar/v2/user/channel/1", bytes.NewReader(sent))
+			if tc.chunked {
+				r.Body = io.NopCloser(struct{ io.Reader }{bytes.NewReader(sent)}) // hides the length
+				r.ContentLength, r.TransferEncoding = -1, []string{"chunked"}
+			}
 			if tc.upgrade {
 				r.Header.Set("Connection", "Upgrade")
 				r.Header.Set("Upgrade", "websocket")
