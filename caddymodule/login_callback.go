@@ -51,6 +51,7 @@ func (l *Login) callback(w http.ResponseWriter, r *http.Request) error {
 	}
 	rec.User = user
 	if f := l.checkExpectedUser(user, profileDetail); f != nil {
+		l.discard(r.Context(), rec, secrets)
 		return l.fail(w, r, f)
 	}
 	installer, live := l.installer()
@@ -63,6 +64,7 @@ func (l *Login) callback(w http.ResponseWriter, r *http.Request) error {
 	var refused *refusal
 	switch {
 	case errors.As(err, &refused):
+		l.discard(r.Context(), rec, secrets)
 		return l.fail(w, r, refused.f)
 	case err != nil:
 		return l.fail(w, r, &callbackFailure{
@@ -88,6 +90,20 @@ func (l *Login) callback(w http.ResponseWriter, r *http.Request) error {
 		Title: "Restream account connected",
 		Links: []pageLink{{URL: "./", Text: "Show the account"}},
 	})
+}
+
+// discard revokes a pair the flow refused (another user than the pinned
+// one, or one that would change the account's user): dropped but valid, its
+// refresh token would stay usable at Restream for a year by whoever else
+// saw it. Not after a failed store: the pair may have been stored and be in
+// use.
+func (l *Login) discard(ctx context.Context, rec *tokensource.Record, secrets []string) {
+	if err := l.own.Revoke(context.WithoutCancel(ctx), rec.RefreshToken); err != nil {
+		l.logger.Warn("the refused pair could not be revoked; it stays valid at Restream until it expires",
+			zap.String("account", l.Account), zap.String("error", l.redact(err.Error(), secrets...)))
+		return
+	}
+	l.logger.Info("revoked the refused pair at Restream", zap.String("account", l.Account))
 }
 
 // checkCallback refuses denied consent, errors from Restream, and a state

@@ -117,6 +117,7 @@ func TestLoginPinsExpectedUser(t *testing.T) {
 		}
 	}
 	site.wantUnchanged("another user", nil)
+	wantOnlyLive(t, site.fake, "")
 	if status, body, _ := do(t, http.MethodGet, site.base()+"/v2/user/profile", nil, nil); status != http.StatusServiceUnavailable {
 		t.Errorf("the proxied route serves after a refused authorization: %d %s", status, body)
 	}
@@ -200,6 +201,7 @@ func TestLoginRefusesAccountChange(t *testing.T) {
 		}
 	}
 	site.wantUnchanged("another user", first)
+	wantOnlyLive(t, site.fake, first.AccessToken)
 	if status, body, _ := do(t, http.MethodGet, site.base()+"/v2/user/profile", nil, nil); status != http.StatusOK ||
 		decodeEcho(t, body).Authorization != "Bearer "+first.AccessToken {
 		t.Fatalf("the proxied route does not serve the first chain any more: %d", status)

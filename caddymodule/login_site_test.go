@@ -342,3 +342,15 @@ func (s *loginSite) adminAccounts() (string, []map[string]any) {
 	}
 	return string(raw), out.Accounts
 }
+
+// wantOnlyLive fails unless, of every access token the fake issued, only
+// keep (the account's chain) is still valid: a pair the login refused was
+// revoked, not just dropped.
+func wantOnlyLive(t *testing.T, fake *fakerestream.Server, keep string) {
+	t.Helper()
+	for _, tok := range fake.IssuedTokens() {
+		if strings.HasPrefix(tok, "at_") && tok != keep && fake.ValidAccessToken(tok) {
+			t.Errorf("a refused pair is still valid at Restream (access token %.10s…)", tok)
+		}
+	}
+}

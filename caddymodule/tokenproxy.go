@@ -28,7 +28,7 @@ func init() {
 
 // Defaults and limits of the restream_token_proxy handler.
 const (
-	DefaultRevokeURL         = "https://api.restream.io/oauth/revoke"
+	DefaultRevokeURL         = tokensource.DefaultRevokeURL
 	DefaultTokenProxyTimeout = 10 * time.Second
 	// TokenProxyMaxRequestBody is the largest form a device may send.
 	TokenProxyMaxRequestBody = 64 << 10
@@ -140,12 +140,9 @@ func (p *TokenProxy) Provision(ctx caddy.Context) error {
 	}
 	p.clientID, p.clientSecret, p.style = client.id, client.secret, client.style
 	if p.RevokeURL == "" {
-		// Beside the token endpoint, as Restream has it (…/oauth/token,
-		// …/oauth/revoke), so pointing token_url elsewhere moves both.
-		p.RevokeURL = DefaultRevokeURL
-		if base, ok := strings.CutSuffix(p.TokenURL, "/token"); ok {
-			p.RevokeURL = base + "/revoke"
-		}
+		// Beside the token endpoint, so pointing token_url elsewhere
+		// moves both.
+		p.RevokeURL = tokensource.RevokeURLFor(p.TokenURL)
 	}
 	if err := checkEndpointURL("revoke_url", p.RevokeURL); err != nil {
 		return err
