@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream/wstest"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"github.com/coder/websocket"
@@ -472,7 +474,7 @@ func TestQueryParamTokenNotInDebugLogs(t *testing.T) {
 	// valid token in the query.
 	ctx := wsTestCtx(t)
 	c, id := wsDial(t, ctx, "ws://"+addr+"/ws?x=1&accessToken="+bogus)
-	wsEcho(t, ctx, c, "through the sidecar")
+	wstest.Echo(t, ctx, c, "through the sidecar")
 	if got := wsTokenOf(t, ws, id); got != e.AccessTokenQuery {
 		t.Fatalf("the websocket upstream saw %.9q…, want the sidecar's token", got)
 	}

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream/wstest"
+
 	"github.com/coder/websocket"
 
 	"github.com/restream-sidecar/caddy-restream-auth/caddymodule"
@@ -102,11 +104,6 @@ func wsTestCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-type wsAction struct {
-	Action  string          `json:"action"`
-	Payload json.RawMessage `json:"payload"`
-}
-
 // wsDial opens a websocket through the sidecar, reads the hello and returns
 // the connection with its connectionIdentifier. The connection is closed at
 // the end of the test (before Caddy stops).
@@ -114,16 +111,8 @@ func wsDial(t *testing.T, ctx context.Context, u string) (*websocket.Conn, strin
 	t.Helper()
 	// No retry: a handshake that races a rotation is replayed by the
 	// sidecar, so a client never sees that race.
-	c, resp, err := websocket.Dial(ctx, u, nil)
-	if err != nil {
-		status := 0
-		if resp != nil {
-			status = resp.StatusCode
-		}
-		t.Fatalf("dial %s: status %d: %v", redactQuery(u), status, err)
-	}
-	t.Cleanup(func() { _ = c.CloseNow() })
-	hello := wsRead(t, ctx, c)
+	c := wstest.Dial(t, ctx, u)
+	hello := wstest.ReadAction(t, ctx, c)
 	var info struct {
 		ConnectionIdentifier string `json:"connectionIdentifier"`
 	}
@@ -131,31 +120,6 @@ func wsDial(t *testing.T, ctx context.Context, u string) (*websocket.Conn, strin
 		t.Fatalf("hello: %s %s", hello.Action, hello.Payload)
 	}
 	return c, info.ConnectionIdentifier
-}
-
-func wsRead(t *testing.T, ctx context.Context, c *websocket.Conn) wsAction {
-	t.Helper()
-	typ, b, err := c.Read(ctx)
-	if err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	var a wsAction
-	if typ != websocket.MessageText || json.Unmarshal(b, &a) != nil {
-		t.Fatalf("not a JSON text message: %v %q", typ, b)
-	}
-	return a
-}
-
-func wsEcho(t *testing.T, ctx context.Context, c *websocket.Conn, msg string) {
-	t.Helper()
-	if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	a := wsRead(t, ctx, c)
-	var got string
-	if a.Action != "echo" || json.Unmarshal(a.Payload, &got) != nil || got != msg {
-		t.Fatalf("got %s %s, want the echo of %q", a.Action, a.Payload, msg)
-	}
 }
 
 // wsTokenOf returns the token that the fake saw on the connection whose hello
@@ -173,11 +137,6 @@ func wsTokenOf(t *testing.T, ws *fakerestream.WSServer, id string) string {
 	return toks[n-1]
 }
 
-func redactQuery(u string) string {
-	base, _, _ := strings.Cut(u, "?")
-	return base
-}
-
 // A websocket client connects through the sidecar with a bogus accessToken
 // or none at all: the upgrade succeeds, the hello arrives, messages
 // round-trip, and the upstream sees the current valid token, the same one
@@ -187,8 +146,8 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 	ctx := wsTestCtx(t)
 
 	c1, id1 := wsDial(t, ctx, "ws://"+addr+"/chat/ws?accessToken=client-supplied-bogus")
-	wsEcho(t, ctx, c1, "hello through caddy")
-	wsEcho(t, ctx, c1, `{"a":[1,2,3]}`)
+	wstest.Echo(t, ctx, c1, "hello through caddy")
+	wstest.Echo(t, ctx, c1, `{"a":[1,2,3]}`)
 	tok := wsTokenOf(t, site.WS, id1)
 	if tok == "client-supplied-bogus" || !strings.HasPrefix(tok, "at_") || !site.Fake.ValidAccessToken(tok) {
 		t.Fatalf("the websocket upstream saw %.9q…, want a valid fake access token", tok)
@@ -196,11 +155,11 @@ func TestWebsocketThroughSidecar(t *testing.T) {
 
 	// No accessToken at all, and other parameters kept.
 	c2, id2 := wsDial(t, ctx, "ws://"+addr+"/chat/ws?x=1")
-	wsEcho(t, ctx, c2, "second")
+	wstest.Echo(t, ctx, c2, "second")
 	if got := wsTokenOf(t, site.WS, id2); got != tok {
 		t.Fatal("second connection got a different token although none rotated")
 	}
-	wsEcho(t, ctx, c1, "first still open")
+	wstest.Echo(t, ctx, c1, "first still open")
 
 	// The REST route shares the token source: same token, one exchange.
 	status, body, _ := do(t, http.MethodGet, "http://"+addr+"/v2/user/profile", nil, nil)
@@ -256,7 +215,7 @@ func TestWebsocketRotationOpenAndNewConnections(t *testing.T) {
 
 	old, oldID := wsDial(t, ctx, u)
 	oldTok := wsTokenOf(t, site.WS, oldID)
-	wsEcho(t, ctx, old, "before rotation")
+	wstest.Echo(t, ctx, old, "before rotation")
 
 	deadline := time.Now().Add(15 * time.Second)
 	for site.Fake.ValidAccessToken(oldTok) {
@@ -265,7 +224,7 @@ func TestWebsocketRotationOpenAndNewConnections(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	wsEcho(t, ctx, old, "after rotation: the open connection is not kicked")
+	wstest.Echo(t, ctx, old, "after rotation: the open connection is not kicked")
 
 	// The handshake succeeding proves the token was valid at that moment;
 	// with 2 s tokens it may have rotated again by the time we look.
@@ -273,8 +232,8 @@ func TestWebsocketRotationOpenAndNewConnections(t *testing.T) {
 	if freshTok := wsTokenOf(t, site.WS, freshID); freshTok == oldTok {
 		t.Fatal("a new connection after rotation got the old token")
 	}
-	wsEcho(t, ctx, fresh, "new connection")
-	wsEcho(t, ctx, old, "old connection, still")
+	wstest.Echo(t, ctx, fresh, "new connection")
+	wstest.Echo(t, ctx, old, "old connection, still")
 
 	st := site.Fake.Stats()
 	// The fake may have refused a handshake that raced the rotation (the
@@ -299,13 +258,13 @@ func TestWebsocketAfterRevocation(t *testing.T) {
 	open, openID := wsDial(t, ctx, u)
 	tok := wsTokenOf(t, site.WS, openID)
 	site.Fake.RevokeAccessTokens()
-	wsEcho(t, ctx, open, "revoked but open")
+	wstest.Echo(t, ctx, open, "revoked but open")
 
 	replayed, replayedID := wsDial(t, ctx, u)
 	if got := wsTokenOf(t, site.WS, replayedID); got == tok || !site.Fake.ValidAccessToken(got) {
 		t.Fatal("the replayed handshake did not carry the refreshed token")
 	}
-	wsEcho(t, ctx, replayed, "replayed handshake")
+	wstest.Echo(t, ctx, replayed, "replayed handshake")
 	if refused := site.WS.Refused(); refused != 1 {
 		t.Fatalf("handshakes refused upstream: %d, want 1 (the one the sidecar replayed)", refused)
 	}
@@ -321,8 +280,8 @@ func TestWebsocketAfterRevocation(t *testing.T) {
 	if got := wsTokenOf(t, site.WS, freshID); got == tok || !site.Fake.ValidAccessToken(got) {
 		t.Fatal("the new connection did not get the refreshed token")
 	}
-	wsEcho(t, ctx, fresh, "after refresh")
-	wsEcho(t, ctx, open, "the revoked connection still works")
+	wstest.Echo(t, ctx, fresh, "after refresh")
+	wstest.Echo(t, ctx, open, "the revoked connection still works")
 	if st := site.Fake.Stats(); st.InvalidGrant != 0 {
 		t.Fatalf("invalid_grant: %d", st.InvalidGrant)
 	}

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream/wstest"
+
 	"github.com/coder/websocket"
 )
 
@@ -45,50 +47,6 @@ func wsCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
 	return ctx
-}
-
-type wsAction struct {
-	Action  string          `json:"action"`
-	Payload json.RawMessage `json:"payload"`
-}
-
-func readAction(t *testing.T, ctx context.Context, c *websocket.Conn) wsAction {
-	t.Helper()
-	typ, b, err := c.Read(ctx)
-	if err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	var a wsAction
-	if typ != websocket.MessageText || json.Unmarshal(b, &a) != nil {
-		t.Fatalf("not a JSON text message: %v %q", typ, b)
-	}
-	return a
-}
-
-func dialOK(t *testing.T, ctx context.Context, u string) *websocket.Conn {
-	t.Helper()
-	c, resp, err := websocket.Dial(ctx, u, nil)
-	if err != nil {
-		status := 0
-		if resp != nil {
-			status = resp.StatusCode
-		}
-		t.Fatalf("dial: status %d: %v", status, err)
-	}
-	t.Cleanup(func() { _ = c.CloseNow() })
-	return c
-}
-
-func echoRoundTrip(t *testing.T, ctx context.Context, c *websocket.Conn, msg string) {
-	t.Helper()
-	if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	a := readAction(t, ctx, c)
-	var got string
-	if a.Action != "echo" || json.Unmarshal(a.Payload, &got) != nil || got != msg {
-		t.Fatalf("got %s %s, want echo of %q", a.Action, a.Payload, msg)
-	}
 }
 
 func TestWebsocketRefusesBadTokens(t *testing.T) {
@@ -132,8 +90,8 @@ func TestWebsocketHelloEchoTokens(t *testing.T) {
 	_, ws, at := newWSPair(t)
 	ctx := wsCtx(t)
 
-	c := dialOK(t, ctx, wsURL(ws, "x=1&accessToken="+url.QueryEscape(at)))
-	hello := readAction(t, ctx, c)
+	c := wstest.Dial(t, ctx, wsURL(ws, "x=1&accessToken="+url.QueryEscape(at)))
+	hello := wstest.ReadAction(t, ctx, c)
 	var info struct {
 		ConnectionIdentifier string `json:"connectionIdentifier"`
 		Status               string `json:"status"`
@@ -142,8 +100,8 @@ func TestWebsocketHelloEchoTokens(t *testing.T) {
 		info.ConnectionIdentifier != "fake-ws-1" || info.Status != "connected" {
 		t.Fatalf("hello: %s %s", hello.Action, hello.Payload)
 	}
-	echoRoundTrip(t, ctx, c, "hello")
-	echoRoundTrip(t, ctx, c, `{"json":"as text"}`)
+	wstest.Echo(t, ctx, c, "hello")
+	wstest.Echo(t, ctx, c, `{"json":"as text"}`)
 	if got := ws.Tokens(); len(got) != 1 || got[0] != at {
 		t.Fatalf("Tokens() does not hold exactly the token presented (%d entries)", len(got))
 	}
@@ -166,13 +124,13 @@ func TestWebsocketOpenConnOutlivesToken(t *testing.T) {
 	s, ws, at := newWSPair(t)
 	ctx := wsCtx(t)
 
-	c := dialOK(t, ctx, wsURL(ws, "accessToken="+url.QueryEscape(at)))
-	readAction(t, ctx, c)
+	c := wstest.Dial(t, ctx, wsURL(ws, "accessToken="+url.QueryEscape(at)))
+	wstest.ReadAction(t, ctx, c)
 	s.RevokeAccessTokens()
 	if s.ValidAccessToken(at) {
 		t.Fatal("access token still valid after revocation")
 	}
-	echoRoundTrip(t, ctx, c, "still here")
+	wstest.Echo(t, ctx, c, "still here")
 	if _, resp, err := websocket.Dial(ctx, wsURL(ws, "accessToken="+url.QueryEscape(at)), nil); err == nil || resp == nil || resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("new connection with the rotated token: %v, want 401", err)
 	}
@@ -183,8 +141,8 @@ func TestWebsocketCloseConnections(t *testing.T) {
 	ctx := wsCtx(t)
 	u := wsURL(ws, "accessToken="+url.QueryEscape(at))
 
-	c := dialOK(t, ctx, u)
-	readAction(t, ctx, c)
+	c := wstest.Dial(t, ctx, u)
+	wstest.ReadAction(t, ctx, c)
 	readErr := make(chan error, 1)
 	go func() {
 		_, _, err := c.Read(ctx)
@@ -194,9 +152,9 @@ func TestWebsocketCloseConnections(t *testing.T) {
 	if err := <-readErr; websocket.CloseStatus(err) != websocket.StatusGoingAway {
 		t.Fatalf("read after CloseConnections: %v, want close status 1001", err)
 	}
-	c2 := dialOK(t, ctx, u)
-	readAction(t, ctx, c2)
-	echoRoundTrip(t, ctx, c2, "after")
+	c2 := wstest.Dial(t, ctx, u)
+	wstest.ReadAction(t, ctx, c2)
+	wstest.Echo(t, ctx, c2, "after")
 }
 
 func TestWebsocketCloseNoLeak(t *testing.T) {
@@ -214,7 +172,7 @@ func TestWebsocketCloseNoLeak(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		readAction(t, ctx, c)
+		wstest.ReadAction(t, ctx, c)
 		clients = append(clients, c)
 	}
 	// A refused handshake and an idle keep-alive connection, too.
