@@ -147,9 +147,7 @@ func (rd *simRedis) load(inst *simInstance, keys, argv []string) (any, error) {
 	}
 	if len(argv) == 5 && (cur == nil || simNewer(argv[2], argv[3], cur)) {
 		rd.landRecord(inst, keys, argv[2], argv[3], argv[4], cur, "load restored")
-		if rd.get(keys[1]) == nil { // SET NX PX
-			rd.setPX(keys[1], argv[0], argv[1])
-		}
+		rd.setPX(keys[1], argv[0], argv[1]) // SET PX: even over a client's lease
 		was := "gone"
 		if cur != nil {
 			was = cur.gen

@@ -1,0 +1,105 @@
+package redisstore_test
+
+// The interleaving of TestChaosRedis/no_persistence's invalid_grant, step by
+// step on a real redis-server. A holds the lease and rotates generation 1
+// into 2 while Redis is down, so its write of 2 fails; B's lease request,
+// sent before Redis died (go-redis retries a dial for about 2 s), lands on
+// the restarted, empty Redis and takes the lease; B's re-read under it
+// writes back the 1 it knew, and, before the fix, took no settle lease
+// because the lease was B's: B went on to refresh from 1 (spent by A) while
+// A's retries were fenced off as lease_lost.
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
+	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
+)
+
+func TestWriteBackUnderALeaseTakenAfterDataLossSettles(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	a, b := newStore(t, srv, redisstore.Options{}), newStore(t, srv, redisstore.Options{})
+	ctx := ctxT(t)
+	g1, g2 := pair("c", 1), pair("c", 2)
+	mustStore(t, a, g1, tokensource.Version{})
+	mustLoad(t, b) // B knows generation 1
+	la, err := a.TakeLease(ctx, "a", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	la.Mark, la.MarkedBy = tokensource.Fingerprint(g1.RefreshToken), "a"
+	if err := a.RenewLease(ctx, la); err != nil {
+		t.Fatal(err)
+	}
+
+	srv.Kill() // A's token call is in flight: Restream rotates 1 into 2
+	down, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err = a.CompareAndStore(down, g2, version(g1))
+	cancel()
+	if err == nil {
+		t.Fatal("a write to a dead Redis succeeded")
+	}
+	srv.Restart() // empty: record, lease and mark are gone
+
+	// B's lease request from before the crash lands first.
+	lb, err := b.TakeLease(ctx, "b", time.Minute)
+	if err != nil {
+		t.Fatalf("B's TakeLease on the empty Redis: %v", err)
+	}
+	if got := mustLoad(t, b); got.Generation != 1 {
+		t.Fatalf("B's re-read wrote back generation %d, want its stale 1", got.Generation)
+	}
+	// B marks the token it is about to send: the lease must no longer be
+	// B's, or B sends generation 1's spent refresh token.
+	lb.Mark, lb.MarkedBy = tokensource.Fingerprint(g1.RefreshToken), "b"
+	if err := b.RenewLease(ctx, lb); !errors.Is(err, tokensource.ErrLeaseLost) {
+		t.Fatalf("B marks generation 1 under its lease after writing it back: %v, want ErrLeaseLost (the settle lease)", err)
+	}
+	// A's retry of its pending pair is not fenced off.
+	if err := a.CompareAndStore(ctx, g2, version(g1)); err != nil {
+		t.Fatalf("A's retry: %v", err)
+	}
+	if got := mustLoad(t, b); got.Generation != 2 {
+		t.Fatalf("B reads generation %d, want A's 2", got.Generation)
+	}
+}
+
+// A write that lost its lease to one taken after a data loss still reaches
+// Redis through the write-back: the store's Load writes back the pair whose
+// write failed, over the older generation, whoever holds the lease.
+func TestFailedWriteIsWrittenBackOverALeaseTakenAfterDataLoss(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	a, b := newStore(t, srv, redisstore.Options{}), newStore(t, srv, redisstore.Options{})
+	ctx := ctxT(t)
+	g1, g2 := pair("c", 1), pair("c", 2)
+	mustStore(t, a, g1, tokensource.Version{})
+	mustLoad(t, b)
+	if _, err := a.TakeLease(ctx, "a", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	srv.Kill()
+	down, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	_ = a.CompareAndStore(down, g2, version(g1))
+	cancel()
+	srv.Restart()
+	lb, err := b.TakeLease(ctx, "b", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.CompareAndStore(ctx, g2, version(g1)); !errors.Is(err, tokensource.ErrLeaseLost) {
+		t.Fatalf("A's retry with B's lease on an empty Redis: %v, want ErrLeaseLost", err)
+	}
+	if got := mustLoad(t, a); got.Generation != 2 {
+		t.Fatalf("A's Load wrote back generation %d, want its pending 2", got.Generation)
+	}
+	if err := b.RenewLease(ctx, lb); !errors.Is(err, tokensource.ErrLeaseLost) {
+		t.Fatalf("B's lease after A's write-back: %v, want ErrLeaseLost (the settle lease took it)", err)
+	}
+	if _, err := b.TakeLease(ctx, "b", time.Minute); !errors.Is(err, tokensource.ErrLeaseHeld) {
+		t.Fatalf("TakeLease right after A's write-back: %v, want ErrLeaseHeld (settle)", err)
+	}
+}
