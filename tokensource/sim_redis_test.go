@@ -71,7 +71,7 @@ var simRedisScripts = map[string]simRedisScript{
 	"a9db129266d65f0990dfe3d77c7a794b35b9a499": {name: "renewLease", run: (*simRedis).renewLease, fail: func(f simFaults) float64 { return f.storeFail }},
 	"2a324b626ef67be37285edda4d8dbfd7f7eafad7": {name: "releaseLease", run: (*simRedis).releaseLease, fail: func(f simFaults) float64 { return f.storeFail }},
 	"604f12f6fe5fa98ef24531bc3659e66a4e1d6bae": {name: "compareAndStore", run: (*simRedis).compareAndStore, fail: func(f simFaults) float64 { return f.storeFail }},
-	"4491a4a590f278ed80f525895a885d62b7352a8c": {name: "load", run: (*simRedis).load, fail: func(f simFaults) float64 { return f.loadFail }},
+	"d98e2bc772f67263956a7cea6710fd48efd8ff25": {name: "load", run: (*simRedis).load, fail: func(f simFaults) float64 { return f.loadFail }},
 }
 
 type simRedisScript struct {

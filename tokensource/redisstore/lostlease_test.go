@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 	"github.com/restream-sidecar/caddy-restream-auth/internal/redistest"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource"
 	"github.com/restream-sidecar/caddy-restream-auth/tokensource/redisstore"
@@ -102,4 +103,79 @@ func TestFailedWriteIsWrittenBackOverALeaseTakenAfterDataLoss(t *testing.T) {
 	if _, err := b.TakeLease(ctx, "b", time.Minute); !errors.Is(err, tokensource.ErrLeaseHeld) {
 		t.Fatalf("TakeLease right after A's write-back: %v, want ErrLeaseHeld (settle)", err)
 	}
+}
+
+// The same when the pair's first write reached the emptied Redis but was
+// fenced off by the lease taken there (no network error made the store
+// remember it): the fenced pair, newer than what the store knew, is what
+// its Load writes back.
+func TestFencedWriteIsWrittenBackAfterDataLoss(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	a, b := newStore(t, srv, redisstore.Options{}), newStore(t, srv, redisstore.Options{})
+	ctx := ctxT(t)
+	g1, g2 := pair("c", 1), pair("c", 2)
+	mustStore(t, a, g1, tokensource.Version{})
+	mustLoad(t, b)
+	if _, err := a.TakeLease(ctx, "a", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	srv.MustDo("FLUSHALL") // Redis lost its data while A's token call was in flight
+	if _, err := b.TakeLease(ctx, "b", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.CompareAndStore(ctx, g2, version(g1)); !errors.Is(err, tokensource.ErrLeaseLost) {
+		t.Fatalf("A's write under B's lease on an empty Redis: %v, want ErrLeaseLost", err)
+	}
+	if got := mustLoad(t, a); got.Generation != 2 {
+		t.Fatalf("A's Load wrote back generation %d, want its fenced 2", got.Generation)
+	}
+	if got := mustLoad(t, b); got.Generation != 2 {
+		t.Fatalf("B reads generation %d, want 2", got.Generation)
+	}
+}
+
+// End to end with a token source: A rotates while Redis is down, B's lease
+// request lands first on the restarted, empty Redis and B writes back the
+// generation it knew. B may not refresh from it, and A's pair, whose retried
+// write meets B's lease or the settle lease, is stored and the chain goes on.
+func TestSourceRotatingWhileRedisRestartsEmptyKeepsTheChain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("wall-clock: rotations of 2-second tokens through a real Redis killed during one")
+	}
+	srv := redistest.Start(t, redistest.Options{})
+	fake := fakerestream.New(fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 300 * time.Millisecond, Logf: func(string, ...any) {}})
+	t.Cleanup(fake.Close)
+	a := startSource(t, fake, newStore(t, srv, redisstore.Options{RestoreSettle: 400 * time.Millisecond}), fake.Seed(), "a")
+	b := newStore(t, srv, redisstore.Options{RestoreSettle: 400 * time.Millisecond})
+	serveUntil(t, srv, 2, a)
+	known := mustLoad(t, b)
+
+	deadline := time.Now().Add(5 * time.Second)
+	for n, _, _ := fake.TokenActivity(); n == 0; n, _, _ = fake.TokenActivity() {
+		if time.Now().After(deadline) {
+			t.Fatal("A never refreshed")
+		}
+		time.Sleep(time.Millisecond) // polling an external fake's counters
+	}
+	rotations := fake.Stats().RefreshOK
+	srv.Kill()
+	for fake.Stats().RefreshOK == rotations {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // A's write fails against the dead Redis
+	srv.Restart()
+
+	lb, err := b.TakeLease(ctxT(t), "b", time.Minute)
+	if err != nil {
+		t.Fatalf("B's TakeLease on the empty Redis: %v", err)
+	}
+	if got := mustLoad(t, b); got.Generation != known.Generation {
+		t.Fatalf("B wrote back generation %d, want its stale %d", got.Generation, known.Generation)
+	}
+	lb.Mark, lb.MarkedBy = tokensource.Fingerprint(known.RefreshToken), "b"
+	if err := b.RenewLease(ctxT(t), lb); !errors.Is(err, tokensource.ErrLeaseLost) {
+		t.Fatalf("B marks the stale refresh token under its lease: %v, want ErrLeaseLost", err)
+	}
+	serveUntil(t, srv, known.Generation+3, a)
+	checkFake(t, fake)
 }
