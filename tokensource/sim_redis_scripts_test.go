@@ -168,6 +168,7 @@ func (rd *simRedis) landRecord(inst *simInstance, keys []string, gen, chain, dat
 	w := rd.w
 	if strings.HasSuffix(how, "restored") {
 		rd.writeBacks++
+		rd.writtenBack[data] = true
 		if cur != nil && !simNewer(gen, chain, cur) {
 			w.violate("write-back: %s (%s) wrote generation %s of chain %q over generation %s of chain %q",
 				inst.name, how, gen, chain, cur.gen, cur.chain)

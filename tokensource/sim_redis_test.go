@@ -242,12 +242,18 @@ type simRedis struct {
 	unrestored *simVersion
 
 	kept, lost, failovers, writeBacks, waitFails int
+	// writtenBack holds the records (data) written back since the last
+	// Redis event, and readWrittenBack the instances whose last read
+	// returned one of them: they act on a record some store wrote back.
+	writtenBack     map[string]bool
+	readWrittenBack map[*simInstance]bool
 }
 
 func newSimRedis(w *simWorld, r *simRun, sc *simRedisSchedule) *simRedis {
 	rd := &simRedis{w: w, r: r, sc: sc, data: simRedisData{}, loaded: map[string]bool{}, replica: simRedisData{},
 		held: map[*simInstance]map[string]bool{}, knows: map[*simInstance]simVersion{},
-		lostMarks: map[string]bool{}, lostLeases: map[string]bool{}, forgotten: map[string]bool{}, gapSpent: map[string]bool{}}
+		lostMarks: map[string]bool{}, lostLeases: map[string]bool{}, forgotten: map[string]bool{}, gapSpent: map[string]bool{},
+		writtenBack: map[string]bool{}, readWrittenBack: map[*simInstance]bool{}}
 	for _, e := range sc.events {
 		if e.kind == simRedisFailover {
 			rd.replicate = true
@@ -565,6 +571,7 @@ func (rd *simRedis) delivered(inst *simInstance, script string, argv []string, v
 		if r := v.([]any); r[0] == "ok" || r[0] == "restored" {
 			gen, _ := strconv.ParseUint(r[1].(string), 10, 64)
 			rd.know(inst, simVersion{gen, r[2].(string)})
+			rd.readWrittenBack[inst] = rd.writtenBack[r[3].(string)]
 		}
 	case "compareAndStore":
 		if r := v.([]any); r[0] == "ok" || r[0] == "restored" || r[0] == "same" {
