@@ -91,6 +91,9 @@ type actorState struct {
 	flushAt    time.Time // the next retry of a failed write
 	lastFlush  time.Time
 	renewRetry time.Time // no renewal before this, after a failed one
+	// flushedFor is the rejected token the last write retry was made for:
+	// a rejection brings one retry at once, not one per woken round.
+	flushedFor *Token
 }
 
 // pendingPair is a pair that lives only in memory (I2).
@@ -117,11 +120,13 @@ func (s *Source) tick(ctx context.Context) time.Time {
 	s.renewIfDue(ctx, now)
 	if a.pending != nil {
 		// Retry the write when due, or sooner when a request woke the
-		// refresher: at once for a rejected token, else once a second.
-		if now.Before(a.flushAt) && now.Sub(a.lastFlush) < recheckInterval && s.rejected.Load() == nil {
+		// refresher: at once for a newly rejected token, else once a second
+		// (requests wake it at their rate: never a retry per wake-up).
+		rj := s.rejected.Load()
+		if now.Before(a.flushAt) && now.Sub(a.lastFlush) < recheckInterval && (rj == nil || rj == a.flushedFor) {
 			return s.holdLease(a.flushAt)
 		}
-		a.lastFlush = now
+		a.lastFlush, a.flushedFor = now, rj
 		if err := s.flush(ctx); err != nil {
 			// Waiters get the verdict; status still says degraded.
 			a.flushAt = s.failed(now, ResultTransient, &Error{Kind: Transient,
@@ -521,6 +526,9 @@ func (s *Source) flush(ctx context.Context) error {
 	octx, cancel := s.op(ctx)
 	err := s.store.CompareAndStore(octx, p.rec, p.base)
 	cancel()
+	if errors.Is(err, ErrLeaseLost) && s.writtenBack(ctx, p.rec) {
+		err = nil
+	}
 	switch {
 	case err == nil:
 		s.log.Info("stored the token pair held in memory", zap.Uint64("generation", p.rec.Generation))
@@ -539,6 +547,17 @@ func (s *Source) flush(ctx context.Context) error {
 	s.succeeded("") // the write's backoff is over
 	s.releaseLease(ctx)
 	return nil
+}
+
+// writtenBack reports whether rec is stored after a Load. A write fenced off
+// because storage lost the lease (Redis lost its data, and another instance
+// took the lease on what it knew before) goes through the store's
+// write-back instead: a Redis store's Load writes back the newest pair it
+// was given over an older generation of its chain, whoever holds the lease,
+// and takes the lease until every instance had the time to do the same.
+func (s *Source) writtenBack(ctx context.Context, rec *Record) bool {
+	stored, err := s.load(ctx)
+	return err == nil && stored != nil && stored.version() == rec.version()
 }
 
 // load reads the stored record.

@@ -138,7 +138,7 @@ func (rd *simRedis) compareAndStore(inst *simInstance, keys, argv []string) (any
 	return []any{status, "", "", ""}, nil
 }
 
-// load: KEYS record, lease; ARGV settle_token, settle_ms, then the record
+// load: KEYS record, lease, mark; ARGV settle_token, settle_ms, then the record
 // the client last read or wrote (gen, chain, data), or nothing.
 func (rd *simRedis) load(inst *simInstance, keys, argv []string) (any, error) {
 	cur, bad := rd.readRecord(keys[0])
@@ -147,7 +147,7 @@ func (rd *simRedis) load(inst *simInstance, keys, argv []string) (any, error) {
 	}
 	if len(argv) == 5 && (cur == nil || simNewer(argv[2], argv[3], cur)) {
 		rd.landRecord(inst, keys, argv[2], argv[3], argv[4], cur, "load restored")
-		if rd.get(keys[1]) == nil { // SET NX PX
+		if rd.get(keys[2]) == nil || rd.get(keys[1]) == nil { // SET PX without a mark, else SET NX PX
 			rd.setPX(keys[1], argv[0], argv[1])
 		}
 		was := "gone"
@@ -168,6 +168,7 @@ func (rd *simRedis) landRecord(inst *simInstance, keys []string, gen, chain, dat
 	w := rd.w
 	if strings.HasSuffix(how, "restored") {
 		rd.writeBacks++
+		rd.writtenBack[data] = true
 		if cur != nil && !simNewer(gen, chain, cur) {
 			w.violate("write-back: %s (%s) wrote generation %s of chain %q over generation %s of chain %q",
 				inst.name, how, gen, chain, cur.gen, cur.chain)

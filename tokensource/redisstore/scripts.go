@@ -178,7 +178,7 @@ end
 return {status, '', '', ''}
 `)
 
-// load: KEYS record, lease; ARGV settle_token, settle_ms, then the record
+// load: KEYS record, lease, mark; ARGV settle_token, settle_ms, then the record
 // this client last read or wrote (gen, chain, data), or nothing. Returns
 // {status, gen, chain, data, detail}:
 //
@@ -190,10 +190,19 @@ return {status, '', '', ''}
 //
 // A record written back from a client's memory may be older than one
 // another client holds (it read the record just before a rotation it has
-// not seen yet). So a write-back also takes the lease, if free, for
-// settle_ms under a token no client owns: nobody refreshes from the
-// written-back record until every client had the time to write back a
-// newer one (their stores check every WatchInterval).
+// not seen yet). So a write-back also takes the lease for settle_ms under a
+// token no client owns: nobody refreshes from the written-back record until
+// every client had the time to write back a newer one (their stores check
+// every WatchInterval). It takes the lease even from a client, unless a
+// token is marked: a lease on a Redis that lost the record was taken after
+// the loss, on what its taker knew before it (a lease request sent before a
+// crash lands on the restarted server), and its holder must not refresh
+// from the record just written back either. Without a mark the holder has
+// sent nothing (it marks before it sends), so its next renewal, the one
+// that would mark, finds the lease lost; a holder that marked may be
+// sending, and keeps its lease for the time it counts on (I3). A holder
+// that lost its lease may still store a pair it already has (see the
+// settle exception of compareAndStore).
 var loadScript = redis.NewScript(readRecord + `
 local cur, bad = readRecord(KEYS[1])
 if bad then
@@ -201,7 +210,11 @@ if bad then
 end
 if #ARGV == 5 and (not cur or newer(ARGV[3], ARGV[4], cur)) then
 	redis.call('HSET', KEYS[1], 'gen', ARGV[3], 'chain', ARGV[4], 'data', ARGV[5])
-	redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+	if redis.call('EXISTS', KEYS[3]) == 0 then
+		redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+	else
+		redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+	end
 	local was = 'gone'
 	if cur then
 		was = cur.gen

@@ -236,7 +236,7 @@ func (s *Store) load(ctx context.Context) (*tokensource.Record, error) {
 	if known != nil {
 		args = append(args, strconv.FormatUint(known.gen, 10), known.chain, known.data)
 	}
-	reply, waitErr, err := s.run(ctx, loadScript, 5, []string{s.keys.record, s.keys.lease}, args,
+	reply, waitErr, err := s.run(ctx, loadScript, 5, []string{s.keys.record, s.keys.lease, s.keys.mark}, args,
 		func(r []string) bool { return r[0] == "restored" })
 	if err != nil {
 		return nil, s.errorf("reading %s: %w", s.keys.record, err)
@@ -282,11 +282,25 @@ func (s *Store) decode(gen, chain, data string) (*tokensource.Record, error) {
 func (s *Store) remember(rec *tokensource.Record, data string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.rememberLocked(rec, data)
+}
+
+func (s *Store) rememberLocked(rec *tokensource.Record, data string) {
 	s.known = &stored{gen: rec.Generation, chain: rec.Chain, data: data}
 	if !s.watching && !s.closed && s.opts.WatchInterval > 0 {
 		s.watching = true
 		s.wg.Add(1)
 		go s.watch()
+	}
+}
+
+// rememberIfNewer remembers rec if it is a newer generation of the chain
+// this store knows, or the store knows none.
+func (s *Store) rememberIfNewer(rec *tokensource.Record, data string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if k := s.known; k == nil || k.chain == rec.Chain && k.gen < rec.Generation {
+		s.rememberLocked(rec, data)
 	}
 }
 
@@ -368,6 +382,11 @@ func (s *Store) CompareAndStore(ctx context.Context, rec *tokensource.Record, ba
 	case "conflict":
 		return fmt.Errorf("%w (stored generation %s, expected %d)", tokensource.ErrConflict, gen, base.Generation)
 	case "lease_lost":
+		// rec may be a pair Restream has rotated, held only in the caller's
+		// memory: if it is newer than what this store knows, the next Load
+		// (the watch's, every WatchInterval) writes it back over an older
+		// generation of its chain, whoever holds the lease.
+		s.rememberIfNewer(rec, data)
 		return fmt.Errorf("%w: %s was not written", tokensource.ErrLeaseLost, s.keys.record)
 	case "corrupt":
 		return fmt.Errorf("%w %s: %s", tokensource.ErrCorruptRecord, s.keys.record, detail)
