@@ -252,7 +252,7 @@ func (s *Store) load(ctx context.Context) (*tokensource.Record, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.remember(rec, data)
+	s.rememberUnlessOlder(rec, data)
 	if status == "restored" {
 		s.log.Warn("the record in Redis was gone or older than the one this instance holds; wrote it back",
 			zap.String("key", s.keys.record), zap.String("stored_generation", detail), zap.Uint64("generation", rec.Generation))
@@ -292,6 +292,22 @@ func (s *Store) rememberLocked(rec *tokensource.Record, data string) {
 		s.wg.Add(1)
 		go s.watch()
 	}
+}
+
+// rememberUnlessOlder remembers what a read returned, unless it is an older
+// generation of the chain this store knows: a read that ran before this
+// store's own write of a newer generation can return after it (the watch
+// reads concurrently with the refresher), and remembering it would make the
+// watch write the older, spent pair back after a data loss. Redis itself
+// never goes back in a chain without the read writing the known record
+// back, so the older read is always that stale answer.
+func (s *Store) rememberUnlessOlder(rec *tokensource.Record, data string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if k := s.known; k != nil && k.chain == rec.Chain && k.gen > rec.Generation {
+		return
+	}
+	s.rememberLocked(rec, data)
 }
 
 // rememberIfNewer remembers rec if it is a newer generation of the chain
