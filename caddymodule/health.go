@@ -39,6 +39,11 @@ func (h *Health) Provision(caddy.Context) error {
 	return checkAccountName(h.Account)
 }
 
+// healthNotConfigured is the state a probe reports for an account no
+// restream_auth of the config serves (a typo in the probe must not look
+// healthy); every other state is a tokensource.State.
+const healthNotConfigured = "not_configured"
+
 type healthBody struct {
 	Account         string `json:"account"`
 	State           string `json:"state"`
@@ -48,7 +53,7 @@ type healthBody struct {
 
 // ServeHTTP answers the probe; it is terminal and never calls next.
 func (h *Health) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	body := healthBody{Account: h.Account, State: "not_configured"}
+	body := healthBody{Account: h.Account, State: healthNotConfigured}
 	status := http.StatusServiceUnavailable
 	for _, src := range sourcesFor(h.Account) {
 		st := src.Status()
