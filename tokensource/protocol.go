@@ -434,11 +434,21 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 // token just sent is spent, so next is the chain's only live pair, and
 // dropping it would end the chain. Anything else stored meanwhile (an
 // install's new chain) keeps conflict.
+//
+// The read and the write come after the one write the send budget allowed
+// for, so the lease is renewed first: a lease lapsed meanwhile may be
+// another instance's, which may have stored a chain of its own.
 func (s *Source) writeOverDeleted(ctx context.Context, next *Record, conflict error) error {
 	octx, cancel := s.op(ctx)
 	stored, err := s.store.Load(octx)
 	cancel()
-	if err != nil || stored != nil {
+	if err != nil || stored != nil || s.act.lease == nil {
+		return conflict
+	}
+	octx, cancel = s.op(ctx)
+	err = s.store.RenewLease(octx, s.act.lease)
+	cancel()
+	if err != nil {
 		return conflict
 	}
 	octx, cancel = s.op(ctx)
