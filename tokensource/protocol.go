@@ -122,7 +122,7 @@ func (s *Source) tick(ctx context.Context) time.Time {
 		// Retry the write when due, or sooner when a request woke the
 		// refresher: at once for a newly rejected token, else once a second
 		// (requests wake it at their rate: never a retry per wake-up).
-		rj := s.rejected.Load()
+		rj := s.rejectedToken()
 		if now.Before(a.flushAt) && now.Sub(a.lastFlush) < recheckInterval && (rj == nil || rj == a.flushedFor) {
 			return s.holdLease(a.flushAt)
 		}
@@ -220,12 +220,15 @@ func (s *Source) plan(rec *Record, bad error, now time.Time) plan {
 	cause := ""
 	if s.operator.Load() {
 		cause = CauseOperator
-	} else if rj := s.rejected.Load(); rj != nil && !t.Supersedes(rj) {
-		if rec.Cause == CauseRejected && now.Sub(s.sightedAt(rec, now)) < ForcedRefreshInterval {
+	} else if mark := s.rejected.Load(); mark != nil && !t.Supersedes(mark.tok) {
+		// The clock is read after the mark: a 401 is judged by a time no
+		// earlier than its own, even when this round began before it. A
+		// 401 after the read leaves a new mark, for the next round.
+		if rec.Cause == CauseRejected && s.clock.Now().Sub(s.sightedAt(rec, now)) < ForcedRefreshInterval {
 			s.mu.Lock()
-			s.limited = rj
+			s.limited = mark.tok
 			s.mu.Unlock()
-			s.rejected.CompareAndSwap(rj, nil)
+			s.rejected.CompareAndSwap(mark, nil)
 			return plan{wake: s.refreshAt(t), result: ResultRateLimited}
 		}
 		cause = CauseRejected
@@ -680,7 +683,7 @@ func (s *Source) releaseLease(ctx context.Context) {
 // rejected it and no newer one can be had: requests get the documented 503
 // at once instead of the upstream's 401.
 func (s *Source) staleIfRejected() {
-	if rj, cur := s.rejected.Load(), s.cur.Load(); rj != nil && cur != nil && !cur.Supersedes(rj) {
+	if rj, cur := s.rejectedToken(), s.cur.Load(); rj != nil && cur != nil && !cur.Supersedes(rj) {
 		cur.stale.Store(true)
 	}
 }

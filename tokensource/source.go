@@ -118,12 +118,14 @@ type Source struct {
 
 	seedFingerprint string // Fingerprint(cfg.Seed); "" without a seed
 
-	cur      atomic.Pointer[Token] // hot path: the newest published token
-	rejected atomic.Pointer[Token] // the newest token an upstream rejected with 401
-	operator atomic.Bool           // an operator asked for a refresh
-	rounds   atomic.Pointer[round] // the refresher's current round, closed when it ends
-	kick     chan struct{}         // wakes the refresher
-	done     chan struct{}         // closed by Close
+	cur      atomic.Pointer[Token]     // hot path: the newest published token
+	rejected atomic.Pointer[rejection] // the newest 401's mark, cleared by the round that decides on it
+	operator atomic.Bool               // an operator asked for a refresh
+	rounds   atomic.Pointer[round]     // the refresher's current round, closed when it ends
+	begun    atomic.Uint64             // rounds the refresher has begun
+	ended    atomic.Uint64             // the number (counted by begun) of the newest round that ended
+	kick     chan struct{}             // wakes the refresher
+	done     chan struct{}             // closed by Close
 	stopOnce sync.Once
 	started  atomic.Bool
 	wg       sync.WaitGroup
@@ -155,9 +157,9 @@ type Source struct {
 	stopCancel  func() bool // cancels the Close deadline's timer
 }
 
-// round is one pass of the refresher; done is closed when it ends.
+// round is one wake-up for waiters: done is closed when the refresher ends a
+// round or publishes a token.
 type round struct {
-	n    uint64
 	done chan struct{}
 }
 
@@ -343,13 +345,32 @@ func (s *Source) Rejected(t *Token) {
 	s.wake()
 }
 
+// rejection is one 401's mark on a token. Every 401 leaves a new mark, even
+// on a token already marked: the round that decides on a mark clears only
+// the mark it read, so a 401 that came after that read is never forgotten.
+type rejection struct{ tok *Token }
+
+// markRejected marks rejected unless a newer generation of its chain is
+// already marked.
 func (s *Source) markRejected(rejected *Token) {
+	mark := &rejection{tok: rejected}
 	for {
 		old := s.rejected.Load()
-		if (old != nil && !rejected.Supersedes(old)) || s.rejected.CompareAndSwap(old, rejected) {
+		if old != nil && old.tok.Chain == rejected.Chain && old.tok.Generation > rejected.Generation {
+			return
+		}
+		if s.rejected.CompareAndSwap(old, mark) {
 			return
 		}
 	}
+}
+
+// rejectedToken is the token of the newest 401's mark, nil if none.
+func (s *Source) rejectedToken() *Token {
+	if mark := s.rejected.Load(); mark != nil {
+		return mark.tok
+	}
+	return nil
 }
 
 // Refresh forces one refresh under the full protocol (lease, re-read,
@@ -368,15 +389,19 @@ func (s *Source) Refresh(ctx context.Context) error {
 // get back.
 func (s *Source) await(ctx context.Context, want func(*Token) bool, rejected ...*Token) (*Token, error) {
 	s.Start()
-	first := s.rounds.Load().n
+	// Only a round that begins after this point may give the verdict: one
+	// already under way read the rejection marks and the clock before the
+	// caller set them (a 401 rate-limited by the round before the interval
+	// passed must not refuse the forced refresh due after it).
+	first := s.begun.Load()
 	var deadline <-chan time.Time
 	for {
 		r := s.rounds.Load()
 		if t := s.cur.Load(); t != nil && !t.stale.Load() && t.ValidAt(s.clock.Now()) && want(t) {
 			return t, nil
 		}
-		if r.n > first {
-			// A round ended since this request asked: its verdict stands.
+		if s.ended.Load() > first {
+			// A round begun since this request asked has ended: its verdict stands.
 			s.mu.Lock()
 			err, limited := s.lastErr, s.limited
 			s.mu.Unlock()
@@ -507,6 +532,7 @@ func (s *Source) run() {
 // content or endpoint answer should cause (I8), is logged and retried with
 // backoff instead of taking Caddy down.
 func (s *Source) round() (wake time.Time) {
+	n := s.begun.Add(1)
 	defer func() {
 		if v := recover(); v != nil {
 			s.log.Error("BUG: token refresher panicked; retrying", zap.Any("panic", v))
@@ -516,6 +542,7 @@ func (s *Source) round() (wake time.Time) {
 				s.onPanic(v)
 			}
 		}
+		s.ended.Store(n)
 		s.signal()
 	}()
 	return s.tick(s.closeCtx)
@@ -525,7 +552,7 @@ func (s *Source) round() (wake time.Time) {
 func (s *Source) signal() {
 	for {
 		r := s.rounds.Load()
-		if s.rounds.CompareAndSwap(r, &round{n: r.n + 1, done: make(chan struct{})}) {
+		if s.rounds.CompareAndSwap(r, &round{done: make(chan struct{})}) {
 			close(r.done)
 			return
 		}

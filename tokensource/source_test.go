@@ -8,6 +8,7 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -429,5 +430,86 @@ func TestRefreshDetachedFromCaller(t *testing.T) {
 	}
 	if !env.fake.ValidAccessToken(tok.AccessToken) {
 		t.Fatal("token not live")
+	}
+}
+
+// TestForcedRefreshNotRefusedByARoundUnderWay: a round that began before
+// the forced-refresh interval passed ends after a new 401 asks for a
+// refresh. The round's "rate_limited" verdict is not the new request's: the
+// round either judges the new 401 by a clock read after it, or leaves it to a
+// round begun after the request asked. Both interleavings are held in place:
+// the round stopped in its storage read (before it reads the marks) and
+// stopped after its verdict (it read the old mark and the old clock).
+func TestForcedRefreshNotRefusedByARoundUnderWay(t *testing.T) {
+	t.Parallel()
+	for _, heldIn := range []string{"storage read", "verdict"} {
+		t.Run(heldIn, func(t *testing.T) {
+			t.Parallel()
+			env := newTestEnv(t, fakerestream.Options{})
+			hold := &holdingObserver{}
+			cfg := env.config(env.fake.Seed(), "o")
+			cfg.Observer = hold
+			s := env.source(t, cfg)
+			mustToken(t, s)
+			ctx := context.Background()
+			gen2, ok, err := tokenNewerThan(ctx, s, rejectedGeneration(s, 1))
+			if err != nil || !ok {
+				t.Fatalf("forced refresh = %v, %v", ok, err)
+			}
+			wantGeneration(t, gen2, 2)
+			if _, ok, _ := tokenNewerThan(ctx, s, gen2); ok {
+				t.Fatal("a second 401 within the interval was not rate-limited")
+			}
+			env.wantCalls(t, 2)
+
+			// Round A begins (a 401 that does not wait) and is held.
+			env.clk.Advance(ForcedRefreshInterval - time.Second)
+			entered, release := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			holdOnce := func() { once.Do(func() { close(entered); <-release }) }
+			if heldIn == "storage read" {
+				env.st.setOnLoad(func(string) { holdOnce() })
+			} else {
+				hold.set(holdOnce)
+			}
+			s.Rejected(gen2)
+			waitSignal(t, "round A held in its "+heldIn, entered)
+
+			// The interval passes; a request's 401 asks for the forced refresh.
+			env.clk.Advance(2 * time.Second)
+			type answer struct {
+				tok *Token
+				ok  bool
+				err error
+			}
+			answered := make(chan answer, 1)
+			go func() {
+				tok, ok, err := tokenNewerThan(ctx, s, gen2)
+				answered <- answer{tok, ok, err}
+			}()
+			eventually(t, "the request to wake the refresher", func() bool { return len(s.kick) == 1 })
+			close(release)
+			got := waitSignal(t, "the forced refresh's answer", answered)
+			if got.err != nil || !got.ok {
+				t.Fatalf("TokenNewerThan after the interval = %v, %v: a round begun before the 401 refused it", got.ok, got.err)
+			}
+			wantGeneration(t, got.tok, 3)
+			env.wantCalls(t, 3)
+		})
+	}
+}
+
+// holdingObserver runs its hook (once set) when the refresher reports a
+// state: a round that decided sends nothing holds there, after its verdict.
+type holdingObserver struct {
+	nopObserver
+	hook atomic.Pointer[func()]
+}
+
+func (o *holdingObserver) set(f func()) { o.hook.Store(&f) }
+
+func (o *holdingObserver) StateChanged(string, State) {
+	if h := o.hook.Load(); h != nil {
+		(*h)()
 	}
 }
