@@ -170,6 +170,8 @@ func TestValidateProvisionErrors(t *testing.T) {
 			"refresh_token holds more than one line: expected one refresh token"},
 		{"refresh_token file with a stray word", "refresh_token {file." + strayWord + "}",
 			"refresh_token contains spaces or control characters"},
+		{"client_secret too short to redact", "client_secret abc",
+			"client_secret is 3 bytes, shorter than the 4 a secret must have to be kept out of logs"},
 		{"client_id from an unknown placeholder", "client_id {restream.no_such_thing}",
 			"client_id: unrecognized placeholder {restream.no_such_thing}"},
 		{"encryption key not base64", "encryption_key not-base64!",

@@ -198,6 +198,9 @@ func resolveClient(repl *caddy.Replacer, who, id, secret string, tokenURL *strin
 	if c.id == "" || c.secret == "" {
 		return c, fmt.Errorf("%s: client_id and client_secret are required (they resolved to empty values)", who)
 	}
+	if err := tokensource.CheckClientSecret(c.secret); err != nil {
+		return c, err
+	}
 	if *tokenURL == "" {
 		*tokenURL = DefaultTokenURL
 	}

@@ -74,7 +74,7 @@ func TestRedisProvisionErrors(t *testing.T) {
 		{"redis://:{env.RESTREAM_TEST_REDIS_PW}@127.0.0.1:6379/x", "invalid database number"},
 	} {
 		text := "{\n\tadmin off\n\tstorage file_system " + t.TempDir() + "\n\t" + strings.ReplaceAll(redisGlobal(tc.url), "\n", "\n\t") +
-			"\n}\n:8080 {\n\trestream_auth {\n\t\tclient_id a\n\t\tclient_secret b\n\t}\n\treverse_proxy 127.0.0.1:9\n}\n"
+			"\n}\n:8080 {\n\trestream_auth {\n\t\tclient_id a\n\t\tclient_secret cs_b\n\t}\n\treverse_proxy 127.0.0.1:9\n}\n"
 		var cfg caddy.Config
 		if err := json.Unmarshal(adapt(t, text), &cfg); err != nil {
 			t.Fatal(err)

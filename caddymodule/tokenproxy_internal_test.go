@@ -63,15 +63,16 @@ func TestTokenProxyProvision(t *testing.T) {
 	}{
 		{"unset env secret", TokenProxy{ClientID: "id", ClientSecret: "{env.TP_PROV_UNSET_XYZ}"}, "client_secret: evaluated placeholder {env.TP_PROV_UNSET_XYZ} is empty"},
 		{"missing file", TokenProxy{ClientID: "id", ClientSecret: "{file./nonexistent/tp-secret}"}, "client_secret"},
-		{"no client_id", TokenProxy{ClientSecret: "s"}, "client_id and client_secret are required"},
-		{"http token_url", TokenProxy{ClientID: "id", ClientSecret: "s", TokenURL: "http://api.restream.io/oauth/token"}, "plain http is allowed only for loopback"},
-		{"http revoke_url", TokenProxy{ClientID: "id", ClientSecret: "s", RevokeURL: "http://api.restream.io/oauth/revoke"}, "revoke_url"},
-		{"bad mode", TokenProxy{ClientID: "id", ClientSecret: "s", ClientAuth: "header"}, "want basic or body"},
-		{"negative timeout", TokenProxy{ClientID: "id", ClientSecret: "s", Timeout: caddy.Duration(-time.Second)}, "timeout must not be negative"},
-		{"negative max_concurrent", TokenProxy{ClientID: "id", ClientSecret: "s", MaxConcurrent: -1}, "max_concurrent must be positive (got -1)"},
-		{"relative redirect URI", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"/cb"}}, `redirect_uris "/cb": not an absolute URI`},
-		{"redirect URI with a fragment", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb#f"}}, "must not contain a fragment"},
-		{"redirect URI twice", TokenProxy{ClientID: "id", ClientSecret: "s", RedirectURIs: []string{"https://a.example/cb", "https://a.example/cb"}}, "listed twice"},
+		{"no client_id", TokenProxy{ClientSecret: "secret"}, "client_id and client_secret are required"},
+		{"short client secret", TokenProxy{ClientID: "id", ClientSecret: "abc"}, "client_secret is 3 bytes"},
+		{"http token_url", TokenProxy{ClientID: "id", ClientSecret: "secret", TokenURL: "http://api.restream.io/oauth/token"}, "plain http is allowed only for loopback"},
+		{"http revoke_url", TokenProxy{ClientID: "id", ClientSecret: "secret", RevokeURL: "http://api.restream.io/oauth/revoke"}, "revoke_url"},
+		{"bad mode", TokenProxy{ClientID: "id", ClientSecret: "secret", ClientAuth: "header"}, "want basic or body"},
+		{"negative timeout", TokenProxy{ClientID: "id", ClientSecret: "secret", Timeout: caddy.Duration(-time.Second)}, "timeout must not be negative"},
+		{"negative max_concurrent", TokenProxy{ClientID: "id", ClientSecret: "secret", MaxConcurrent: -1}, "max_concurrent must be positive (got -1)"},
+		{"relative redirect URI", TokenProxy{ClientID: "id", ClientSecret: "secret", RedirectURIs: []string{"/cb"}}, `redirect_uris "/cb": not an absolute URI`},
+		{"redirect URI with a fragment", TokenProxy{ClientID: "id", ClientSecret: "secret", RedirectURIs: []string{"https://a.example/cb#f"}}, "must not contain a fragment"},
+		{"redirect URI twice", TokenProxy{ClientID: "id", ClientSecret: "secret", RedirectURIs: []string{"https://a.example/cb", "https://a.example/cb"}}, "listed twice"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := tc.p

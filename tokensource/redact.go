@@ -3,6 +3,7 @@ package tokensource
 import (
 	"bytes"
 	"encoding/base64"
+	"fmt"
 	"slices"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -15,6 +16,16 @@ const RedactedMark = "[REDACTED]"
 // would match ordinary text all over (a client id "id"), and no credential
 // Restream issues is that short.
 const minSecretLen = 4
+
+// CheckClientSecret refuses a client secret too short to be redacted: a
+// Redactor could not tell it from ordinary text, so it would reach logs and
+// error bodies. The error never quotes the value.
+func CheckClientSecret(secret string) error {
+	if len(secret) < minSecretLen {
+		return fmt.Errorf("client_secret is %d bytes, shorter than the %d a secret must have to be kept out of logs; Restream's are far longer: check the value", len(secret), minSecretLen)
+	}
+	return nil
+}
 
 // Redactor finds secrets in text that came from, or goes to, an endpoint:
 // error descriptions, relayed answers, headers. It finds them in the forms

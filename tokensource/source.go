@@ -173,6 +173,8 @@ func New(cfg Config) (*Source, error) {
 		return nil, errors.New("client_id is required")
 	case cfg.ClientSecret == "":
 		return nil, errors.New("client_secret is required")
+	case CheckClientSecret(cfg.ClientSecret) != nil:
+		return nil, CheckClientSecret(cfg.ClientSecret)
 	case cfg.TokenURL == "":
 		return nil, errors.New("token_url is required")
 	case cfg.Storage == nil && cfg.Store == nil:

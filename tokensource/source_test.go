@@ -27,6 +27,7 @@ func TestNewValidatesAndTouchesNothing(t *testing.T) {
 		{"account", func(c *Config) { c.Account = "" }},
 		{"client_id", func(c *Config) { c.ClientID = "" }},
 		{"client_secret", func(c *Config) { c.ClientSecret = "" }},
+		{"client_secret is 3 bytes", func(c *Config) { c.ClientSecret = "abc" }},
 		{"token_url", func(c *Config) { c.TokenURL = "" }},
 		{"storage", func(c *Config) { c.Storage = nil }},
 	} {
