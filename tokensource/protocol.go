@@ -279,78 +279,15 @@ const (
 func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time) time.Time {
 	a := &s.act
 	if a.lease == nil {
-		octx, cancel := s.op(ctx)
-		l, err := s.store.TakeLease(octx, s.cfg.Owner, s.leaseTTL())
-		cancel()
-		switch {
-		case errors.Is(err, ErrLeaseHeld):
-			s.obs.LockWaited(s.cfg.Account, leasePoll)
-			s.setRefreshing(true) // another instance's refresh, awaited
-			return now.Add(leasePoll)
-		case err != nil:
-			return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "taking the refresh lease: " + err.Error()})
-		}
-		a.lease = l
-		// Re-read under the lease and plan again: another instance may
-		// have stored a pair, or a dead token, since the read above.
-		again, err := s.load(ctx)
-		if err != nil && !errors.Is(err, ErrCorruptRecord) && !errors.Is(err, ErrUnreadableRecord) {
-			s.releaseLease(ctx)
-			return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: err.Error()})
-		}
-		if err == nil {
-			s.adopt(again, now)
-		}
-		rec, p = again, s.plan(again, err, now)
-		switch {
-		case p.err != nil:
-			s.releaseLease(ctx)
-			s.staleIfRejected()
-			return s.failed(now, p.result, p.err)
-		case p.send == "":
-			s.releaseLease(ctx)
-			s.setRefreshing(false)
-			s.succeeded(p.result)
-			return s.holdLease(p.wake)
+		var wake time.Time
+		var ok bool
+		if rec, p, wake, ok = s.leaseAndReplan(ctx, now); !ok {
+			return wake
 		}
 	}
-	l := a.lease
-	fp := Fingerprint(p.send)
-	if l.Mark == fp && l.MarkedBy != s.cfg.Owner {
-		// I1: another instance marked this token and never cleared the mark.
-		s.releaseLease(ctx)
-		if p.newSeed {
-			a.localDeadAdd(fp) // the seed is in doubt; the stored chain may still serve
-			return now
-		}
-		s.staleIfRejected()
-		return s.failed(now, ResultInDoubt, &Error{Kind: Terminal, Code: "in_doubt", Msg: "the refresh token may have been " +
-			"spent by another instance that stopped before storing the answer, so it is not sent again: " + reauthHint})
-	}
-	if l.Mark != fp || l.MarkedBy != s.cfg.Owner || l.Remaining(s.clock.Now()) < s.sendBudget() {
-		prevMark, prevBy := l.Mark, l.MarkedBy
-		l.Mark, l.MarkedBy = fp, s.cfg.Owner
-		octx, cancel := s.op(ctx)
-		err := s.store.RenewLease(octx, l)
-		cancel()
-		if err != nil {
-			// The mark is not known to be stored: the next try writes it again.
-			l.Mark, l.MarkedBy = prevMark, prevBy
-			if errors.Is(err, ErrLeaseLost) {
-				a.lease = nil
-			}
-			return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "marking the refresh lease: " + err.Error()})
-		}
-	}
-	if s.closing() {
-		s.clearMark(fp)
-		s.releaseLease(ctx)
-		return now.Add(time.Hour)
-	}
-	if l.Remaining(s.clock.Now()) < s.cfg.Timeout+StorageTimeout {
-		s.clearMark(fp)
-		s.releaseLease(ctx)
-		return s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "storage is too slow to keep the refresh lease"})
+	fp, wake, ok := s.markForSend(ctx, p, now)
+	if !ok {
+		return wake
 	}
 
 	s.setRefreshing(true)
@@ -365,6 +302,93 @@ func (s *Source) refresh(ctx context.Context, rec *Record, p plan, now time.Time
 		s.operator.Store(false)
 	}
 	return s.storeNew(ctx, rec, p, fp, next, started)
+}
+
+// leaseAndReplan takes the lease, re-reads the record under it and plans
+// again: another instance may have stored a pair, or a dead token, since the
+// round's first read. Without ok the round ends and its next one is due at
+// wake: the lease is another's, the read failed, or there is nothing to send.
+func (s *Source) leaseAndReplan(ctx context.Context, now time.Time) (rec *Record, p plan, wake time.Time, ok bool) {
+	octx, cancel := s.op(ctx)
+	l, err := s.store.TakeLease(octx, s.cfg.Owner, s.leaseTTL())
+	cancel()
+	switch {
+	case errors.Is(err, ErrLeaseHeld):
+		s.obs.LockWaited(s.cfg.Account, leasePoll)
+		s.setRefreshing(true) // another instance's refresh, awaited
+		return nil, plan{}, now.Add(leasePoll), false
+	case err != nil:
+		return nil, plan{}, s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "taking the refresh lease: " + err.Error()}), false
+	}
+	s.act.lease = l
+	rec, err = s.load(ctx)
+	if err != nil && !errors.Is(err, ErrCorruptRecord) && !errors.Is(err, ErrUnreadableRecord) {
+		s.releaseLease(ctx)
+		return nil, plan{}, s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: err.Error()}), false
+	}
+	if err == nil {
+		s.adopt(rec, now)
+	}
+	p = s.plan(rec, err, now)
+	switch {
+	case p.err != nil:
+		s.releaseLease(ctx)
+		s.staleIfRejected()
+		return rec, p, s.failed(now, p.result, p.err), false
+	case p.send == "":
+		s.releaseLease(ctx)
+		s.setRefreshing(false)
+		s.succeeded(p.result)
+		return rec, p, s.holdLease(p.wake), false
+	}
+	return rec, p, time.Time{}, true
+}
+
+// markForSend writes the fingerprint of the token about to be sent into the
+// held lease, with enough lease left for the call and the write (I1, I3). It
+// returns the fingerprint; without ok the token is not sent and the round's
+// next one is due at wake.
+func (s *Source) markForSend(ctx context.Context, p plan, now time.Time) (fp string, wake time.Time, ok bool) {
+	a := &s.act
+	l := a.lease
+	fp = Fingerprint(p.send)
+	if l.Mark == fp && l.MarkedBy != s.cfg.Owner {
+		// I1: another instance marked this token and never cleared the mark.
+		s.releaseLease(ctx)
+		if p.newSeed {
+			a.localDeadAdd(fp) // the seed is in doubt; the stored chain may still serve
+			return fp, now, false
+		}
+		s.staleIfRejected()
+		return fp, s.failed(now, ResultInDoubt, &Error{Kind: Terminal, Code: "in_doubt", Msg: "the refresh token may have been " +
+			"spent by another instance that stopped before storing the answer, so it is not sent again: " + reauthHint}), false
+	}
+	if l.Mark != fp || l.MarkedBy != s.cfg.Owner || l.Remaining(s.clock.Now()) < s.sendBudget() {
+		prevMark, prevBy := l.Mark, l.MarkedBy
+		l.Mark, l.MarkedBy = fp, s.cfg.Owner
+		octx, cancel := s.op(ctx)
+		err := s.store.RenewLease(octx, l)
+		cancel()
+		if err != nil {
+			// The mark is not known to be stored: the next try writes it again.
+			l.Mark, l.MarkedBy = prevMark, prevBy
+			if errors.Is(err, ErrLeaseLost) {
+				a.lease = nil
+			}
+			return fp, s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "marking the refresh lease: " + err.Error()}), false
+		}
+	}
+	if s.closing() {
+		s.clearMark(fp)
+		s.releaseLease(ctx)
+		return fp, now.Add(time.Hour), false
+	}
+	if l.Remaining(s.clock.Now()) < s.cfg.Timeout+StorageTimeout {
+		s.clearMark(fp)
+		s.releaseLease(ctx)
+		return fp, s.failed(now, ResultTransient, &Error{Kind: Transient, Msg: "storage is too slow to keep the refresh lease"}), false
+	}
+	return fp, time.Time{}, true
 }
 
 // storeNew writes a pair just issued and only then publishes it.
