@@ -151,7 +151,7 @@ func TestKillDuringRefreshLosesChain(t *testing.T) {
 	}
 }
 
-// Item 18: two Caddy processes share storage, with 2-second tokens and
+// Two Caddy processes share storage, with 2-second tokens and
 // timeout 2s. The lease holder is SIGKILLed inside its token call (the
 // endpoint hangs) and the current token expires. The survivor answers 503
 // with Retry-After within timeout + 1 s, never hanging. The killed holder
@@ -159,7 +159,7 @@ func TestKillDuringRefreshLosesChain(t *testing.T) {
 // its lease has lapsed the survivor treats that token as in doubt: 503
 // reauth_required, and the token is never sent a second time (invalid_grant
 // 0, no token call after the kill).
-func TestItem18HolderKilledMidRefresh(t *testing.T) {
+func TestHolderKilledMidRefresh(t *testing.T) {
 	skipIfShort(t, "starts Caddy processes")
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Logf: quiet})
@@ -230,7 +230,7 @@ func TestItem18HolderKilledMidRefresh(t *testing.T) {
 	}
 	st := fake.Stats()
 	bStatus := b.status(t)
-	t.Logf("item 18: B answered %d requests 503 temporarily_unavailable (slowest %s), then %s, %s after the kill; B's status: %s (%s); fake: token calls after the kill %d, invalid_grant %d",
+	t.Logf("B answered %d requests 503 temporarily_unavailable (slowest %s), then %s, %s after the kill; B's status: %s (%s); fake: token calls after the kill %d, invalid_grant %d",
 		waiting, slowest.Round(time.Millisecond), final.key(), inDoubtAfter.Round(time.Millisecond), bStatus.State, bStatus.LastError, st.RefreshCalls-callsAtKill, st.InvalidGrant)
 	if slowest > timeout+time.Second {
 		t.Errorf("an answer took %s, more than timeout + 1 s", slowest)

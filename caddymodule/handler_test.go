@@ -363,12 +363,12 @@ func revokeGrant(t *testing.T, fake *fakerestream.Server, refreshToken string) {
 	}
 }
 
-// Item 13, terminal: the grant is revoked, so the upstream answers 401 and
+// Terminal: the grant is revoked, so the upstream answers 401 and
 // the refresh that follows gets invalid_grant. The request that met the
 // 401 gets 503 reauth_required, not the upstream's 401; from then on the
 // rejected token is never sent again: every request gets 503
 // reauth_required at once, without reaching the upstream.
-func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
+func TestRejectedAndDeadChainAnswers503(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	cfg := siteConfig{Port: testproc.Port(t), AdminPort: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
 	site := runWarmedUp(t, cfg)
@@ -393,7 +393,7 @@ func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
 		}
 	}
 	st := fake.Stats()
-	t.Logf("item 13 (terminal): first answer %s; %d more answers 503 reauth_required, slowest %s; fake: upstream 401s %d, token calls %d, invalid_grant %d",
+	t.Logf("terminal: first answer %s; %d more answers 503 reauth_required, slowest %s; fake: upstream 401s %d, token calls %d, invalid_grant %d",
 		first, n, slowest.Round(time.Millisecond), st.API401-before.API401, st.RefreshCalls-before.RefreshCalls, st.InvalidGrant)
 	if slowest > 500*time.Millisecond {
 		t.Errorf("an answer took %s: reauth_required should come at once", slowest)
@@ -407,11 +407,11 @@ func TestItem13RejectedAndDeadChainAnswers503(t *testing.T) {
 	}
 }
 
-// Item 13, transient: the access token is revoked (the grant stays valid)
+// Transient: the access token is revoked (the grant stays valid)
 // and the token endpoint answers 500 during the refresh that the 401
 // forces. The client gets 503 with Retry-After, not the upstream's 401;
 // once the endpoint works again, 200.
-func TestItem13RejectedAndFailedRefreshAnswers503(t *testing.T) {
+func TestRejectedAndFailedRefreshAnswers503(t *testing.T) {
 	skipIfShort(t, "waits through the token endpoint's backoff (about 3 s)")
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	cfg := siteConfig{Port: testproc.Port(t), StorageDir: t.TempDir(), Fake: fake, Seed: fake.Seed(), Extra: "timeout 2s"}
@@ -433,7 +433,7 @@ func TestItem13RejectedAndFailedRefreshAnswers503(t *testing.T) {
 	cleared := time.Now()
 	waitFor(t, 10*time.Second, "a 200 once the endpoint works", func() bool { return timedGet(t, site).status == http.StatusOK })
 	st := fake.Stats()
-	t.Logf("item 13 (transient): answers during the fault %v; token calls during it %d; 200 %s after it cleared; invalid_grant %d",
+	t.Logf("transient: answers during the fault %v; token calls during it %d; 200 %s after it cleared; invalid_grant %d",
 		answers, during.RefreshCalls-before.RefreshCalls, time.Since(cleared).Round(time.Millisecond), st.InvalidGrant)
 	if during.RefreshCalls == before.RefreshCalls || st.InvalidGrant != 0 {
 		t.Errorf("token calls during the fault %d (want some), invalid_grant %d", during.RefreshCalls-before.RefreshCalls, st.InvalidGrant)

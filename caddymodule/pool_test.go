@@ -59,12 +59,12 @@ func refreshers(t *testing.T) int {
 	return n
 }
 
-// Item 12: a reload that changes an account's configuration replaces its
+// A reload that changes an account's configuration replaces its
 // token source, and Caddy waits for the old one to close. While another
 // instance holds the account's lease (a live lease.json with a foreign
 // owner and a 60 s TTL) and the old source is polling for it, the admin
 // /load must still return within timeout + 2 s.
-func TestItem12ReloadWithForeignLeaseIsQuick(t *testing.T) {
+func TestReloadWithForeignLeaseIsQuick(t *testing.T) {
 	skipIfShort(t, "waits out token call timeouts around a reload (about 5 s)")
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
@@ -98,7 +98,7 @@ func TestItem12ReloadWithForeignLeaseIsQuick(t *testing.T) {
 	after := timedGet(t, site)
 	_, raw := readLease(t, cfg.StorageDir)
 	n, inPool := refreshers(t), caddymodule.SourcesInPool()
-	t.Logf("item 12: reload with a foreign lease took %s (bound %s); then %s; refreshers %d, sources in pool %d; token calls %d",
+	t.Logf("reload with a foreign lease took %s (bound %s); then %s; refreshers %d, sources in pool %d; token calls %d",
 		reload.Round(time.Millisecond), timeout+2*time.Second, after, n, inPool, fake.Stats().RefreshCalls-before.RefreshCalls)
 	if reload > timeout+2*time.Second {
 		t.Errorf("the reload took %s, more than timeout + 2 s", reload)
@@ -204,7 +204,8 @@ func TestReloadUnderLoad(t *testing.T) {
 
 	n := refreshers(t)
 	inPool := caddymodule.SourcesInPool()
-	time.Sleep(time.Second) // the last old config's grace period and cleanup
+	// settledGoroutines waits out the last old config's grace period and
+	// cleanup: it polls until the count is back within the slack.
 	client.CloseIdleConnections()
 	upstreamConns := fake.Stats().OpenAPIConns
 	fake.CloseAPIConnections()

@@ -109,14 +109,14 @@ func injected(t *testing.T, journal, op, suffix, action string, pid int) int {
 	return n
 }
 
-// Item 1: the new pair cannot be written (every store of token.json fails).
+// The new pair cannot be written (every store of token.json fails).
 // The instance that refreshed serves the pair from memory and keeps the
 // lease while it retries the write (status, health and admin say
 // degraded); a second process sharing the storage holds only the spent
 // pair and never sends its refresh token (its clients get 503 with
 // Retry-After meanwhile); once writes work again the pair reaches storage,
 // the lease is released and the second process adopts the pair.
-func TestItem01FailedWriteKeepsLease(t *testing.T) {
+func TestFailedWriteKeepsLease(t *testing.T) {
 	const timeout = 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	pair := startFaultPair(t, fake)
@@ -193,19 +193,19 @@ func TestItem01FailedWriteKeepsLease(t *testing.T) {
 		t.Errorf("A after the write: %s", got)
 	}
 	end := fake.Stats()
-	t.Logf("item 1: %d failed writes by A; B answered %d requests with 503+Retry-After (slowest %s); stored and adopted %s after writes worked again; fake: token calls %d, invalid_grant %d, max concurrent %d",
+	t.Logf("%d failed writes by A; B answered %d requests with 503+Retry-After (slowest %s); stored and adopted %s after writes worked again; fake: token calls %d, invalid_grant %d, max concurrent %d",
 		fails, bGood, slowest.Round(time.Millisecond), took.Round(time.Millisecond), end.RefreshCalls-before.RefreshCalls, end.InvalidGrant, end.MaxConcurrentRefresh)
 	if end.InvalidGrant != 0 || end.RefreshCalls != before.RefreshCalls+1 || end.MaxConcurrentRefresh != 1 {
 		t.Errorf("fake: token calls %d (want 1), invalid_grant %d, max concurrent %d", end.RefreshCalls-before.RefreshCalls, end.InvalidGrant, end.MaxConcurrentRefresh)
 	}
 }
 
-// Item 3: the write after the token call is slow: each store of token.json
+// The write after the token call is slow: each store of token.json
 // waits 13 s (the storage operation gives up after 10 s), twice. From the
 // token call until the pair is stored takes longer than the old lease TTL
 // (timeout + 10 s); the refresher keeps and renews its lease throughout, so
 // the second process never takes it and never sends the spent token.
-func TestItem03SlowWriteKeepsLease(t *testing.T) {
+func TestSlowWriteKeepsLease(t *testing.T) {
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
 	pair := startFaultPair(t, fake)
 	a, b, procA := pair.a, pair.b, pair.procA
@@ -273,7 +273,7 @@ func TestItem03SlowWriteKeepsLease(t *testing.T) {
 	delays := injected(t, journal, faultstorage.OpStore, "/token.json", faultstorage.ActionDelay, procA.PID())
 	waitFor(t, 10*time.Second, "B to adopt the stored pair", func() bool { return timedGet(t, b.url()).status == http.StatusOK })
 	end := fake.Stats()
-	t.Logf("item 3: pair stored %s after the token call (old lease TTL 12 s) after %d slow writes by A; B: %d answers, %d of them 503 temporarily_unavailable; fake: token calls %d, invalid_grant %d",
+	t.Logf("pair stored %s after the token call (old lease TTL 12 s) after %d slow writes by A; B: %d answers, %d of them 503 temporarily_unavailable; fake: token calls %d, invalid_grant %d",
 		stored.Round(time.Millisecond), delays, bAnswers.Load(), b503.Load(), end.RefreshCalls-before.RefreshCalls, end.InvalidGrant)
 	if stored < 12*time.Second || delays != 2 {
 		t.Errorf("the write took %s after %d delays; the test wants longer than the old lease TTL (12 s) and 2 delays", stored, delays)
@@ -286,7 +286,7 @@ func TestItem03SlowWriteKeepsLease(t *testing.T) {
 	}
 }
 
-// Item 4: two processes whose timeouts differ (1 s and 5 s) under load with
+// Two processes whose timeouts differ (1 s and 5 s) under load with
 // 2-second tokens, after another instance left a lease that looks expired
 // by its timestamp (an hour ago) but carries a fresh TTL of 4 s. Nobody
 // takes that lease before seeing it unchanged for 4 s, and leases carry
@@ -294,7 +294,7 @@ func TestItem03SlowWriteKeepsLease(t *testing.T) {
 // concurrent token calls is 1) and no refresh token is sent twice
 // (invalid_grant 0). Lease writes are slowed by 200 ms (fault storage) to
 // widen every take-over race.
-func TestItem04DifferentTimeoutsOneRefresher(t *testing.T) {
+func TestDifferentTimeoutsOneRefresher(t *testing.T) {
 	bin := faultsBin(t)
 	const ghostTTL = 4 * time.Second
 	fake := newFake(t, fakerestream.Options{AccessTTL: 2 * time.Second, Latency: 100 * time.Millisecond, LatencyJitter: 200 * time.Millisecond, Logf: quiet})
@@ -357,7 +357,7 @@ func TestItem04DifferentTimeoutsOneRefresher(t *testing.T) {
 	watch.Wait()
 	st := fake.Stats()
 	wait := time.Duration(firstCall.Load() - planted.UnixNano())
-	t.Logf("item 4: first token call %s after the ghost lease (TTL %s, expires_at an hour ago); requests: %d x 200, %d x 503 temporarily_unavailable, %d other; fake: token calls %d, rotations %d, max concurrent %d, invalid_grant %d",
+	t.Logf("first token call %s after the ghost lease (TTL %s, expires_at an hour ago); requests: %d x 200, %d x 503 temporarily_unavailable, %d other; fake: token calls %d, rotations %d, max concurrent %d, invalid_grant %d",
 		wait.Round(time.Millisecond), ghostTTL, ok.Load(), unavailable.Load(), other.Load(), st.RefreshCalls-before.RefreshCalls, st.RefreshOK-before.RefreshOK, st.MaxConcurrentRefresh, st.InvalidGrant)
 	if firstCall.Load() == 0 || wait < ghostTTL {
 		t.Errorf("the first token call came %s after the ghost's lease, before its TTL (%s) was observed", wait, ghostTTL)
@@ -376,13 +376,13 @@ func TestItem04DifferentTimeoutsOneRefresher(t *testing.T) {
 	}
 }
 
-// Item 5: reads of lease.json fail. The instance needs a refresh (its
+// Reads of lease.json fail. The instance needs a refresh (its
 // access token was revoked) while another instance's lease, with a TTL of
 // 2 s, sits in storage: it neither takes that lease over nor calls the
 // token endpoint while it cannot read the lease, for twice the lease's TTL;
 // lease.json stays as it was; clients get 503 with Retry-After. Once reads
 // work, it sees the lease, waits out its TTL, takes it and refreshes.
-func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
+func TestFailedLeaseReadNoTakeover(t *testing.T) {
 	bin := faultsBin(t)
 	const timeout, foreignTTL = 2 * time.Second, 2 * time.Second
 	fake := newFake(t, fakerestream.Options{Logf: quiet})
@@ -426,7 +426,7 @@ func TestItem05FailedLeaseReadNoTakeover(t *testing.T) {
 	waitFor(t, 20*time.Second, "a 200 once lease.json can be read", func() bool { return timedGet(t, a.url()).status == http.StatusOK })
 	took := time.Since(readable)
 	end := fake.Stats()
-	t.Logf("item 5: %d failed reads of lease.json, %d answers of 503 while failing, 0 token calls; a 200 %s after reads worked (the foreign lease's TTL is %s); fake: token calls %d, invalid_grant %d",
+	t.Logf("%d failed reads of lease.json, %d answers of 503 while failing, 0 token calls; a 200 %s after reads worked (the foreign lease's TTL is %s); fake: token calls %d, invalid_grant %d",
 		fails, answers, took.Round(time.Millisecond), foreignTTL, end.RefreshCalls-before.RefreshCalls, end.InvalidGrant)
 	if took < foreignTTL {
 		t.Errorf("took the foreign lease over %s after it became readable, before seeing it unchanged for its TTL (%s)", took, foreignTTL)

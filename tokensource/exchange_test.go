@@ -200,7 +200,7 @@ func TestExchangeWrongClientSecret(t *testing.T) {
 			x := newTestExchanger(fake.TokenURL(), tc.style, time.Now)
 			_, err := x.exchange(context.Background(), seed)
 			e := asError(t, err)
-			// A configuration error, not a dead chain (item 10).
+			// A configuration error, not a dead chain.
 			if e.Kind != Misconfigured || e.Code != "invalid_client" || e.Status != tc.status {
 				t.Errorf("kind %v code %q status %d, want misconfigured invalid_client %d (%s)", e.Kind, e.Code, e.Status, tc.status, e.Msg)
 			}

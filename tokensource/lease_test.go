@@ -86,7 +86,7 @@ func TestSourcesSharingStorage(t *testing.T) {
 
 // TestDeadOwnersLeaseDelaysRefresh: a lease left by a crashed process holds
 // refreshes back until this process has seen it unchanged for its TTL; a
-// request does not wait with it (item 18): it gets an error after Timeout,
+// request does not wait with it: it gets an error after Timeout,
 // and the refresh goes on in the background.
 func TestDeadOwnersLeaseDelaysRefresh(t *testing.T) {
 	t.Parallel()

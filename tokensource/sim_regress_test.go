@@ -6,13 +6,13 @@ import (
 	"time"
 )
 
-// TestSimulationItems aims the simulation at each defect the protocol was
+// TestSimulationRegressions aims the simulation at each defect the protocol was
 // rebuilt to remove: every item runs simItemSchedules schedules shaped to
 // provoke it (300; 60 under the race detector, 30 with -short), asserts
 // I1–I8 and chain survival as TestSimulation does, and asserts that the
 // situation really arose (a test that never meets its defect proves
 // nothing). Each of these failed with its defect put back.
-func TestSimulationItems(t *testing.T) {
+func TestSimulationRegressions(t *testing.T) {
 	t.Parallel()
 	schedules := simItemSchedules
 	if testing.Short() {
@@ -32,7 +32,7 @@ func TestSimulationItems(t *testing.T) {
 					installs++
 				}
 				if len(res.violations) > 0 {
-					t.Fatalf("item %s, %s\n  %v", it.name, sc, res.violations)
+					t.Fatalf("%s, %s\n  %v", it.name, sc, res.violations)
 				}
 			}
 			if err := it.arose(events, installs, schedules); err != nil {
@@ -59,8 +59,8 @@ func simNoFaults(sc *simSchedule) {
 	sc.closes, sc.installs, sc.deadSeed = false, false, false
 }
 
-// simItems are the defects, numbered as in the protocol's rebuild, that
-// TestSimulationItems aims at.
+// simItems are the defects of the earlier protocol that
+// TestSimulationRegressions aims at, each named for what must hold.
 var simItems = []simItem{
 	{
 		// 1: a failed write of the new pair must not release the lease:

@@ -1,9 +1,8 @@
 package tokensource
 
-// Regression tests, through the Source and the strict fake, for the defects
-// of the previous protocol that are about one instance's behaviour (items 8,
-// 10, 11, 15, 16 and 17). The cross-instance items are in
-// sim_items_test.go; the Caddy-level ones in caddymodule.
+// Regression tests, through the Source and the strict fake, for defects of
+// the earlier protocol in one instance's behaviour. The cross-instance ones
+// are in sim_regress_test.go; the Caddy-level ones in caddymodule.
 
 import (
 	"context"
@@ -19,7 +18,7 @@ import (
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
 
-// Item 8: a new source (a restart, a reload adding a seed) serves a stored
+// A new source (a restart, a reload adding a seed) serves a stored
 // token that is due for renewal but still valid, even while the token
 // endpoint is down.
 func TestDueButValidStoredTokenServedDuringOutage(t *testing.T) {
@@ -39,7 +38,7 @@ func TestDueButValidStoredTokenServedDuringOutage(t *testing.T) {
 	}
 }
 
-// Item 10: invalid_client is a configuration error of this instance: the
+// Invalid_client is a configuration error of this instance: the
 // chain is kept (no dead token stored), the state says misconfigured, and an
 // instance with the right secret goes on with the same chain.
 func TestInvalidClientKeepsChain(t *testing.T) {
@@ -93,7 +92,7 @@ func TestInvalidClientKeepsChain(t *testing.T) {
 	}
 }
 
-// Item 11: an upstream that keeps rejecting the token costs no storage
+// An upstream that keeps rejecting the token costs no storage
 // writes and no timers: the 401 rate limit is decided before any lease.
 func TestSteadyRejectionDoesNotChurn(t *testing.T) {
 	t.Parallel()
@@ -122,7 +121,7 @@ func TestSteadyRejectionDoesNotChurn(t *testing.T) {
 	env.wantCalls(t, 2)
 }
 
-// Item 15: the 401 rate limit is per account (it reads the record, so
+// The 401 rate limit is per account (it reads the record, so
 // another instance honours it), and an operator's refresh does not use it up.
 func TestRejectionRateLimitPerAccount(t *testing.T) {
 	t.Parallel()
@@ -157,7 +156,7 @@ func TestRejectionRateLimitPerAccount(t *testing.T) {
 	env.wantCalls(t, 4)
 }
 
-// Item 16: while the served pair lives only in memory, the status says so.
+// While the served pair lives only in memory, the status says so.
 func TestMemoryOnlyPairIsDegraded(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
@@ -185,7 +184,7 @@ func TestMemoryOnlyPairIsDegraded(t *testing.T) {
 	}
 }
 
-// Item 17: an answer without a refresh-token expiry leaves it unknown: no
+// An answer without a refresh-token expiry leaves it unknown: no
 // zero time in logs or status.
 func TestUnknownRefreshExpiry(t *testing.T) {
 	t.Parallel()
