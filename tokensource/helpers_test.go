@@ -125,9 +125,10 @@ func (e *testEnv) revoke(t *testing.T, token string) {
 // (or break) individual operations.
 type spyStorage struct {
 	*certmagic.FileStorage
-	onStore atomic.Pointer[func(key string, value []byte) error]
-	onLoad  atomic.Pointer[func(key string)]
-	onLock  atomic.Pointer[func(name string)]
+	onStore  atomic.Pointer[func(key string, value []byte) error]
+	onLoad   atomic.Pointer[func(key string)]
+	failLoad atomic.Pointer[func(key string) error]
+	onLock   atomic.Pointer[func(name string)]
 }
 
 func (s *spyStorage) Lock(ctx context.Context, name string) error {
@@ -150,12 +151,18 @@ func (s *spyStorage) Load(ctx context.Context, key string) ([]byte, error) {
 	if h := s.onLoad.Load(); h != nil {
 		(*h)(key)
 	}
+	if h := s.failLoad.Load(); h != nil {
+		if err := (*h)(key); err != nil {
+			return nil, err
+		}
+	}
 	return s.FileStorage.Load(ctx, key)
 }
 
 func (s *spyStorage) setOnStore(f func(key string, value []byte) error) { s.onStore.Store(&f) }
 func (s *spyStorage) setOnLoad(f func(key string))                      { s.onLoad.Store(&f) }
 func (s *spyStorage) setOnLock(f func(name string))                     { s.onLock.Store(&f) }
+func (s *spyStorage) setFailLoad(f func(key string) error)              { s.failLoad.Store(&f) }
 
 // gateTransport holds each token request until the test lets it through.
 type gateTransport struct {

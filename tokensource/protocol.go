@@ -100,6 +100,10 @@ type actorState struct {
 type pendingPair struct {
 	rec  *Record
 	base Version
+	// overDeleted: the record changed while the pair was being issued, so
+	// the pair may only be written over a missing record, under a renewed
+	// lease (writeOverDeleted).
+	overDeleted bool
 }
 
 // leaseTTL is the life of a lease after each write: the token call and the
@@ -407,7 +411,8 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 	octx, cancel := s.op(ctx)
 	err := s.store.CompareAndStore(octx, next, rec.version())
 	cancel()
-	if errors.Is(err, ErrConflict) {
+	overDeleted := errors.Is(err, ErrConflict)
+	if overDeleted {
 		err = s.writeOverDeleted(ctx, next, err)
 	}
 	took := s.clock.Now().Sub(started)
@@ -439,12 +444,12 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 		// lease; the token sent is spent either way.
 		a.localDeadAdd(fp)
 		s.releaseLease(ctx)
-		s.log.Warn("a new chain was stored while refreshing; the refreshed pair is dropped", zap.Error(err))
+		s.log.Warn("the stored record changed while refreshing; the refreshed pair is dropped", zap.Error(err))
 		return s.clock.Now()
 	default:
 		// I2: the old pair is dead already; serve the new one from memory,
 		// keep the lease and retry the write before anything else.
-		a.pending = &pendingPair{rec: next, base: rec.version()}
+		a.pending = &pendingPair{rec: next, base: rec.version(), overDeleted: overDeleted}
 		a.flushAt = s.clock.Now().Add(backoff(1, s.jitter()))
 		s.setMemoryOnly(true)
 		s.obs.PersistFailed(s.cfg.Account)
@@ -460,23 +465,36 @@ func (s *Source) storeNew(ctx context.Context, rec *Record, p plan, fp string, n
 // writeOverDeleted stores next if the conflict was a deleted record: the
 // token just sent is spent, so next is the chain's only live pair, and
 // dropping it would end the chain. Anything else stored meanwhile (an
-// install's new chain) keeps conflict.
+// install's new chain, an unreadable record) keeps conflict, and so does a
+// lease that is no longer this instance's: its holder may be exchanging a
+// new seed, whose chain must not be overwritten. A failed read or renewal
+// is returned as it is, so the pair stays pending and this is retried.
 //
 // The read and the write come after the one write the send budget allowed
-// for, so the lease is renewed first: a lease lapsed meanwhile may be
-// another instance's, which may have stored a chain of its own.
+// for, so the lease is renewed first.
 func (s *Source) writeOverDeleted(ctx context.Context, next *Record, conflict error) error {
 	octx, cancel := s.op(ctx)
 	stored, err := s.store.Load(octx)
 	cancel()
-	if err != nil || stored != nil || s.act.lease == nil {
+	switch {
+	case errors.Is(err, ErrCorruptRecord) || errors.Is(err, ErrUnreadableRecord):
+		return fmt.Errorf("%w; the stored record cannot be read (%v), so it is not written over", conflict, err)
+	case err != nil:
+		return fmt.Errorf("reading the record again after it changed: %w", err)
+	case stored != nil:
 		return conflict
+	case s.act.lease == nil:
+		return fmt.Errorf("%w; the record was deleted and the refresh lease is lost, so the pair is not written back", conflict)
 	}
 	octx, cancel = s.op(ctx)
 	err = s.store.RenewLease(octx, s.act.lease)
 	cancel()
-	if err != nil {
-		return conflict
+	switch {
+	case errors.Is(err, ErrLeaseLost):
+		s.act.lease = nil
+		return fmt.Errorf("%w; the record was deleted and the refresh lease is another instance's, so the pair is not written back", conflict)
+	case err != nil:
+		return fmt.Errorf("renewing the refresh lease before writing over the deleted record: %w", err)
 	}
 	octx, cancel = s.op(ctx)
 	err = s.store.CompareAndStore(octx, next, Version{})
@@ -560,9 +578,19 @@ func (s *Source) recordDead(ctx context.Context, rec *Record, fp string) {
 func (s *Source) flush(ctx context.Context) error {
 	a := &s.act
 	p := a.pending
-	octx, cancel := s.op(ctx)
-	err := s.store.CompareAndStore(octx, p.rec, p.base)
-	cancel()
+	var err error
+	if p.overDeleted {
+		err = s.writeOverDeleted(ctx, p.rec, fmt.Errorf("%w (a record is stored)", ErrConflict))
+	} else {
+		octx, cancel := s.op(ctx)
+		err = s.store.CompareAndStore(octx, p.rec, p.base)
+		cancel()
+		if errors.Is(err, ErrConflict) {
+			// Changed since the pair was issued: deleted, or replaced.
+			p.overDeleted = true
+			err = s.writeOverDeleted(ctx, p.rec, err)
+		}
+	}
 	if errors.Is(err, ErrLeaseLost) && s.writtenBack(ctx, p.rec) {
 		err = nil
 	}
@@ -570,7 +598,7 @@ func (s *Source) flush(ctx context.Context) error {
 	case err == nil:
 		s.log.Info("stored the token pair held in memory", zap.Uint64("generation", p.rec.Generation))
 	case errors.Is(err, ErrConflict):
-		s.log.Warn("dropping the pair held in memory: a new chain was stored meanwhile", zap.Error(err))
+		s.log.Warn("dropping the pair held in memory: the stored record changed meanwhile", zap.Error(err))
 	default:
 		s.log.Error("storing the token pair held in memory still fails", zap.Error(err))
 		s.obs.PersistFailed(s.cfg.Account)

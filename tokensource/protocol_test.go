@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap/zapcore"
+
 	"github.com/restream-sidecar/caddy-restream-auth/internal/fakerestream"
 )
 
@@ -501,8 +503,89 @@ func (f *failingLoad) Load(ctx context.Context, key string) ([]byte, error) {
 // A record deleted while its refresh is in flight (an operator's rm, a
 // restore that lost the file) is written back: the token just sent is
 // spent, so the new pair is the chain's only live one and dropping it would
-// end the chain.
+// end the chain. A storage fault in the steps of the write-back (the read
+// after the conflict, the lease renewal before the write, the write) keeps
+// the pair in memory and retries them; it is never dropped.
 func TestRefreshWritesOverDeletedRecord(t *testing.T) {
+	t.Parallel()
+	recordKey, leaseKey := RecordKey(testAccount), LeaseKey(testAccount)
+	// failOnce fails the nth matching call, counted from when it is armed.
+	failOnce := func(n int32, match func(op, key string) bool) func(op, key string) error {
+		var calls atomic.Int32
+		return func(op, key string) error {
+			if match(op, key) && calls.Add(1) == n {
+				return errors.New("disk on fire")
+			}
+			return nil
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		fault func() func(op, key string) error
+	}{
+		{"no fault", func() func(op, key string) error { return func(string, string) error { return nil } }},
+		// The first record read is the compare-and-set's own: failed, the
+		// pair waits in memory for a retry that finds the record gone.
+		{"the compare-and-set's read fails", func() func(op, key string) error {
+			return failOnce(1, func(op, key string) bool { return op == "load" && key == recordKey })
+		}},
+		// The second is the write-back's, after the conflict.
+		{"the read after the conflict fails", func() func(op, key string) error {
+			return failOnce(2, func(op, key string) bool { return op == "load" && key == recordKey })
+		}},
+		{"the lease renewal fails", func() func(op, key string) error {
+			return failOnce(1, func(op, key string) bool { return op == "store" && key == leaseKey })
+		}},
+		{"the write-back fails", func() func(op, key string) error {
+			return failOnce(1, func(op, key string) bool { return op == "store" && key == recordKey })
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			env := newTestEnv(t, fakerestream.Options{})
+			seed := env.fake.Seed()
+			seeder := env.source(t, env.config(seed, "seeder"))
+			wantGeneration(t, mustToken(t, seeder), 1)
+			seeder.Close()
+
+			gate := &gateTransport{entered: make(chan struct{}, 1), release: make(chan struct{})}
+			cfg := env.config(seed, "refresher")
+			cfg.HTTPClient = &http.Client{Transport: gate}
+			s := env.source(t, cfg)
+			wantGeneration(t, mustToken(t, s), 1)
+			env.clk.Advance(time.Hour) // due: the refresher sends the stored token
+			waitSignal(t, "the refresh's token call", gate.entered)
+			if err := env.st.FileStorage.Delete(context.Background(), recordKey); err != nil {
+				t.Fatal(err)
+			}
+			fault := tc.fault()
+			env.st.setFailLoad(func(key string) error { return fault("load", key) })
+			env.st.setOnStore(func(key string, _ []byte) error { return fault("store", key) })
+			close(gate.release)
+
+			eventually(t, "the new pair written over the deleted record", func() bool {
+				if s.Status().State == StateDegraded {
+					env.clk.Advance(time.Second) // the write's retry
+				}
+				// Read past the spy, so the faults count the refresher's calls only.
+				rec, err := LoadRecord(context.Background(), env.st.FileStorage, testAccount)
+				return err == nil && rec != nil && rec.Generation == 2
+			})
+			wantGeneration(t, mustToken(t, s), 2)
+			env.clk.Advance(time.Hour) // the chain goes on from the written-back pair
+			waitSignal(t, "the next refresh's token call", gate.entered)
+			eventually(t, "generation 3", func() bool { return env.record(t).Generation == 3 })
+			if st := env.fake.Stats(); st.InvalidGrant != 0 || st.RefreshCalls != 3 {
+				t.Fatalf("want 3 token calls and no spent token sent: %+v", st)
+			}
+		})
+	}
+}
+
+// A record deleted mid-refresh is not written back when the lease has become
+// another instance's meanwhile: that instance may be exchanging a new seed
+// (an account change), and its new chain must not lose to the old one.
+func TestDeletedRecordNotWrittenBackUnderAnotherInstancesLease(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
 	seed := env.fake.Seed()
@@ -513,24 +596,29 @@ func TestRefreshWritesOverDeletedRecord(t *testing.T) {
 	gate := &gateTransport{entered: make(chan struct{}, 1), release: make(chan struct{})}
 	cfg := env.config(seed, "refresher")
 	cfg.HTTPClient = &http.Client{Transport: gate}
+	logger, logs := observedLogger(zapcore.WarnLevel)
+	cfg.Logger = logger
 	s := env.source(t, cfg)
 	wantGeneration(t, mustToken(t, s), 1)
 	env.clk.Advance(time.Hour) // due: the refresher sends the stored token
 	waitSignal(t, "the refresh's token call", gate.entered)
-	if err := env.st.FileStorage.Delete(context.Background(), RecordKey(testAccount)); err != nil {
+	ctx := context.Background()
+	if err := env.st.FileStorage.Delete(ctx, RecordKey(testAccount)); err != nil {
+		t.Fatal(err)
+	}
+	other, _ := json.Marshal(leaseRecord{Owner: "installer", Nonce: "n", TTLMillis: 30_000})
+	if err := env.st.FileStorage.Store(ctx, LeaseKey(testAccount), other); err != nil {
 		t.Fatal(err)
 	}
 	close(gate.release)
 
-	eventually(t, "the new pair written over the deleted record", func() bool {
-		rec, err := LoadRecord(context.Background(), env.st, testAccount)
-		return err == nil && rec != nil && rec.Generation == 2
+	eventually(t, "the refresher to drop the pair", func() bool {
+		return logs.FilterMessage("the stored record changed while refreshing; the refreshed pair is dropped").Len() == 1
 	})
-	wantGeneration(t, mustToken(t, s), 2)
-	env.clk.Advance(time.Hour) // the chain goes on from the written-back pair
-	waitSignal(t, "the next refresh's token call", gate.entered)
-	eventually(t, "generation 3", func() bool { return env.record(t).Generation == 3 })
-	if st := env.fake.Stats(); st.InvalidGrant != 0 {
-		t.Fatalf("a spent token was sent: %+v", st)
+	if rec, err := LoadRecord(ctx, env.st.FileStorage, testAccount); err != nil || rec != nil {
+		t.Fatalf("a record was written under another instance's lease: %+v, %v", rec, err)
+	}
+	if l := env.lease(); l == nil || l.Owner != "installer" {
+		t.Fatalf("the other instance's lease was touched: %+v", l)
 	}
 }
