@@ -543,18 +543,7 @@ func TestRefreshWritesOverDeletedRecord(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			env := newTestEnv(t, fakerestream.Options{})
-			seed := env.fake.Seed()
-			seeder := env.source(t, env.config(seed, "seeder"))
-			wantGeneration(t, mustToken(t, seeder), 1)
-			seeder.Close()
-
-			gate := &gateTransport{entered: make(chan struct{}, 1), release: make(chan struct{})}
-			cfg := env.config(seed, "refresher")
-			cfg.HTTPClient = &http.Client{Transport: gate}
-			s := env.source(t, cfg)
-			wantGeneration(t, mustToken(t, s), 1)
-			env.clk.Advance(time.Hour) // due: the refresher sends the stored token
-			waitSignal(t, "the refresh's token call", gate.entered)
+			s, gate := env.refreshHeldInTokenCall(t, func(*Config) {})
 			if err := env.st.FileStorage.Delete(context.Background(), recordKey); err != nil {
 				t.Fatal(err)
 			}
@@ -588,20 +577,8 @@ func TestRefreshWritesOverDeletedRecord(t *testing.T) {
 func TestDeletedRecordNotWrittenBackUnderAnotherInstancesLease(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, fakerestream.Options{})
-	seed := env.fake.Seed()
-	seeder := env.source(t, env.config(seed, "seeder"))
-	wantGeneration(t, mustToken(t, seeder), 1)
-	seeder.Close()
-
-	gate := &gateTransport{entered: make(chan struct{}, 1), release: make(chan struct{})}
-	cfg := env.config(seed, "refresher")
-	cfg.HTTPClient = &http.Client{Transport: gate}
 	logger, logs := observedLogger(zapcore.WarnLevel)
-	cfg.Logger = logger
-	s := env.source(t, cfg)
-	wantGeneration(t, mustToken(t, s), 1)
-	env.clk.Advance(time.Hour) // due: the refresher sends the stored token
-	waitSignal(t, "the refresh's token call", gate.entered)
+	_, gate := env.refreshHeldInTokenCall(t, func(cfg *Config) { cfg.Logger = logger })
 	ctx := context.Background()
 	if err := env.st.FileStorage.Delete(ctx, RecordKey(testAccount)); err != nil {
 		t.Fatal(err)
@@ -621,4 +598,26 @@ func TestDeletedRecordNotWrittenBackUnderAnotherInstancesLease(t *testing.T) {
 	if l := env.lease(); l == nil || l.Owner != "installer" {
 		t.Fatalf("the other instance's lease was touched: %+v", l)
 	}
+}
+
+// refreshHeldInTokenCall stores generation 1 of a chain (with another
+// source, closed since), starts a source of it configured by configure, and
+// returns once that source's refresh of generation 1 is held in its token
+// call; closing gate.release lets each token call through.
+func (e *testEnv) refreshHeldInTokenCall(t *testing.T, configure func(*Config)) (*Source, *gateTransport) {
+	t.Helper()
+	seed := e.fake.Seed()
+	seeder := e.source(t, e.config(seed, "seeder"))
+	wantGeneration(t, mustToken(t, seeder), 1)
+	seeder.Close()
+
+	gate := &gateTransport{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	cfg := e.config(seed, "refresher")
+	cfg.HTTPClient = &http.Client{Transport: gate}
+	configure(&cfg)
+	s := e.source(t, cfg)
+	wantGeneration(t, mustToken(t, s), 1)
+	e.clk.Advance(time.Hour) // due: the refresher sends the stored token
+	waitSignal(t, "the refresh's token call", gate.entered)
+	return s, gate
 }
